@@ -1,0 +1,261 @@
+//! Record format v1: layout constants, a bounds-checked reader and the parsed
+//! header view (docs/FORMAT.md, "Record layout").
+//!
+//! ```text
+//! offset  len  field                         authenticated by
+//!      0    2  magic "KF"                    payload AEAD and wrap
+//!      2    1  format version (1)            payload AEAD and wrap
+//!      3    1  suite id                      payload AEAD and wrap
+//!      4   32  key commitment                payload AEAD and wrap
+//!     36    4  master key version (u32 BE)   wrap (AAD)       <- rewrap rewrites
+//!     40   24  wrap salt                     wrap (key deriv.) <- rewrap rewrites
+//!     64   48  wrapped data key + tag        wrap             <- rewrap rewrites
+//!    112    n  payload ciphertext            payload AEAD
+//!  112+n   16  payload tag
+//! ```
+
+use crate::error::FormatError;
+use crate::suite::{Suite, TAG_LEN};
+
+/// The first two bytes of every keyfold record.
+pub const MAGIC: [u8; 2] = *b"KF";
+/// The record format version this build writes.
+pub const FORMAT_V1: u8 = 1;
+/// Suite ids with this bit set are reserved for the streaming format.
+pub const STREAMING_SUITE_FLAG: u8 = 0x80;
+
+pub(crate) const COMMITMENT_LEN: usize = 32;
+pub(crate) const WRAP_SALT_LEN: usize = 24;
+pub(crate) const WRAPPED_DATA_KEY_LEN: usize = crate::secret::KEY_LEN + TAG_LEN;
+
+/// End of the part a rewrap never changes (magic, format, suite, commitment).
+pub(crate) const IMMUTABLE_END: usize = 2 + 1 + 1 + COMMITMENT_LEN;
+/// Offset of the master key version.
+pub(crate) const VERSION_AT: usize = IMMUTABLE_END;
+/// Offset of the wrapped data key; everything before it is the wrap's AAD.
+pub(crate) const WRAPPED_KEY_AT: usize = VERSION_AT + 4 + WRAP_SALT_LEN;
+/// Length of the v1 header.
+pub const HEADER_LEN: usize = WRAPPED_KEY_AT + WRAPPED_DATA_KEY_LEN;
+/// Bytes a v1 record adds to its plaintext: header plus payload tag (128).
+pub const RECORD_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Largest plaintext a single record may hold (4 GiB); larger objects use streaming.
+pub const MAX_RECORD_PLAINTEXT: u64 = 1 << 32;
+
+/// A tiny cursor over a byte slice, in the style of rustls' `codec::Reader`:
+/// every read is bounds-checked and names what it was reading.
+pub(crate) struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { rest: bytes }
+    }
+
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FormatError> {
+        let (head, tail) = self.rest.split_at_checked(n).ok_or(FormatError::TooShort {
+            what,
+            needed: n,
+            got: self.rest.len(),
+        })?;
+        self.rest = tail;
+        Ok(head)
+    }
+
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<&'a [u8; N], FormatError> {
+        let bytes = self.take(N, what)?;
+        // `take` returned exactly N bytes.
+        bytes.try_into().map_err(|_| FormatError::TooShort {
+            what,
+            needed: N,
+            got: bytes.len(),
+        })
+    }
+
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, FormatError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, FormatError> {
+        Ok(u32::from_be_bytes(*self.array::<4>(what)?))
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    /// Succeeds only if nothing is left (rustls' `Reader::all`).
+    #[allow(dead_code, reason = "used by formats that must end exactly")]
+    pub(crate) fn finish(self) -> Result<(), FormatError> {
+        match self.rest.len() {
+            0 => Ok(()),
+            n => Err(FormatError::TrailingData(n)),
+        }
+    }
+}
+
+/// A parsed v1 record: borrowed views of each field of the exact input bytes.
+#[derive(Clone, Copy)]
+pub(crate) struct RecordView<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) suite: Suite,
+    pub(crate) commitment: &'a [u8; COMMITMENT_LEN],
+    pub(crate) version: u32,
+    pub(crate) wrap_salt: &'a [u8; WRAP_SALT_LEN],
+    pub(crate) wrapped_data_key: &'a [u8; WRAPPED_DATA_KEY_LEN],
+    pub(crate) payload: &'a [u8],
+    pub(crate) tag: &'a [u8; TAG_LEN],
+}
+
+/// Reads magic, format version and suite: the part shared by every format
+/// version and by streaming headers.
+pub(crate) fn read_preamble(r: &mut Reader<'_>) -> Result<(u8, u8), FormatError> {
+    if r.take(MAGIC.len(), "magic")? != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let format = r.u8("format version")?;
+    if format != FORMAT_V1 {
+        return Err(FormatError::UnknownVersion(format));
+    }
+    let suite = r.u8("suite id")?;
+    Ok((format, suite))
+}
+
+impl<'a> RecordView<'a> {
+    /// Parses a whole record. Checks, in order: magic, format version, suite,
+    /// then lengths. Never reads past `bytes`.
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(bytes);
+        let (_, suite_id) = read_preamble(&mut r)?;
+        let suite = Suite::from_id(suite_id).ok_or(FormatError::UnknownSuite(suite_id))?;
+        let commitment = r.array("key commitment")?;
+        let version = r.u32("master key version")?;
+        let wrap_salt = r.array("wrap salt")?;
+        let wrapped_data_key = r.array("wrapped data key")?;
+        let body_len = r.remaining();
+        let Some(payload_len) = body_len.checked_sub(TAG_LEN) else {
+            return Err(FormatError::TooShort {
+                what: "payload tag",
+                needed: TAG_LEN,
+                got: body_len,
+            });
+        };
+        if payload_len as u64 > MAX_RECORD_PLAINTEXT {
+            return Err(FormatError::LengthExceeds {
+                what: "payload",
+                len: payload_len as u64,
+                max: MAX_RECORD_PLAINTEXT,
+            });
+        }
+        let payload = r.take(payload_len, "payload")?;
+        let tag = r.array("payload tag")?;
+        r.finish()?;
+        Ok(RecordView {
+            bytes,
+            suite,
+            commitment,
+            version,
+            wrap_salt,
+            wrapped_data_key,
+            payload,
+            tag,
+        })
+    }
+
+    /// The header bytes the payload AEAD authenticates.
+    pub(crate) fn immutable_header(&self) -> &'a [u8] {
+        self.bytes.get(..IMMUTABLE_END).unwrap_or_default()
+    }
+
+    /// The header bytes the wrap authenticates as associated data.
+    pub(crate) fn wrap_aad_header(&self) -> &'a [u8] {
+        self.bytes.get(..WRAPPED_KEY_AT).unwrap_or_default()
+    }
+}
+
+/// What a record's header says, readable without any key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordInfo {
+    /// Format version.
+    pub format: u8,
+    /// AEAD suite.
+    pub suite: Suite,
+    /// Master key version that wrapped the data key.
+    pub key_version: u32,
+    /// Payload (plaintext) length in bytes.
+    pub plaintext_len: usize,
+}
+
+/// Reads a record's header without decrypting it (for skip decisions in a
+/// rewrap job).
+///
+/// ```
+/// # use keyfold_core::{format::inspect, record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let key = MasterKey::new(7, SecretKey::generate()?);
+/// let ct = record::encrypt(&key, Suite::default(), &EncryptionContext::new(), b"hi")?;
+/// assert_eq!(inspect(&ct)?.key_version, 7);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`FormatError`] when the bytes are not a well-formed v1 record.
+pub fn inspect(record: &[u8]) -> Result<RecordInfo, FormatError> {
+    let view = RecordView::parse(record)?;
+    Ok(RecordInfo {
+        format: FORMAT_V1,
+        suite: view.suite,
+        key_version: view.version,
+        plaintext_len: view.payload.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_constants() {
+        assert_eq!(IMMUTABLE_END, 36);
+        assert_eq!(WRAPPED_KEY_AT, 64);
+        assert_eq!(HEADER_LEN, 112);
+        assert_eq!(RECORD_OVERHEAD, 128);
+    }
+
+    #[test]
+    fn each_bad_input_has_its_own_error() {
+        let mut good = vec![0u8; RECORD_OVERHEAD];
+        good[..4].copy_from_slice(&[b'K', b'F', 1, 1]);
+        assert!(RecordView::parse(&good).is_ok());
+
+        assert!(matches!(
+            RecordView::parse(&good[..1]),
+            Err(FormatError::TooShort { what: "magic", .. })
+        ));
+        assert!(matches!(
+            RecordView::parse(&good[..RECORD_OVERHEAD - 1]),
+            Err(FormatError::TooShort {
+                what: "payload tag",
+                ..
+            })
+        ));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(RecordView::parse(&bad).err(), Some(FormatError::BadMagic));
+        let mut bad = good.clone();
+        bad[2] = 9;
+        assert_eq!(
+            RecordView::parse(&bad).err(),
+            Some(FormatError::UnknownVersion(9))
+        );
+        let mut bad = good.clone();
+        bad[3] = 0x7f;
+        assert_eq!(
+            RecordView::parse(&bad).err(),
+            Some(FormatError::UnknownSuite(0x7f))
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! Record operations at the format level: encrypt, decrypt, rewrap,
+//! re-encrypt (docs/FORMAT.md, "Operations").
+//!
+//! These take the master key version directly; the keyring picks it for you.
+
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::context::EncryptionContext;
+use crate::error::Error;
+use crate::format::{
+    COMMITMENT_LEN, FORMAT_V1, HEADER_LEN, IMMUTABLE_END, MAGIC, MAX_RECORD_PLAINTEXT,
+    RECORD_OVERHEAD, RecordView, VERSION_AT, WRAP_SALT_LEN, WRAPPED_KEY_AT,
+};
+use crate::kdf::Prf;
+use crate::rng;
+use crate::secret::{KEY_LEN, MasterKey};
+use crate::suite::{Suite, TAG_LEN, open_single_use, seal_single_use};
+
+// HKDF info labels (docs/FORMAT.md, "Key derivation"). Never reuse one for
+// another purpose.
+const LABEL_WRAP: &[u8] = b"keyfold/v1/wrap-key";
+const LABEL_PAYLOAD: &[u8] = b"keyfold/v1/payload-key";
+const LABEL_COMMIT: &[u8] = b"keyfold/v1/commitment";
+
+/// Keys derived from one record's data key.
+struct PayloadKeys {
+    key: Zeroizing<[u8; KEY_LEN]>,
+    commitment: Zeroizing<[u8; COMMITMENT_LEN]>,
+}
+
+fn payload_keys(data_key: &[u8; KEY_LEN], suite: Suite) -> PayloadKeys {
+    let prf = Prf::new(data_key);
+    PayloadKeys {
+        key: prf.expand(&[LABEL_PAYLOAD, &[suite.id()]]),
+        commitment: prf.expand(&[LABEL_COMMIT, &[suite.id()]]),
+    }
+}
+
+fn wrap_key(
+    master: &MasterKey,
+    suite: Suite,
+    salt: &[u8; WRAP_SALT_LEN],
+) -> Zeroizing<[u8; KEY_LEN]> {
+    master.wrap_kdf().expand(&[LABEL_WRAP, &[suite.id()], salt])
+}
+
+fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + context.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(context);
+    aad
+}
+
+/// Writes version, a fresh wrap salt and the data key sealed under `master`
+/// into `header[VERSION_AT..HEADER_LEN]`; `header[..IMMUTABLE_END]` must be final.
+fn write_wrap(
+    header: &mut [u8; HEADER_LEN],
+    master: &MasterKey,
+    suite: Suite,
+    data_key: &[u8; KEY_LEN],
+    context: &[u8],
+) -> Result<(), Error> {
+    let (aad_part, wrapped) = header.split_at_mut(WRAPPED_KEY_AT);
+    let (_, mutable) = aad_part.split_at_mut(VERSION_AT);
+    let (version, salt) = mutable.split_at_mut(4);
+    version.copy_from_slice(&master.version().to_be_bytes());
+    rng::fill(salt)?;
+    let salt: &[u8; WRAP_SALT_LEN] = (&*salt).try_into().map_err(|_| Error::Encrypt)?;
+    let key = wrap_key(master, suite, salt);
+    let aad = with_context(aad_part, context);
+    let (sealed, tag_out) = wrapped.split_at_mut(KEY_LEN);
+    sealed.copy_from_slice(data_key);
+    let tag = seal_single_use(suite, &key, &aad, sealed).map_err(|_| Error::Encrypt)?;
+    tag_out.copy_from_slice(&tag);
+    Ok(())
+}
+
+/// Opens the wrapped data key of `view` under `master`.
+fn open_wrap(
+    view: &RecordView<'_>,
+    master: &MasterKey,
+    context: &[u8],
+) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
+    if view.version != master.version() {
+        return Err(Error::VersionMismatch {
+            record: view.version,
+            supplied: master.version(),
+        });
+    }
+    let key = wrap_key(master, view.suite, view.wrap_salt);
+    let aad = with_context(view.wrap_aad_header(), context);
+    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
+    let (sealed, tag) = view.wrapped_data_key.split_at(KEY_LEN);
+    data_key.copy_from_slice(sealed);
+    let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| Error::Decrypt)?;
+    open_single_use(view.suite, &key, &aad, &mut *data_key, tag).map_err(|_| Error::Decrypt)?;
+    // The commitment binds this data key to the payload (and so to the
+    // whole record): checked before any payload byte is released.
+    let keys = payload_keys(&data_key, view.suite);
+    if !bool::from(keys.commitment.ct_eq(view.commitment)) {
+        return Err(Error::Decrypt);
+    }
+    Ok(data_key)
+}
+
+/// Encrypts `plaintext` into a new record under `master`, bound to `context`.
+///
+/// A fresh random data key seals the payload; it is wrapped under `master`
+/// and stored in the header.
+///
+/// ```
+/// use keyfold_core::{record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("tenant", "acme").with("row", "42");
+/// let ct = record::encrypt(&master, Suite::Aes256Gcm, &ctx, b"card 4111")?;
+/// assert_eq!(ct.len(), 9 + keyfold_core::format::RECORD_OVERHEAD);
+/// assert_eq!(record::decrypt(&master, &ctx, &ct)?, b"card 4111");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Context`] for an oversized context, [`Error::PlaintextTooLarge`]
+/// above 4 GiB, [`Error::Rng`] if the OS generator fails.
+pub fn encrypt(
+    master: &MasterKey,
+    suite: Suite,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    if plaintext.len() as u64 > MAX_RECORD_PLAINTEXT {
+        return Err(Error::PlaintextTooLarge {
+            len: plaintext.len() as u64,
+            max: MAX_RECORD_PLAINTEXT,
+        });
+    }
+    let context = context.encode()?;
+    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
+    rng::fill(&mut *data_key)?;
+    seal_with(master, suite, &context, &data_key, plaintext)
+}
+
+fn seal_with(
+    master: &MasterKey,
+    suite: Suite,
+    context: &[u8],
+    data_key: &[u8; KEY_LEN],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let keys = payload_keys(data_key, suite);
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = MAGIC[0];
+    header[1] = MAGIC[1];
+    header[2] = FORMAT_V1;
+    header[3] = suite.id();
+    for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
+        *dst = *src;
+    }
+    write_wrap(&mut header, master, suite, data_key, context)?;
+
+    let (immutable, _) = header.split_at(IMMUTABLE_END);
+    let aad = with_context(immutable, context);
+    let mut out = Vec::with_capacity(RECORD_OVERHEAD + plaintext.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(plaintext);
+    let payload = out.get_mut(HEADER_LEN..).unwrap_or_default();
+    // The payload key is derived from a data key used for this one payload:
+    // the fixed nonce is never reused (docs/FORMAT.md, "Nonces").
+    let tag = seal_single_use(suite, &keys.key, &aad, payload).map_err(|_| Error::Encrypt)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Decrypts a record. `master` must be the version the record names
+/// ([`format::inspect`](crate::format::inspect) reads it).
+///
+/// # Errors
+/// [`Error::Format`] for malformed input, [`Error::VersionMismatch`] when
+/// `master` is another version, [`Error::Decrypt`] when the key, the context
+/// or any byte of the record is wrong.
+pub fn decrypt(
+    master: &MasterKey,
+    context: &EncryptionContext,
+    record: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let view = RecordView::parse(record)?;
+    let context = context.encode()?;
+    let data_key = open_wrap(&view, master, &context)?;
+    open_payload(&view, &data_key, &context)
+}
+
+fn open_payload(
+    view: &RecordView<'_>,
+    data_key: &[u8; KEY_LEN],
+    context: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let keys = payload_keys(data_key, view.suite);
+    let aad = with_context(view.immutable_header(), context);
+    let mut plaintext = view.payload.to_vec();
+    if open_single_use(view.suite, &keys.key, &aad, &mut plaintext, view.tag).is_err() {
+        // Don't hand back unauthenticated bytes, even by accident.
+        zeroize::Zeroize::zeroize(&mut plaintext);
+        return Err(Error::Decrypt);
+    }
+    Ok(plaintext)
+}
+
+/// Moves a record from master key version `from` to `to` by rewriting only
+/// its header: the data key is unwrapped with `from` and wrapped with `to`.
+/// The payload bytes are not read or changed, so the cost does not depend on
+/// the record's size. The result has the same length as the input.
+///
+/// ```
+/// use keyfold_core::{format, record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let v1 = MasterKey::new(1, SecretKey::generate()?);
+/// let v2 = MasterKey::new(2, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("row", "7");
+/// let old = record::encrypt(&v1, Suite::default(), &ctx, b"payload")?;
+/// let new = record::rewrap(&old, &v1, &v2, &ctx)?;
+/// assert_eq!(format::inspect(&new)?.key_version, 2);
+/// assert_eq!(old[format::RECORD_OVERHEAD - 16..], new[format::RECORD_OVERHEAD - 16..]);
+/// assert_eq!(record::decrypt(&v2, &ctx, &new)?, b"payload");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// As [`decrypt`]; the input is never modified.
+pub fn rewrap(
+    record: &[u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<Vec<u8>, Error> {
+    let mut out = record.to_vec();
+    rewrap_in_place(&mut out, from, to, context)?;
+    Ok(out)
+}
+
+/// [`rewrap`] on a buffer the caller owns. On error the buffer is unchanged.
+///
+/// # Errors
+/// As [`rewrap`].
+pub fn rewrap_in_place(
+    record: &mut [u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<(), Error> {
+    let context = context.encode()?;
+    let (data_key, suite) = {
+        let view = RecordView::parse(record)?;
+        (open_wrap(&view, from, &context)?, view.suite)
+    };
+    // Build the new header aside, so a failure leaves the record untouched.
+    let (header_in, _) = record
+        .split_at_mut_checked(HEADER_LEN)
+        .ok_or(Error::Decrypt)?;
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(header_in);
+    write_wrap(&mut header, to, suite, &data_key, &context)?;
+    header_in.copy_from_slice(&header);
+    Ok(())
+}
+
+/// Decrypts with `from` and encrypts again under `to` with a fresh data key
+/// and the same suite: for a suspected compromise, when rewrapping the old
+/// data key is not enough.
+///
+/// # Errors
+/// As [`decrypt`] and [`encrypt`].
+pub fn reencrypt(
+    record: &[u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<Vec<u8>, Error> {
+    let view = RecordView::parse(record)?;
+    let plaintext = Zeroizing::new(decrypt(from, context, record)?);
+    encrypt(to, view.suite, context, &plaintext)
+}
+
+/// Hooks for the fuzz targets under `fuzz/`: they must never panic.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz_hooks {
+    use super::*;
+
+    /// Parses arbitrary bytes.
+    pub fn parse(data: &[u8]) {
+        let _ = crate::format::inspect(data);
+    }
+
+    /// Decrypts arbitrary bytes under a fixed key with a context taken from the input.
+    pub fn decrypt(data: &[u8]) {
+        let master = MasterKey::new(
+            u32::from(data.first().copied().unwrap_or(0)),
+            crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
+        );
+        let ctx = EncryptionContext::new().with("fuzz", data.get(1..3).unwrap_or_default());
+        let _ = super::decrypt(&master, &ctx, data.get(3..).unwrap_or_default());
+    }
+}
