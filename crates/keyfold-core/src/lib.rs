@@ -8,6 +8,7 @@
     reason = "a security library answers bad input with a typed error, never a panic"
 )]
 
+pub mod config;
 pub mod context;
 pub mod error;
 pub mod format;

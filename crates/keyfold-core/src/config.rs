@@ -1,0 +1,665 @@
+//! Provider configurations: which KMS key wraps a keyring, and how keyfold
+//! authenticates to it. Pure data and validation; the provider crates turn a
+//! config into a [`KeyWrapper`](crate::KeyWrapper).
+//!
+//! Only role-based access is accepted (AWS role ARN with external id, GCP
+//! service-account impersonation, Azure managed/workload identity or a client
+//! secret read from a *named* environment variable). A config carrying static,
+//! long-lived credentials is refused with an error that says what to use.
+//!
+//! ```
+//! use keyfold_core::config::{ConfigError, ProviderConfig};
+//! let cfg: ProviderConfig = serde_json::from_str(r#"{
+//!     "provider": "aws",
+//!     "kms_key_ref": "arn:aws:kms:eu-west-1:111122223333:alias/tenant-a",
+//!     "region": "eu-west-1",
+//!     "role_arn": "arn:aws:iam::111122223333:role/keyfold",
+//!     "external_id": "tenant-a"
+//! }"#)?;
+//! cfg.validate()?;
+//! let err = serde_json::from_str::<ProviderConfig>(r#"{
+//!     "provider": "aws", "kms_key_ref": "alias/k", "region": "eu-west-1",
+//!     "role_arn": "arn:aws:iam::111122223333:role/keyfold",
+//!     "secret_access_key": "wJalr..."
+//! }"#).unwrap_err();
+//! assert!(err.to_string().contains("role_arn"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A config was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The key reference does not have the provider's format.
+    #[error("invalid {provider} key reference {key_ref:?}: {reason}")]
+    InvalidKeyRef {
+        /// Provider.
+        provider: &'static str,
+        /// The reference given.
+        key_ref: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// Static long-lived credentials were supplied.
+    #[error(
+        "{provider} config field `{field}` holds a static credential, which keyfold refuses: {instead}"
+    )]
+    StaticCredentials {
+        /// Provider.
+        provider: &'static str,
+        /// The offending field.
+        field: String,
+        /// What to use instead.
+        instead: &'static str,
+    },
+    /// A field has an invalid value.
+    #[error("{provider} config field `{field}`: {reason}")]
+    InvalidField {
+        /// Provider.
+        provider: &'static str,
+        /// Field name.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The config is not well-formed (missing or unknown field, wrong type).
+    #[error("malformed provider config: {0}")]
+    Malformed(String),
+}
+
+/// A tenant's KMS configuration, tagged by `provider`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase")]
+#[serde(try_from = "serde_json::Value")]
+#[non_exhaustive]
+pub enum ProviderConfig {
+    /// A local KEK (development, tests, self-hosting).
+    Local(LocalConfig),
+    /// AWS KMS.
+    Aws(AwsConfig),
+    /// Google Cloud KMS.
+    Gcp(GcpConfig),
+    /// Azure Key Vault or Managed HSM.
+    Azure(AzureConfig),
+}
+
+/// Local KEK: read from an environment variable or a file (hex or base64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The KEK's id, recorded in every key it wraps.
+    pub kms_key_ref: String,
+    /// Environment variable holding the KEK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek_env_var: Option<String>,
+    /// File holding the KEK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek_file: Option<String>,
+}
+
+/// AWS KMS, reached by assuming a role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Key ARN, alias ARN or `alias/NAME`.
+    pub kms_key_ref: String,
+    /// AWS region of the key.
+    pub region: String,
+    /// Role assumed through STS on top of the default credential chain.
+    pub role_arn: String,
+    /// External id required by the role's trust policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Endpoint override (VPC endpoint, or a local emulator in tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// Google Cloud KMS, reached by impersonating a service account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcpConfig {
+    /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+    pub kms_key_ref: String,
+    /// Service account the ambient identity impersonates.
+    pub impersonate_service_account: String,
+    /// Project to bill, if not the key's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// Endpoint override (private endpoint, or a local server in tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// Azure Key Vault / Managed HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// `https://VAULT.vault.azure.net/keys/NAME[/VERSION]` (or `managedhsm.azure.net`).
+    pub kms_key_ref: String,
+    /// Vault URL; must match the key reference's vault unless `endpoint_url` is set.
+    pub vault_url: String,
+    /// Entra tenant id (client-secret credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_tenant_id: Option<String>,
+    /// Application (client) id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Name of the environment variable holding the client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_env_var: Option<String>,
+    /// Endpoint override (a local server in tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// Fields that would carry static credentials, per provider, and what to use instead.
+const STATIC_CREDENTIAL_FIELDS: &[(&str, &[&str], &str)] = &[
+    (
+        "aws",
+        &[
+            "access_key_id",
+            "secret_access_key",
+            "session_token",
+            "aws_access_key_id",
+            "aws_secret_access_key",
+            "aws_session_token",
+        ],
+        "use `role_arn` (with `external_id`) so credentials come from assuming a role",
+    ),
+    (
+        "gcp",
+        &[
+            "credentials",
+            "credentials_json",
+            "service_account_key",
+            "service_account_json",
+            "private_key",
+            "private_key_id",
+        ],
+        "use `impersonate_service_account` with the ambient identity (workload identity, metadata server, ADC)",
+    ),
+    (
+        "azure",
+        &["client_secret", "secret", "password", "client_certificate"],
+        "use managed or workload identity, or name an environment variable in `client_secret_env_var`",
+    ),
+];
+
+impl TryFrom<serde_json::Value> for ProviderConfig {
+    type Error = ConfigError;
+
+    fn try_from(value: serde_json::Value) -> Result<Self, ConfigError> {
+        let object = value
+            .as_object()
+            .ok_or_else(|| ConfigError::Malformed("expected an object".into()))?;
+        let provider = object
+            .get("provider")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| ConfigError::Malformed("missing `provider`".into()))?;
+        for (name, fields, instead) in STATIC_CREDENTIAL_FIELDS {
+            if *name != provider {
+                continue;
+            }
+            if let Some(field) = object.keys().find(|k| fields.contains(&k.as_str())) {
+                return Err(ConfigError::StaticCredentials {
+                    provider: name,
+                    field: field.clone(),
+                    instead,
+                });
+            }
+        }
+        let mut rest = object.clone();
+        rest.remove("provider");
+        let rest = serde_json::Value::Object(rest);
+        let malformed = |e: serde_json::Error| ConfigError::Malformed(format!("{provider}: {e}"));
+        let config = match provider {
+            "local" => ProviderConfig::Local(serde_json::from_value(rest).map_err(malformed)?),
+            "aws" => ProviderConfig::Aws(serde_json::from_value(rest).map_err(malformed)?),
+            "gcp" => ProviderConfig::Gcp(serde_json::from_value(rest).map_err(malformed)?),
+            "azure" => ProviderConfig::Azure(serde_json::from_value(rest).map_err(malformed)?),
+            other => {
+                return Err(ConfigError::Malformed(format!(
+                    "unknown provider {other:?} (expected local, aws, gcp or azure)"
+                )));
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ProviderConfig {
+    /// Provider name.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            ProviderConfig::Local(_) => "local",
+            ProviderConfig::Aws(_) => "aws",
+            ProviderConfig::Gcp(_) => "gcp",
+            ProviderConfig::Azure(_) => "azure",
+        }
+    }
+
+    /// The KMS key reference.
+    pub fn kms_key_ref(&self) -> &str {
+        match self {
+            ProviderConfig::Local(c) => &c.kms_key_ref,
+            ProviderConfig::Aws(c) => &c.kms_key_ref,
+            ProviderConfig::Gcp(c) => &c.kms_key_ref,
+            ProviderConfig::Azure(c) => &c.kms_key_ref,
+        }
+    }
+
+    /// Checks every field (deserialization already does this).
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            ProviderConfig::Local(c) => c.validate(),
+            ProviderConfig::Aws(c) => c.validate(),
+            ProviderConfig::Gcp(c) => c.validate(),
+            ProviderConfig::Azure(c) => c.validate(),
+        }
+    }
+}
+
+fn field(provider: &'static str, field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidField {
+        provider,
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn check_endpoint(provider: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
+    match url {
+        Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) => {
+            Err(field(provider, "endpoint_url", "must be an http(s) URL"))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl LocalConfig {
+    /// # Errors
+    /// When neither or both KEK sources are set, or the id is empty.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kms_key_ref.is_empty() {
+            return Err(field(
+                "local",
+                "kms_key_ref",
+                "the KEK id must not be empty",
+            ));
+        }
+        match (&self.kek_env_var, &self.kek_file) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err(field(
+                "local",
+                "kek_env_var",
+                "set exactly one of `kek_env_var` and `kek_file`",
+            )),
+        }
+    }
+}
+
+impl AwsConfig {
+    /// # Errors
+    /// A bad key reference, region, role ARN or endpoint.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let key = AwsKeyRef::parse(&self.kms_key_ref)?;
+        if !is_aws_region(&self.region) {
+            return Err(field(
+                "aws",
+                "region",
+                format!("{:?} is not an AWS region name", self.region),
+            ));
+        }
+        if let Some(key_region) = key.region().filter(|r| *r != self.region) {
+            return Err(field(
+                "aws",
+                "region",
+                format!(
+                    "the key is in {key_region}, the config says {}",
+                    self.region
+                ),
+            ));
+        }
+        let role = self.role_arn.split(':').collect::<Vec<_>>();
+        let valid_role = matches!(role.as_slice(), ["arn", partition, "iam", "", account, resource]
+            if partition.starts_with("aws") && is_aws_account(account) && resource.starts_with("role/") && resource.len() > 5);
+        if !valid_role {
+            return Err(field(
+                "aws",
+                "role_arn",
+                "expected arn:aws:iam::ACCOUNT:role/NAME",
+            ));
+        }
+        if self
+            .external_id
+            .as_deref()
+            .is_some_and(|e| e.len() < 2 || e.len() > 1224)
+        {
+            return Err(field("aws", "external_id", "must be 2..=1224 characters"));
+        }
+        check_endpoint("aws", self.endpoint_url.as_deref())
+    }
+}
+
+impl GcpConfig {
+    /// # Errors
+    /// A bad key reference, service account or endpoint.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        GcpKeyRef::parse(&self.kms_key_ref)?;
+        let sa = &self.impersonate_service_account;
+        let valid_sa = sa.split_once('@').is_some_and(|(name, domain)| {
+            !name.is_empty() && domain.ends_with(".gserviceaccount.com")
+        });
+        if !valid_sa {
+            return Err(field(
+                "gcp",
+                "impersonate_service_account",
+                "expected a service account email, NAME@PROJECT.iam.gserviceaccount.com",
+            ));
+        }
+        check_endpoint("gcp", self.endpoint_url.as_deref())
+    }
+}
+
+impl AzureConfig {
+    /// # Errors
+    /// A bad key reference, vault URL, credential fields or endpoint.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let key = AzureKeyRef::parse(&self.kms_key_ref)?;
+        let vault = self.vault_url.trim_end_matches('/');
+        if self.endpoint_url.is_none() && vault != key.vault_url {
+            return Err(field(
+                "azure",
+                "vault_url",
+                format!("{vault} is not the key's vault {}", key.vault_url),
+            ));
+        }
+        if let Some(var) = &self.client_secret_env_var {
+            let looks_like_name = !var.is_empty()
+                && var.len() <= 128
+                && var
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !looks_like_name {
+                return Err(ConfigError::StaticCredentials {
+                    provider: "azure",
+                    field: "client_secret_env_var".into(),
+                    instead: "give the NAME of an environment variable (A-Z, 0-9, _), never the secret itself",
+                });
+            }
+            if self.azure_tenant_id.is_none() || self.client_id.is_none() {
+                return Err(field(
+                    "azure",
+                    "client_secret_env_var",
+                    "a client secret needs `azure_tenant_id` and `client_id`",
+                ));
+            }
+        }
+        check_endpoint("azure", self.endpoint_url.as_deref())
+    }
+}
+
+fn is_aws_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_aws_account(a: &str) -> bool {
+    a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A parsed AWS KMS key reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AwsKeyRef {
+    /// `arn:aws:kms:REGION:ACCOUNT:key/ID`
+    KeyArn {
+        /// Region.
+        region: String,
+        /// Account.
+        account: String,
+        /// Key id.
+        key_id: String,
+    },
+    /// `arn:aws:kms:REGION:ACCOUNT:alias/NAME`
+    AliasArn {
+        /// Region.
+        region: String,
+        /// Account.
+        account: String,
+        /// Alias name without `alias/`.
+        alias: String,
+    },
+    /// `alias/NAME` in the config's region and the role's account.
+    Alias(String),
+}
+
+impl AwsKeyRef {
+    /// Parses a key ARN, alias ARN or `alias/NAME`.
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidKeyRef`] saying what was expected.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::InvalidKeyRef {
+            provider: "aws",
+            key_ref: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let alias_ok = |a: &str| {
+            !a.is_empty()
+                && a.len() <= 250
+                && !a.starts_with("aws/")
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b))
+        };
+        if let Some(alias) = s.strip_prefix("alias/") {
+            return if alias_ok(alias) {
+                Ok(AwsKeyRef::Alias(alias.to_owned()))
+            } else {
+                Err(invalid(
+                    "alias names are 1..=250 of A-Z a-z 0-9 / _ -, and not aws/...",
+                ))
+            };
+        }
+        let parts: Vec<&str> = s.splitn(6, ':').collect();
+        let ["arn", partition, "kms", region, account, resource] = parts.as_slice() else {
+            return Err(invalid(
+                "expected arn:aws:kms:REGION:ACCOUNT:key/ID, arn:aws:kms:REGION:ACCOUNT:alias/NAME or alias/NAME",
+            ));
+        };
+        if !partition.starts_with("aws") || !is_aws_region(region) || !is_aws_account(account) {
+            return Err(invalid(
+                "bad partition, region or 12-digit account id in the ARN",
+            ));
+        }
+        if let Some(key_id) = resource.strip_prefix("key/") {
+            let ok = !key_id.is_empty()
+                && key_id.len() <= 64
+                && key_id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b'-' || b.is_ascii_lowercase());
+            if !ok {
+                return Err(invalid("bad key id after key/"));
+            }
+            return Ok(AwsKeyRef::KeyArn {
+                region: (*region).to_owned(),
+                account: (*account).to_owned(),
+                key_id: key_id.to_owned(),
+            });
+        }
+        if let Some(alias) = resource.strip_prefix("alias/") {
+            if !alias_ok(alias) {
+                return Err(invalid("bad alias name"));
+            }
+            return Ok(AwsKeyRef::AliasArn {
+                region: (*region).to_owned(),
+                account: (*account).to_owned(),
+                alias: alias.to_owned(),
+            });
+        }
+        Err(invalid("the ARN's resource must be key/ID or alias/NAME"))
+    }
+
+    /// The region named by an ARN.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            AwsKeyRef::KeyArn { region, .. } | AwsKeyRef::AliasArn { region, .. } => Some(region),
+            AwsKeyRef::Alias(_) => None,
+        }
+    }
+}
+
+/// A parsed Cloud KMS CryptoKey name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcpKeyRef {
+    /// Project.
+    pub project: String,
+    /// Location.
+    pub location: String,
+    /// Key ring.
+    pub key_ring: String,
+    /// CryptoKey.
+    pub crypto_key: String,
+}
+
+impl GcpKeyRef {
+    /// Parses `projects/P/locations/L/keyRings/R/cryptoKeys/K`. A
+    /// `/cryptoKeyVersions/N` suffix is refused: Cloud KMS encrypts with the
+    /// key's primary version.
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidKeyRef`].
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::InvalidKeyRef {
+            provider: "gcp",
+            key_ref: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.len() == 10 && parts.get(8) == Some(&"cryptoKeyVersions") {
+            return Err(invalid(
+                "name the CryptoKey, not a CryptoKeyVersion: Encrypt always uses the key's primary version; drop the /cryptoKeyVersions/N suffix",
+            ));
+        }
+        let [
+            "projects",
+            p,
+            "locations",
+            l,
+            "keyRings",
+            r,
+            "cryptoKeys",
+            k,
+        ] = parts.as_slice()
+        else {
+            return Err(invalid(
+                "expected projects/P/locations/L/keyRings/R/cryptoKeys/K",
+            ));
+        };
+        let seg_ok = |x: &str| {
+            !x.is_empty()
+                && x.len() <= 63
+                && x.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if ![p, l, r, k].iter().all(|x| seg_ok(x)) {
+            return Err(invalid("each segment is 1..=63 of A-Z a-z 0-9 - _ ."));
+        }
+        Ok(GcpKeyRef {
+            project: (*p).to_owned(),
+            location: (*l).to_owned(),
+            key_ring: (*r).to_owned(),
+            crypto_key: (*k).to_owned(),
+        })
+    }
+}
+
+/// A parsed Azure Key Vault key identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureKeyRef {
+    /// `https://VAULT.vault.azure.net` (no trailing slash).
+    pub vault_url: String,
+    /// Key name.
+    pub name: String,
+    /// Key version, if pinned.
+    pub version: Option<String>,
+}
+
+impl AzureKeyRef {
+    /// Parses `https://VAULT.vault.azure.net/keys/NAME[/VERSION]` (also
+    /// `.managedhsm.azure.net`).
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidKeyRef`].
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::InvalidKeyRef {
+            provider: "azure",
+            key_ref: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = s
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid("must start with https://"))?;
+        let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+        let (host, name, version) = match parts.as_slice() {
+            [host, "keys", name] => (*host, *name, None),
+            [host, "keys", name, version] => (*host, *name, Some(*version)),
+            _ => {
+                return Err(invalid(
+                    "expected https://VAULT.vault.azure.net/keys/NAME[/VERSION]",
+                ));
+            }
+        };
+        let vault = host
+            .strip_suffix(".vault.azure.net")
+            .or_else(|| host.strip_suffix(".managedhsm.azure.net"))
+            .ok_or_else(|| {
+                invalid("host must be VAULT.vault.azure.net or HSM.managedhsm.azure.net")
+            })?;
+        let vault_ok = (3..=24).contains(&vault.len())
+            && vault
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let name_ok = (1..=127).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let version_ok =
+            version.is_none_or(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !(vault_ok && name_ok && version_ok) {
+            return Err(invalid(
+                "bad vault name, key name (A-Z a-z 0-9 -) or version (32 hex digits)",
+            ));
+        }
+        Ok(AzureKeyRef {
+            vault_url: format!("https://{host}"),
+            name: name.to_owned(),
+            version: version.map(str::to_owned),
+        })
+    }
+}
+
+impl fmt::Display for AzureKeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/keys/{}", self.vault_url, self.name)?;
+        if let Some(v) = &self.version {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
