@@ -21,6 +21,8 @@ pub mod secret;
 pub mod suite;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(test)]
+mod vectors;
 pub mod wrap;
 
 pub use context::EncryptionContext;

