@@ -31,3 +31,8 @@ pub use local::LocalKek;
 pub use secret::{MasterKey, SecretKey};
 pub use suite::Suite;
 pub use wrap::{KeyWrapper, WrapContext, WrappedKey};
+
+/// The repository README's examples, run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct RootReadme;
