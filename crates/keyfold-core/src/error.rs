@@ -5,7 +5,10 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::context::ContextError;
+use crate::keyring::{KeyState, Transition};
 use crate::rng::RngError;
+use crate::store::StoreError;
+use crate::time::Timestamp;
 
 /// A record or header could not be parsed. Each variant is a distinct cause.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,7 +50,8 @@ pub enum FormatError {
 
 /// What kind of failure a [`KeyWrapper`](crate::KeyWrapper) reported. Every
 /// provider maps its own errors onto these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum WrapErrorKind {
     /// The caller's identity may not use the key.
@@ -224,4 +228,80 @@ pub enum Error {
     /// The OS random generator failed.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// The master key version's state does not allow this use (e.g. a
+    /// disabled version cannot decrypt, a retired one cannot be a rewrap target).
+    #[error("master key version {version} is {state}: not allowed for this operation")]
+    KeyState {
+        /// The version.
+        version: u32,
+        /// Its state.
+        state: KeyState,
+    },
+    /// The master key version was destroyed: its records can never be decrypted.
+    #[error("master key version {version} was destroyed")]
+    KeyDestroyed {
+        /// The version.
+        version: u32,
+    },
+    /// The keyring has no such version.
+    #[error("the keyring has no master key version {version}")]
+    UnknownVersion {
+        /// The version asked for.
+        version: u32,
+    },
+    /// The keyring has no active version yet: rotate first.
+    #[error("the keyring has no active master key version; rotate to create one")]
+    NoActiveVersion,
+    /// The KMS refused or could not be reached: the keyring is sealed.
+    /// Versions still cached keep working until their TTL; `unseal` retries.
+    #[error(
+        "keyring sealed since {since}: the KMS failed ({kind}); cached versions still work, unseal to retry"
+    )]
+    Sealed {
+        /// The KMS failure that sealed it.
+        kind: WrapErrorKind,
+        /// Since when.
+        since: Timestamp,
+    },
+    /// A lifecycle transition the state machine does not allow; nothing changed.
+    #[error("cannot {transition} master key version {version}: it is {from}")]
+    IllegalTransition {
+        /// The version.
+        version: u32,
+        /// Its state.
+        from: KeyState,
+        /// The transition refused.
+        transition: Transition,
+    },
+    /// Another writer changed the keyring first; this change was not made.
+    /// The keyring has reloaded the stored state: retry if still wanted.
+    #[error(
+        "the keyring changed in the store (expected revision {expected:?}, found {found:?}); nothing was changed"
+    )]
+    Conflict {
+        /// The revision this change was based on.
+        expected: Option<u64>,
+        /// The revision the store held.
+        found: Option<u64>,
+    },
+    /// A destroy was refused: the evidence does not show the version empty.
+    #[error("destroy of master key version {version} refused: {reason}")]
+    DestroyRefused {
+        /// The version.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
+    /// All 2^32 - 1 version numbers have been used.
+    #[error("master key version numbers exhausted")]
+    VersionsExhausted,
+    /// Creating a keyring whose id the store already holds.
+    #[error("keyring {0} already exists")]
+    KeyringExists(String),
+    /// Opening a keyring the store does not hold.
+    #[error("keyring {0} not found")]
+    KeyringNotFound(String),
+    /// The keyring store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }

@@ -8,27 +8,39 @@
     reason = "a security library answers bad input with a typed error, never a panic"
 )]
 
+pub mod audit;
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod format;
 mod kdf;
+pub mod keyring;
 pub mod local;
+pub mod policy;
+pub mod probe;
 pub mod record;
 pub mod retry;
 pub mod rng;
 pub mod secret;
+pub mod store;
 pub mod suite;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod time;
 #[cfg(test)]
 mod vectors;
 pub mod wrap;
 
+pub use audit::{Actor, AuditEvent, AuditKind, AuditSink};
 pub use context::EncryptionContext;
 pub use error::{Error, FormatError, WrapError, WrapErrorKind, WrapOperation};
+pub use keyring::{
+    DestroyAuthorization, KeyState, Keyring, KeyringMetadata, NoRecordsLeft, Rotation,
+};
 pub use local::LocalKek;
+pub use policy::RotationPolicy;
 pub use secret::{MasterKey, SecretKey};
+pub use store::{FileStore, KeyringStore, MemoryStore, Revision};
 pub use suite::Suite;
 pub use wrap::{KeyWrapper, WrapContext, WrappedKey};
 

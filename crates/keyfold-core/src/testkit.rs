@@ -23,6 +23,9 @@
 
 use std::sync::Arc;
 
+mod counting;
+pub use counting::CountingWrapper;
+
 use crate::error::WrapErrorKind;
 use crate::secret::SecretKey;
 use crate::wrap::{KeyWrapper, WrapContext, WrappedKey};

@@ -1,0 +1,203 @@
+//! The unwrapped master key cache: per-version slots with a TTL and
+//! single-flight loading (docs/LIFECYCLE.md, "Cache").
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, WrapError, WrapErrorKind, WrapOperation};
+use crate::secret::MasterKey;
+
+/// What a failed load left for the tasks that waited on it.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedFailure {
+    kind: WrapErrorKind,
+    provider: String,
+    key_ref: String,
+    message: String,
+    sealing: bool,
+}
+
+impl SharedFailure {
+    pub(crate) fn from_error(e: &Error, sealing: bool) -> Self {
+        match e {
+            Error::Wrap(w) => SharedFailure {
+                kind: w.kind,
+                provider: w.provider.clone(),
+                key_ref: w.key_ref.clone(),
+                message: w.to_string(),
+                sealing,
+            },
+            Error::Sealed { kind, .. } => SharedFailure {
+                kind: *kind,
+                provider: String::new(),
+                key_ref: String::new(),
+                message: e.to_string(),
+                sealing: true,
+            },
+            other => SharedFailure {
+                kind: WrapErrorKind::Unavailable,
+                provider: String::new(),
+                key_ref: String::new(),
+                message: other.to_string(),
+                sealing,
+            },
+        }
+    }
+
+    pub(crate) fn to_error(&self, since: crate::time::Timestamp) -> Error {
+        if self.sealing {
+            Error::Sealed {
+                kind: self.kind,
+                since,
+            }
+        } else {
+            Error::Wrap(
+                WrapError::new(
+                    self.kind,
+                    self.provider.clone(),
+                    self.key_ref.clone(),
+                    WrapOperation::Unwrap,
+                )
+                .with_message(self.message.clone()),
+            )
+        }
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    key: Option<(Arc<MasterKey>, Instant)>,
+    failure: Option<SharedFailure>,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: tokio::sync::Mutex<SlotState>,
+    /// Load attempts so far; a waiter that sees it move while it waited
+    /// shares that attempt's outcome instead of calling the KMS again.
+    attempts: AtomicU64,
+}
+
+pub(crate) struct KeyCache {
+    ttl: Duration,
+    slots: Mutex<HashMap<u32, Arc<Slot>>>,
+}
+
+impl KeyCache {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        KeyCache {
+            ttl,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, version: u32) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(slots.entry(version).or_default())
+    }
+
+    /// The cached key for `version`, or the loader's result. Concurrent
+    /// callers for one version share one load. `on_miss` is asked, once the
+    /// slot is held, whether a miss may call the loader; `Err` is returned as
+    /// is.
+    pub(crate) async fn get_or_load<F, Fut>(
+        &self,
+        version: u32,
+        on_miss: impl FnOnce() -> Result<(), Error>,
+        load: F,
+        is_sealing: impl FnOnce(&Error) -> bool,
+        since: impl FnOnce() -> crate::time::Timestamp,
+    ) -> Result<Arc<MasterKey>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<MasterKey, Error>>,
+    {
+        let slot = self.slot(version);
+        let seen = slot.attempts.load(Ordering::SeqCst);
+        let mut state = slot.state.lock().await;
+        if let Some((key, expires)) = &state.key {
+            if Instant::now() < *expires {
+                return Ok(Arc::clone(key));
+            }
+            state.key = None;
+        }
+        if slot.attempts.load(Ordering::SeqCst) != seen
+            && let Some(failure) = &state.failure
+        {
+            return Err(failure.to_error(since()));
+        }
+        on_miss()?;
+        slot.attempts.fetch_add(1, Ordering::SeqCst);
+        match load().await {
+            Ok(key) => {
+                let key = Arc::new(key);
+                state.key = Some((Arc::clone(&key), Instant::now() + self.ttl));
+                state.failure = None;
+                Ok(key)
+            }
+            Err(e) => {
+                let sealing = is_sealing(&e);
+                state.failure = Some(SharedFailure::from_error(&e, sealing));
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a key just created or unwrapped into the cache.
+    pub(crate) async fn insert(&self, key: Arc<MasterKey>) {
+        let slot = self.slot(key.version());
+        let mut state = slot.state.lock().await;
+        state.key = Some((key, Instant::now() + self.ttl));
+        state.failure = None;
+    }
+
+    /// Drops `version`'s key (it is zeroized once no caller holds it).
+    pub(crate) fn evict(&self, version: u32) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.remove(&version);
+    }
+
+    /// Drops every key whose TTL has passed; returns how many.
+    pub(crate) fn evict_expired(&self) -> usize {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = slots.len();
+        slots.retain(|_, slot| match slot.state.try_lock() {
+            Ok(state) => state.key.as_ref().is_some_and(|(_, exp)| now < *exp),
+            // Being loaded right now: keep.
+            Err(_) => true,
+        });
+        before.saturating_sub(slots.len())
+    }
+
+    /// Drops every key.
+    pub(crate) fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Versions with a key cached and not expired.
+    pub(crate) fn cached_versions(&self) -> Vec<u32> {
+        let now = Instant::now();
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<u32> = slots
+            .iter()
+            .filter(|(_, slot)| {
+                slot.state
+                    .try_lock()
+                    .ok()
+                    .is_some_and(|s| s.key.as_ref().is_some_and(|(_, exp)| now < *exp))
+            })
+            .map(|(v, _)| *v)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}

@@ -1,0 +1,1059 @@
+//! The keyring: one tenant's master key versions, their lifecycle, an
+//! unwrapped-key cache with single-flight loading and sealing, persistence
+//! through a [`KeyringStore`] and audit events (docs/LIFECYCLE.md).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use keyfold_core::audit::Actor;
+//! use keyfold_core::keyring::{Keyring, KeyState};
+//! use keyfold_core::store::MemoryStore;
+//! use keyfold_core::{EncryptionContext, LocalKek, SecretKey};
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build()?.block_on(async {
+//! let kek = Arc::new(LocalKek::from_bytes("dev-kek", SecretKey::generate()?));
+//! let store = Arc::new(MemoryStore::new());
+//! let ring = Keyring::builder("tenant-a", kek, store).create().await?;
+//! let admin = Actor::new("admin@example.com");
+//!
+//! ring.rotate(&admin).await?; // version 1, active
+//! let ctx = EncryptionContext::new().with("row", "42");
+//! let old = ring.encrypt(&ctx, b"secret").await?;
+//!
+//! let r = ring.rotate(&admin).await?; // version 2 active, 1 retired
+//! assert_eq!(r.version, 2);
+//! assert_eq!(ring.version_state(1), Some(KeyState::Retired));
+//! assert_eq!(ring.decrypt(&ctx, &old).await?, b"secret");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod cache;
+mod state;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Actor, AuditEvent, AuditKind, AuditSink, NoAudit};
+use crate::context::EncryptionContext;
+use crate::error::{Error, WrapErrorKind};
+use crate::format;
+use crate::policy::RotationPolicy;
+use crate::record;
+use crate::retry::{RetryPolicy, retry};
+use crate::secret::{MasterKey, SecretKey};
+use crate::store::{KeyringStore, Revision, StoreError};
+use crate::suite::Suite;
+use crate::time::{Clock, SystemClock, Timestamp};
+use crate::wrap::{KeyWrapper, WrapContext};
+
+use cache::KeyCache;
+pub use state::{
+    InvariantViolation, KeyState, SCHEMA_VERSION, StateChange, StoredKeyring, StoredVersion,
+    Transition,
+};
+
+/// Default time an unwrapped master key stays cached.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+
+/// The actor named in events the keyring emits on its own (sealing).
+pub const SYSTEM_ACTOR: &str = "keyfold";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Issues a rewrap lease for a freshly rotated version (the host's hook,
+/// typically backed by the rewrap crate's job table).
+#[async_trait]
+pub trait LeaseIssuer: Send + Sync + fmt::Debug {
+    /// A lease id for moving keyring `keyring_id`'s records to `version`.
+    ///
+    /// # Errors
+    /// Any; the rotation stands and the lease id is absent.
+    async fn issue(&self, keyring_id: &str, version: u32) -> Result<String, BoxError>;
+}
+
+/// The host's evidence that no record is left on a version, presented to
+/// [`Keyring::destroy`]. The rewrap crate's report produces it once a job
+/// has moved every record off the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoRecordsLeft {
+    /// The version that has no records left.
+    pub version: u32,
+    /// Where the evidence comes from (a rewrap job id, a scan id).
+    pub source: String,
+    /// When the check was made; it must be after the version last stopped
+    /// being active, or records written since could be missed.
+    pub checked_at: Timestamp,
+}
+
+/// What authorizes a destroy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestroyAuthorization {
+    /// Evidence that no record is left on the version.
+    Evidence(NoRecordsLeft),
+    /// Destroy without evidence; records still on the version become
+    /// undecryptable. The audit event says it was forced, and why.
+    Forced {
+        /// Why, for the audit trail.
+        reason: String,
+    },
+}
+
+/// The result of a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// The new active version.
+    pub version: u32,
+    /// Its random id.
+    pub version_id: String,
+    /// The version it replaced, now retired.
+    pub previous_version: Option<u32>,
+    /// The rewrap lease, when a [`LeaseIssuer`] issued one.
+    pub lease_id: Option<String>,
+}
+
+/// Why and since when a keyring is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealInfo {
+    /// The KMS failure that sealed it.
+    pub kind: WrapErrorKind,
+    /// When.
+    pub since: Timestamp,
+}
+
+/// One version as a KMS's "describe key" shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMetadata {
+    /// Version number.
+    pub version: u32,
+    /// Random id.
+    pub id: String,
+    /// State.
+    pub state: KeyState,
+    /// Created.
+    pub created_at: Timestamp,
+    /// Last activated.
+    pub activated_at: Option<Timestamp>,
+    /// Last retired.
+    pub retired_at: Option<Timestamp>,
+    /// Last disabled.
+    pub disabled_at: Option<Timestamp>,
+    /// Destroyed.
+    pub destroyed_at: Option<Timestamp>,
+    /// The KMS key that wraps it (`None` once destroyed).
+    pub wrap_key_ref: Option<String>,
+}
+
+/// A keyring's metadata, as a KMS shows a key's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyringMetadata {
+    /// The keyring id.
+    pub keyring_id: String,
+    /// Store revision this describes.
+    pub revision: Revision,
+    /// The highest version created.
+    pub latest_version: Option<u32>,
+    /// The active version.
+    pub active_version: Option<u32>,
+    /// The lowest version that can still decrypt.
+    pub min_decryption_version: Option<u32>,
+    /// Versions ever created (destroyed ones included).
+    pub version_count: usize,
+    /// Every version, ascending.
+    pub versions: Vec<VersionMetadata>,
+    /// Set while sealed.
+    pub sealed: Option<SealInfo>,
+    /// Provider of the current wrapper.
+    pub wrap_provider: String,
+    /// KMS key of the current wrapper.
+    pub wrap_key_ref: String,
+    /// Versions whose unwrapped key is cached in this process now.
+    pub cached_versions: Vec<u32>,
+}
+
+/// Options of a [`Keyring`]; see [`KeyringBuilder`].
+#[derive(Debug, Clone)]
+struct Options {
+    cache_ttl: Duration,
+    retry: RetryPolicy,
+    suite: Suite,
+    clock: Arc<dyn Clock>,
+    audit: Arc<dyn AuditSink>,
+    leases: Option<Arc<dyn LeaseIssuer>>,
+}
+
+/// Builds a [`Keyring`]: [`create`](Self::create) a new one or
+/// [`open`](Self::open) a stored one.
+#[derive(Debug)]
+#[must_use]
+pub struct KeyringBuilder {
+    id: String,
+    wrapper: Arc<dyn KeyWrapper>,
+    store: Arc<dyn KeyringStore>,
+    options: Options,
+}
+
+impl KeyringBuilder {
+    /// How long an unwrapped master key stays cached (default 5 minutes).
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.options.cache_ttl = ttl;
+        self
+    }
+
+    /// How KMS calls are retried (default [`RetryPolicy::default`]).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = policy;
+        self
+    }
+
+    /// The suite new records are encrypted with (default [`Suite::default`]).
+    pub fn suite(mut self, suite: Suite) -> Self {
+        self.options.suite = suite;
+        self
+    }
+
+    /// The clock for metadata timestamps and the rotation policy.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.options.clock = clock;
+        self
+    }
+
+    /// Where audit events go (default: nowhere).
+    pub fn audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.options.audit = sink;
+        self
+    }
+
+    /// The hook that issues a rewrap lease on each rotation.
+    pub fn lease_issuer(mut self, issuer: Arc<dyn LeaseIssuer>) -> Self {
+        self.options.leases = Some(issuer);
+        self
+    }
+
+    /// Creates an empty keyring in the store. [`Keyring::rotate`] then
+    /// creates and activates version 1.
+    ///
+    /// # Errors
+    /// [`Error::KeyringExists`] when the store already holds the id;
+    /// [`Error::Store`] on store failure.
+    pub async fn create(self) -> Result<Keyring, Error> {
+        let stored = StoredKeyring::new(self.id.clone(), self.options.clock.now());
+        stored
+            .validate()
+            .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+        let revision = match self.store.save(&self.id, None, &stored).await {
+            Ok(r) => r,
+            Err(StoreError::Conflict { .. }) => return Err(Error::KeyringExists(self.id)),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(self.build(revision, stored))
+    }
+
+    /// Opens the stored keyring.
+    ///
+    /// # Errors
+    /// [`Error::KeyringNotFound`], or [`Error::Store`] when the stored form
+    /// is invalid or unreadable.
+    pub async fn open(self) -> Result<Keyring, Error> {
+        match self.store.load(&self.id).await? {
+            Some((revision, stored)) => Ok(self.build(revision, stored)),
+            None => Err(Error::KeyringNotFound(self.id)),
+        }
+    }
+
+    /// Opens the stored keyring, or creates it when there is none.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open) and [`create`](Self::create).
+    pub async fn open_or_create(self) -> Result<Keyring, Error> {
+        match self.store.load(&self.id).await? {
+            Some((revision, stored)) => Ok(self.build(revision, stored)),
+            None => self.create().await,
+        }
+    }
+
+    fn build(self, revision: Revision, stored: StoredKeyring) -> Keyring {
+        Keyring {
+            cache: KeyCache::new(self.options.cache_ttl),
+            id: self.id,
+            wrapper: RwLock::new(self.wrapper),
+            store: self.store,
+            current: RwLock::new((revision, Arc::new(stored))),
+            write: tokio::sync::Mutex::new(()),
+            sealed: Mutex::new(None),
+            options: self.options,
+        }
+    }
+}
+
+/// One tenant's master key versions (docs/LIFECYCLE.md).
+///
+/// Share it with `Arc`; every method takes `&self`. Encrypting and
+/// decrypting make no KMS call while the version's key is cached; concurrent
+/// misses on one version make one KMS call. Changes are serialized within
+/// the process and committed to the store with a revision check, so changes
+/// from several processes cannot overwrite each other: the loser gets
+/// [`Error::Conflict`] and the keyring reloads the winner's state.
+pub struct Keyring {
+    id: String,
+    wrapper: RwLock<Arc<dyn KeyWrapper>>,
+    store: Arc<dyn KeyringStore>,
+    current: RwLock<(Revision, Arc<StoredKeyring>)>,
+    write: tokio::sync::Mutex<()>,
+    cache: KeyCache,
+    sealed: Mutex<Option<SealInfo>>,
+    options: Options,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (revision, stored) = self.snapshot();
+        f.debug_struct("Keyring")
+            .field("id", &self.id)
+            .field("revision", &revision)
+            .field("active_version", &stored.active_version())
+            .field("versions", &stored.versions.len())
+            .field("sealed", &self.sealed())
+            .field("cached_versions", &self.cache.cached_versions())
+            .finish_non_exhaustive()
+    }
+}
+
+fn seals(kind: WrapErrorKind) -> bool {
+    !matches!(
+        kind,
+        WrapErrorKind::InvalidCiphertext | WrapErrorKind::KeyMismatch
+    )
+}
+
+fn random_id() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    crate::rng::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+impl Keyring {
+    /// Starts building keyring `id`, wrapped by `wrapper`, kept in `store`.
+    pub fn builder(
+        id: impl Into<String>,
+        wrapper: Arc<dyn KeyWrapper>,
+        store: Arc<dyn KeyringStore>,
+    ) -> KeyringBuilder {
+        KeyringBuilder {
+            id: id.into(),
+            wrapper,
+            store,
+            options: Options {
+                cache_ttl: DEFAULT_CACHE_TTL,
+                retry: RetryPolicy::default(),
+                suite: Suite::default(),
+                clock: Arc::new(SystemClock),
+                audit: Arc::new(NoAudit),
+                leases: None,
+            },
+        }
+    }
+
+    /// The keyring id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The wrapper currently protecting the master keys.
+    pub fn wrapper(&self) -> Arc<dyn KeyWrapper> {
+        Arc::clone(&self.wrapper.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The current stored form and its revision (no key material).
+    pub fn snapshot(&self) -> (Revision, Arc<StoredKeyring>) {
+        let cur = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        (cur.0, Arc::clone(&cur.1))
+    }
+
+    /// The active version, if the keyring has been activated.
+    pub fn active_version(&self) -> Option<u32> {
+        self.snapshot().1.active_version()
+    }
+
+    /// The state of `version`, as this instance last saw it.
+    pub fn version_state(&self, version: u32) -> Option<KeyState> {
+        self.snapshot().1.get(version).map(|v| v.state)
+    }
+
+    /// Set while the keyring is sealed.
+    pub fn sealed(&self) -> Option<SealInfo> {
+        *self.sealed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The metadata, as a KMS shows it.
+    pub fn metadata(&self) -> KeyringMetadata {
+        let (revision, stored) = self.snapshot();
+        let wrapper = self.wrapper();
+        KeyringMetadata {
+            keyring_id: self.id.clone(),
+            revision,
+            latest_version: stored.latest_version(),
+            active_version: stored.active_version(),
+            min_decryption_version: stored
+                .versions
+                .iter()
+                .find(|v| v.state.can_decrypt())
+                .map(|v| v.version),
+            version_count: stored.versions.len(),
+            versions: stored
+                .versions
+                .iter()
+                .map(|v| VersionMetadata {
+                    version: v.version,
+                    id: v.id.clone(),
+                    state: v.state,
+                    created_at: v.created_at,
+                    activated_at: v.activated_at,
+                    retired_at: v.retired_at,
+                    disabled_at: v.disabled_at,
+                    destroyed_at: v.destroyed_at,
+                    wrap_key_ref: v.wrapped.as_ref().map(|w| w.key_ref.clone()),
+                })
+                .collect(),
+            sealed: self.sealed(),
+            wrap_provider: wrapper.provider().to_owned(),
+            wrap_key_ref: wrapper.key_ref().to_owned(),
+            cached_versions: self.cache.cached_versions(),
+        }
+    }
+
+    // ----- keys -------------------------------------------------------------
+
+    /// The unwrapped master key of `version`, from the cache or the KMS.
+    ///
+    /// Allowed for versions that may decrypt (`Pending`, `Active`,
+    /// `Retired`). A version newer than any this instance knows makes it
+    /// reload the store once (another instance may have rotated).
+    ///
+    /// # Errors
+    /// [`Error::UnknownVersion`], [`Error::KeyState`] (disabled),
+    /// [`Error::KeyDestroyed`], [`Error::Sealed`], [`Error::Wrap`].
+    pub async fn master_key(&self, version: u32) -> Result<Arc<MasterKey>, Error> {
+        let v = self.known_version(version).await?;
+        match v.state {
+            s if s.can_decrypt() => self.load_cached(&v).await,
+            KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
+            state => Err(Error::KeyState { version, state }),
+        }
+    }
+
+    /// The active version's unwrapped key: the one to encrypt with.
+    ///
+    /// # Errors
+    /// [`Error::NoActiveVersion`], and as [`master_key`](Self::master_key).
+    pub async fn active_key(&self) -> Result<Arc<MasterKey>, Error> {
+        let version = self.active_version().ok_or(Error::NoActiveVersion)?;
+        self.master_key(version).await
+    }
+
+    async fn known_version(&self, version: u32) -> Result<StoredVersion, Error> {
+        let (_, stored) = self.snapshot();
+        if let Some(v) = stored.get(version) {
+            return Ok(v.clone());
+        }
+        if stored
+            .latest_version()
+            .is_none_or(|latest| version > latest)
+        {
+            self.refresh().await?;
+            if let Some(v) = self.snapshot().1.get(version) {
+                return Ok(v.clone());
+            }
+        }
+        Err(Error::UnknownVersion { version })
+    }
+
+    fn check_unsealed(&self) -> Result<(), Error> {
+        match self.sealed() {
+            Some(info) => Err(Error::Sealed {
+                kind: info.kind,
+                since: info.since,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn seal(&self, kind: WrapErrorKind) -> Error {
+        let since = self.options.clock.now();
+        let newly = {
+            let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
+            match *sealed {
+                Some(info) => {
+                    return Error::Sealed {
+                        kind: info.kind,
+                        since: info.since,
+                    };
+                }
+                None => {
+                    *sealed = Some(SealInfo { kind, since });
+                    true
+                }
+            }
+        };
+        if newly {
+            self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Sealed { kind });
+        }
+        Error::Sealed { kind, since }
+    }
+
+    /// Unwraps `v` with the KMS (no cache); seals on an access failure.
+    async fn unwrap_version(&self, v: &StoredVersion) -> Result<MasterKey, Error> {
+        let wrapped = v
+            .wrapped
+            .as_ref()
+            .ok_or(Error::KeyDestroyed { version: v.version })?;
+        let wrapper = self.wrapper();
+        let ctx = WrapContext::new(self.id.clone(), v.version);
+        match retry(&self.options.retry, || wrapper.unwrap(wrapped, &ctx)).await {
+            Ok(key) => Ok(MasterKey::new(v.version, key)),
+            Err(e) if seals(e.kind) => Err(self.seal(e.kind)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn load_cached(&self, v: &StoredVersion) -> Result<Arc<MasterKey>, Error> {
+        self.cache
+            .get_or_load(
+                v.version,
+                || self.check_unsealed(),
+                || self.unwrap_version(v),
+                |e| matches!(e, Error::Sealed { .. }),
+                || {
+                    self.sealed()
+                        .map_or_else(|| self.options.clock.now(), |s| s.since)
+                },
+            )
+            .await
+    }
+
+    /// Drops cached keys whose TTL has passed (they are zeroized once no
+    /// caller holds them); returns how many. Lookups also skip expired keys.
+    pub fn evict_expired(&self) -> usize {
+        self.cache.evict_expired()
+    }
+
+    /// Drops every cached key.
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    // ----- records ----------------------------------------------------------
+
+    /// Encrypts a record under the active version with the keyring's suite.
+    ///
+    /// # Errors
+    /// [`Error::NoActiveVersion`], [`Error::Sealed`], and as [`record::encrypt`].
+    pub async fn encrypt(
+        &self,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let key = self.active_key().await?;
+        record::encrypt(&key, self.options.suite, context, plaintext)
+    }
+
+    /// Decrypts a record with the version its header names.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] for a disabled version, [`Error::KeyDestroyed`],
+    /// [`Error::UnknownVersion`], [`Error::Sealed`], and as [`record::decrypt`].
+    pub async fn decrypt(
+        &self,
+        context: &EncryptionContext,
+        record: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let info = format::inspect(record)?;
+        let key = self.master_key(info.key_version).await?;
+        record::decrypt(&key, context, record)
+    }
+
+    /// Moves a record to `target` (which must be the active version) by
+    /// rewriting its header only. `None` when the record is already on
+    /// `target` or a newer version.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] when `target` is not active; as [`decrypt`](Self::decrypt).
+    pub async fn rewrap(
+        &self,
+        context: &EncryptionContext,
+        record: &[u8],
+        target: u32,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let info = format::inspect(record)?;
+        match self.version_state(target) {
+            Some(KeyState::Active) => {}
+            Some(KeyState::Destroyed) => return Err(Error::KeyDestroyed { version: target }),
+            Some(state) => {
+                return Err(Error::KeyState {
+                    version: target,
+                    state,
+                });
+            }
+            None => return Err(Error::UnknownVersion { version: target }),
+        }
+        if info.key_version >= target {
+            return Ok(None);
+        }
+        let from = self.master_key(info.key_version).await?;
+        let to = self.master_key(target).await?;
+        record::rewrap(record, &from, &to, context).map(Some)
+    }
+
+    // ----- changes ----------------------------------------------------------
+
+    fn emit(&self, actor: &Actor, kind: AuditKind) {
+        self.options.audit.record(AuditEvent {
+            keyring_id: self.id.clone(),
+            actor: actor.clone(),
+            at: self.options.clock.now(),
+            kind,
+        });
+    }
+
+    fn install(&self, revision: Revision, stored: StoredKeyring) {
+        let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if revision >= cur.0 {
+            *cur = (revision, Arc::new(stored));
+        }
+    }
+
+    /// Commits `next` over `expected`. On a conflict, reloads the store's
+    /// state and returns [`Error::Conflict`].
+    async fn commit(&self, expected: Revision, next: StoredKeyring) -> Result<Revision, Error> {
+        next.validate()
+            .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+        match self.store.save(&self.id, Some(expected), &next).await {
+            Ok(revision) => {
+                self.install(revision, next);
+                Ok(revision)
+            }
+            Err(StoreError::Conflict {
+                expected, found, ..
+            }) => {
+                let _ = self.reload().await;
+                Err(Error::Conflict {
+                    expected: expected.map(|r| r.0),
+                    found: found.map(|r| r.0),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn reload(&self) -> Result<Revision, Error> {
+        let (revision, stored) = self
+            .store
+            .load(&self.id)
+            .await?
+            .ok_or_else(|| Error::KeyringNotFound(self.id.clone()))?;
+        for v in &stored.versions {
+            if !v.state.can_decrypt() {
+                self.cache.evict(v.version);
+            }
+        }
+        self.install(revision, stored);
+        Ok(revision)
+    }
+
+    /// Reloads the keyring from the store (to see other instances' changes).
+    /// Versions the store shows disabled or destroyed are evicted from the cache.
+    ///
+    /// # Errors
+    /// [`Error::Store`], [`Error::KeyringNotFound`].
+    pub async fn refresh(&self) -> Result<Revision, Error> {
+        let _guard = self.write.lock().await;
+        self.reload().await
+    }
+
+    /// Creates a new master key version, wraps it under the KMS key and makes
+    /// it active; the previous active version becomes retired. Emits
+    /// `kms.rotate` and `kms.version.state_changed` for the retired version.
+    ///
+    /// A failed wrap or a conflict leaves the keyring as it was. The lease
+    /// hook runs after the commit; when it fails the rotation stands and
+    /// [`Rotation::lease_id`] is `None`.
+    ///
+    /// # Errors
+    /// [`Error::Sealed`], [`Error::Wrap`], [`Error::Conflict`], [`Error::Store`].
+    pub async fn rotate(&self, actor: &Actor) -> Result<Rotation, Error> {
+        let _guard = self.write.lock().await;
+        self.rotate_locked(actor, false).await
+    }
+
+    /// Rotates when `policy` says a rotation is due now, emitting
+    /// `kms.rotate.scheduled`; `None` when it is not due. When another
+    /// instance rotated first (a conflict), reloads and re-checks.
+    ///
+    /// # Errors
+    /// As [`rotate`](Self::rotate).
+    pub async fn rotate_if_due(
+        &self,
+        policy: &RotationPolicy,
+        actor: &Actor,
+    ) -> Result<Option<Rotation>, Error> {
+        let _guard = self.write.lock().await;
+        for _ in 0..2 {
+            if !policy.is_due(self.last_rotation(), self.options.clock.now()) {
+                return Ok(None);
+            }
+            match self.rotate_locked(actor, true).await {
+                Err(Error::Conflict { .. }) => continue,
+                other => return other.map(Some),
+            }
+        }
+        if policy.is_due(self.last_rotation(), self.options.clock.now()) {
+            self.rotate_locked(actor, true).await.map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// When the active version was activated.
+    pub fn last_rotation(&self) -> Option<Timestamp> {
+        let (_, stored) = self.snapshot();
+        let active = stored.active_version()?;
+        stored.get(active).and_then(|v| v.activated_at)
+    }
+
+    async fn new_wrapped_version(
+        &self,
+        stored: &StoredKeyring,
+    ) -> Result<(u32, String, SecretKey, crate::wrap::WrappedKey), Error> {
+        self.check_unsealed()?;
+        let version = stored.peek_next_version()?;
+        let key = SecretKey::generate()?;
+        let wrapper = self.wrapper();
+        let ctx = WrapContext::new(self.id.clone(), version);
+        let wrapped = match retry(&self.options.retry, || wrapper.wrap(&key, &ctx)).await {
+            Ok(w) => w,
+            Err(e) if seals(e.kind) => return Err(self.seal(e.kind)),
+            Err(e) => return Err(e.into()),
+        };
+        Ok((version, random_id()?, key, wrapped))
+    }
+
+    async fn rotate_locked(&self, actor: &Actor, scheduled: bool) -> Result<Rotation, Error> {
+        let (revision, stored) = self.snapshot();
+        let (version, version_id, key, wrapped) = self.new_wrapped_version(&stored).await?;
+        let wrap_provider = wrapped.provider.clone();
+        let wrap_key_ref = wrapped.key_ref.clone();
+        let now = self.options.clock.now();
+        let mut next = (*stored).clone();
+        next.add_pending(version, version_id.clone(), wrapped, now)?;
+        let changes = next.apply(version, Transition::Activate, now)?;
+        self.commit(revision, next).await?;
+        self.cache
+            .insert(Arc::new(MasterKey::new(version, key)))
+            .await;
+        let lease_id = match &self.options.leases {
+            Some(issuer) => issuer.issue(&self.id, version).await.ok(),
+            None => None,
+        };
+        let previous_version = changes.get(1).map(|c| c.version);
+        self.emit(
+            actor,
+            AuditKind::Rotate {
+                new_version: version,
+                version_id: version_id.clone(),
+                previous_version,
+                scheduled,
+                wrap_provider,
+                wrap_key_ref,
+                lease_id: lease_id.clone(),
+            },
+        );
+        for change in changes.iter().skip(1) {
+            self.emit(actor, AuditKind::state_changed(change));
+        }
+        Ok(Rotation {
+            version,
+            version_id,
+            previous_version,
+            lease_id,
+        })
+    }
+
+    /// Creates a new version in state `Pending`: it may decrypt (distribute
+    /// it to every instance first) but is not used to encrypt until
+    /// [`activate`](Self::activate)d. Emits `kms.version.created`.
+    ///
+    /// # Errors
+    /// As [`rotate`](Self::rotate).
+    pub async fn create_pending(&self, actor: &Actor) -> Result<u32, Error> {
+        let _guard = self.write.lock().await;
+        let (revision, stored) = self.snapshot();
+        let (version, version_id, key, wrapped) = self.new_wrapped_version(&stored).await?;
+        let wrap_key_ref = wrapped.key_ref.clone();
+        let mut next = (*stored).clone();
+        next.add_pending(
+            version,
+            version_id.clone(),
+            wrapped,
+            self.options.clock.now(),
+        )?;
+        self.commit(revision, next).await?;
+        self.cache
+            .insert(Arc::new(MasterKey::new(version, key)))
+            .await;
+        self.emit(
+            actor,
+            AuditKind::VersionCreated {
+                version,
+                version_id,
+                wrap_key_ref,
+            },
+        );
+        Ok(version)
+    }
+
+    async fn transition(
+        &self,
+        version: u32,
+        transition: Transition,
+        actor: &Actor,
+        destroy: Option<&DestroyAuthorization>,
+    ) -> Result<Vec<StateChange>, Error> {
+        let _guard = self.write.lock().await;
+        let (revision, stored) = self.snapshot();
+        let mut next = (*stored).clone();
+        let now = self.options.clock.now();
+        let changes = next.apply(version, transition, now)?;
+        let (forced, detail) = match destroy {
+            Some(DestroyAuthorization::Evidence(e)) => {
+                check_evidence(&stored, version, e)?;
+                (false, Some(e.source.clone()))
+            }
+            Some(DestroyAuthorization::Forced { reason }) => (true, Some(reason.clone())),
+            None => (false, None),
+        };
+        self.commit(revision, next).await?;
+        if matches!(transition, Transition::Disable | Transition::Destroy) {
+            self.cache.evict(version);
+        }
+        for (i, change) in changes.iter().enumerate() {
+            let mut kind = AuditKind::state_changed(change);
+            if i == 0
+                && let AuditKind::StateChanged {
+                    forced: f,
+                    detail: d,
+                    ..
+                } = &mut kind
+            {
+                *f = forced;
+                d.clone_from(&detail);
+            }
+            self.emit(actor, kind);
+        }
+        Ok(changes)
+    }
+
+    /// `Pending` → `Active`; the previous active version is retired.
+    ///
+    /// # Errors
+    /// [`Error::IllegalTransition`] (nothing changes), [`Error::UnknownVersion`],
+    /// [`Error::Conflict`], [`Error::Store`].
+    pub async fn activate(&self, version: u32, actor: &Actor) -> Result<(), Error> {
+        self.transition(version, Transition::Activate, actor, None)
+            .await
+            .map(drop)
+    }
+
+    /// `Retired` → `Active` again; the current active version is retired.
+    ///
+    /// # Errors
+    /// As [`activate`](Self::activate).
+    pub async fn rollback(&self, version: u32, actor: &Actor) -> Result<(), Error> {
+        self.transition(version, Transition::Rollback, actor, None)
+            .await
+            .map(drop)
+    }
+
+    /// `Retired` (or `Pending`) → `Disabled`: its records stop decrypting;
+    /// reversible with [`enable`](Self::enable). Evicts its cached key.
+    ///
+    /// # Errors
+    /// As [`activate`](Self::activate).
+    pub async fn disable(&self, version: u32, actor: &Actor) -> Result<(), Error> {
+        self.transition(version, Transition::Disable, actor, None)
+            .await
+            .map(drop)
+    }
+
+    /// `Disabled` → `Retired`.
+    ///
+    /// # Errors
+    /// As [`activate`](Self::activate).
+    pub async fn enable(&self, version: u32, actor: &Actor) -> Result<(), Error> {
+        self.transition(version, Transition::Enable, actor, None)
+            .await
+            .map(drop)
+    }
+
+    /// `Disabled` → `Destroyed`: the wrapped key is erased from the store and
+    /// the cached key evicted; records on the version can never be decrypted
+    /// again. Needs [`NoRecordsLeft`] evidence for this version, gathered
+    /// after it last stopped being active, or an explicit force (which the
+    /// audit event records with its reason).
+    ///
+    /// # Errors
+    /// [`Error::DestroyRefused`] when the evidence does not fit;
+    /// as [`activate`](Self::activate).
+    pub async fn destroy(
+        &self,
+        version: u32,
+        authorization: DestroyAuthorization,
+        actor: &Actor,
+    ) -> Result<(), Error> {
+        self.transition(version, Transition::Destroy, actor, Some(&authorization))
+            .await
+            .map(drop)
+    }
+
+    /// Re-wraps every live version under `new_wrapper` (the provider rotated
+    /// its key, or the tenant moves to another KMS) in one commit: each key
+    /// is unwrapped with the current wrapper, wrapped with the new one and
+    /// checked by unwrapping it again. On any failure nothing changes.
+    /// Emits `kms.rekey`; afterwards the keyring uses `new_wrapper`.
+    ///
+    /// # Errors
+    /// [`Error::Sealed`], [`Error::Wrap`] (from either wrapper),
+    /// [`Error::Conflict`], [`Error::Store`].
+    pub async fn rewrap_master_keys(
+        &self,
+        new_wrapper: Arc<dyn KeyWrapper>,
+        actor: &Actor,
+    ) -> Result<Vec<u32>, Error> {
+        let _guard = self.write.lock().await;
+        self.check_unsealed()?;
+        let (revision, stored) = self.snapshot();
+        let old = self.wrapper();
+        let mut next = (*stored).clone();
+        let mut done = Vec::new();
+        for v in next.versions.iter_mut() {
+            if v.wrapped.is_none() {
+                continue;
+            }
+            let key = match self.cache_peek_or_unwrap(v).await {
+                Ok(k) => k,
+                Err(e) => return Err(e),
+            };
+            let ctx = WrapContext::new(self.id.clone(), v.version);
+            let wrapped =
+                retry(&self.options.retry, || new_wrapper.wrap(key.secret(), &ctx)).await?;
+            let back = retry(&self.options.retry, || new_wrapper.unwrap(&wrapped, &ctx)).await?;
+            if back.expose() != key.secret().expose() {
+                return Err(Error::Decrypt);
+            }
+            v.wrapped = Some(wrapped);
+            done.push(v.version);
+        }
+        self.commit(revision, next).await?;
+        *self.wrapper.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&new_wrapper);
+        self.emit(
+            actor,
+            AuditKind::KmsRewrap {
+                from_provider: old.provider().to_owned(),
+                from_key_ref: old.key_ref().to_owned(),
+                to_provider: new_wrapper.provider().to_owned(),
+                to_key_ref: new_wrapper.key_ref().to_owned(),
+                versions: done.clone(),
+            },
+        );
+        Ok(done)
+    }
+
+    /// Any live version's key (disabled ones included), via the cache.
+    async fn cache_peek_or_unwrap(&self, v: &StoredVersion) -> Result<Arc<MasterKey>, Error> {
+        self.load_cached(v).await
+    }
+
+    /// Retries the KMS after the keyring was sealed: unwraps the active
+    /// version (or the newest live one; with none, wraps and unwraps a probe
+    /// key). On success the keyring is unsealed (`kms.unsealed`) and the key
+    /// cached; on failure it stays sealed.
+    ///
+    /// # Errors
+    /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
+    pub async fn unseal(&self) -> Result<(), Error> {
+        let (_, stored) = self.snapshot();
+        let candidate = stored
+            .active_version()
+            .and_then(|a| stored.get(a))
+            .or_else(|| stored.versions.iter().rev().find(|v| v.wrapped.is_some()));
+        let wrapper = self.wrapper();
+        let result = match candidate {
+            Some(v) => {
+                let ctx = WrapContext::new(self.id.clone(), v.version);
+                match &v.wrapped {
+                    Some(w) => wrapper
+                        .unwrap(w, &ctx)
+                        .await
+                        .map(|k| Some(MasterKey::new(v.version, k))),
+                    None => Ok(None),
+                }
+            }
+            None => crate::probe::probe(wrapper.as_ref())
+                .await
+                .map(|_| None)
+                .map_err(|p| {
+                    crate::error::WrapError::new(
+                        p.kind.unwrap_or(WrapErrorKind::Unavailable),
+                        wrapper.provider(),
+                        wrapper.key_ref(),
+                        crate::error::WrapOperation::Unwrap,
+                    )
+                    .with_message(p.message)
+                }),
+        };
+        match result {
+            Ok(key) => {
+                if let Some(key) = key {
+                    self.cache.insert(Arc::new(key)).await;
+                }
+                let was = self
+                    .sealed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if was.is_some() {
+                    self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Unsealed);
+                }
+                Ok(())
+            }
+            Err(e) if seals(e.kind) => {
+                let _ = self.seal(e.kind);
+                Err(self.check_unsealed().err().unwrap_or(Error::Wrap(e)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn check_evidence(stored: &StoredKeyring, version: u32, e: &NoRecordsLeft) -> Result<(), Error> {
+    if e.version != version {
+        return Err(Error::DestroyRefused {
+            version,
+            reason: format!("the evidence is about version {}", e.version),
+        });
+    }
+    if let Some(retired) = stored.get(version).and_then(|v| v.retired_at)
+        && e.checked_at < retired
+    {
+        return Err(Error::DestroyRefused {
+            version,
+            reason: format!(
+                "the evidence ({}) predates the version's retirement ({retired})",
+                e.checked_at
+            ),
+        });
+    }
+    Ok(())
+}

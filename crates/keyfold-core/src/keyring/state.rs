@@ -1,0 +1,373 @@
+//! The key-version lifecycle state machine and the keyring's stored form
+//! (docs/LIFECYCLE.md). Pure and synchronous: no I/O, no key material.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::time::Timestamp;
+use crate::wrap::WrappedKey;
+
+/// The stored form's schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The lifecycle state of a master key version (docs/LIFECYCLE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Created and distributed; may decrypt; not yet used to encrypt.
+    Pending,
+    /// The one version every new encryption uses.
+    Active,
+    /// Decrypt only.
+    Retired,
+    /// Refuses to decrypt; reversible (the grace period before destruction).
+    Disabled,
+    /// Key material erased (cryptographic erasure). Terminal.
+    Destroyed,
+}
+
+impl KeyState {
+    /// True when records on a version in this state may be decrypted.
+    pub fn can_decrypt(self) -> bool {
+        matches!(
+            self,
+            KeyState::Pending | KeyState::Active | KeyState::Retired
+        )
+    }
+
+    /// The state `transition` leads to from `self`, or `None` when the
+    /// lifecycle does not allow it. This table is the whole state machine.
+    pub fn after(self, transition: Transition) -> Option<KeyState> {
+        use KeyState::*;
+        use Transition as T;
+        match (self, transition) {
+            (Pending, T::Activate) | (Retired, T::Rollback) => Some(Active),
+            (Active, T::Retire) | (Disabled, T::Enable) => Some(Retired),
+            (Pending | Retired, T::Disable) => Some(Disabled),
+            (Disabled, T::Destroy) => Some(Destroyed),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyState::Pending => "pending",
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Disabled => "disabled",
+            KeyState::Destroyed => "destroyed",
+        })
+    }
+}
+
+/// A lifecycle transition of one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// `Pending` → `Active` (the previous `Active` is retired).
+    Activate,
+    /// `Active` → `Retired`; only ever the side effect of another version
+    /// becoming active (rotate, activate, rollback).
+    Retire,
+    /// `Retired` → `Active` (the previous `Active` is retired).
+    Rollback,
+    /// `Pending` or `Retired` → `Disabled`.
+    Disable,
+    /// `Disabled` → `Retired`.
+    Enable,
+    /// `Disabled` → `Destroyed`: the wrapped key is erased.
+    Destroy,
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transition::Activate => "activate",
+            Transition::Retire => "retire",
+            Transition::Rollback => "roll back",
+            Transition::Disable => "disable",
+            Transition::Enable => "enable",
+            Transition::Destroy => "destroy",
+        })
+    }
+}
+
+/// One version's state change, as reported to the audit sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The version.
+    pub version: u32,
+    /// Its state before.
+    pub from: KeyState,
+    /// Its state after.
+    pub to: KeyState,
+    /// What moved it.
+    pub transition: Transition,
+}
+
+/// One master key version as stored: its state, timestamps and wrapped key.
+/// Never the plaintext key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredVersion {
+    /// The version number (1, 2, ...; never reused).
+    pub version: u32,
+    /// A random id distinguishing this version from any other, in any keyring.
+    pub id: String,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// The master key wrapped under the KMS key; `None` once destroyed.
+    pub wrapped: Option<WrappedKey>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it last became active.
+    #[serde(default)]
+    pub activated_at: Option<Timestamp>,
+    /// When it last stopped being active.
+    #[serde(default)]
+    pub retired_at: Option<Timestamp>,
+    /// When it was last disabled.
+    #[serde(default)]
+    pub disabled_at: Option<Timestamp>,
+    /// When it was destroyed.
+    #[serde(default)]
+    pub destroyed_at: Option<Timestamp>,
+}
+
+/// A keyring as persisted through a [`KeyringStore`](crate::store::KeyringStore).
+///
+/// Serde, with a schema version; holds wrapped keys only. [`validate`](Self::validate)
+/// checks every lifecycle invariant; stores and the keyring call it on load and save.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKeyring {
+    /// [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The keyring's id (one per tenant); bound into every wrap.
+    pub keyring_id: String,
+    /// When the keyring was created.
+    pub created_at: Timestamp,
+    /// The number the next version gets: above every version ever created.
+    pub next_version: u32,
+    /// Every version ever created, destroyed ones included, ascending.
+    pub versions: Vec<StoredVersion>,
+}
+
+/// A stored keyring breaks a lifecycle invariant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("keyring invariant violated: {0}")]
+pub struct InvariantViolation(pub String);
+
+impl StoredKeyring {
+    /// An empty keyring: no versions yet; the first rotation creates version 1.
+    pub fn new(keyring_id: impl Into<String>, now: Timestamp) -> Self {
+        StoredKeyring {
+            schema: SCHEMA_VERSION,
+            keyring_id: keyring_id.into(),
+            created_at: now,
+            next_version: 1,
+            versions: Vec::new(),
+        }
+    }
+
+    /// The version record for `version`.
+    pub fn get(&self, version: u32) -> Option<&StoredVersion> {
+        self.versions
+            .binary_search_by_key(&version, |v| v.version)
+            .ok()
+            .and_then(|i| self.versions.get(i))
+    }
+
+    fn get_mut(&mut self, version: u32) -> Option<&mut StoredVersion> {
+        match self.versions.binary_search_by_key(&version, |v| v.version) {
+            Ok(i) => self.versions.get_mut(i),
+            Err(_) => None,
+        }
+    }
+
+    /// The active version's number.
+    pub fn active_version(&self) -> Option<u32> {
+        self.versions
+            .iter()
+            .find(|v| v.state == KeyState::Active)
+            .map(|v| v.version)
+    }
+
+    /// The highest version number created so far.
+    pub fn latest_version(&self) -> Option<u32> {
+        self.versions.last().map(|v| v.version)
+    }
+
+    /// Checks every invariant of docs/LIFECYCLE.md, "Invariants".
+    ///
+    /// # Errors
+    /// [`InvariantViolation`] naming the first broken one.
+    pub fn validate(&self) -> Result<(), InvariantViolation> {
+        let fail = |m: String| Err(InvariantViolation(m));
+        if self.schema != SCHEMA_VERSION {
+            return fail(format!("unsupported schema version {}", self.schema));
+        }
+        if self.keyring_id.is_empty() {
+            return fail("empty keyring id".into());
+        }
+        if self.next_version == 0 {
+            return fail("next_version is 0".into());
+        }
+        let mut previous = 0u32;
+        let mut active = 0usize;
+        let mut ever_activated = false;
+        for v in &self.versions {
+            if v.version <= previous {
+                return fail(format!("version {} out of order or repeated", v.version));
+            }
+            previous = v.version;
+            if v.version >= self.next_version {
+                return fail(format!(
+                    "version {} not below next_version {}",
+                    v.version, self.next_version
+                ));
+            }
+            match (v.state, &v.wrapped) {
+                (KeyState::Destroyed, Some(_)) => {
+                    return fail(format!(
+                        "destroyed version {} holds key material",
+                        v.version
+                    ));
+                }
+                (KeyState::Destroyed, None) if v.destroyed_at.is_none() => {
+                    return fail(format!("destroyed version {} has no timestamp", v.version));
+                }
+                (KeyState::Destroyed, None) => {}
+                (state, None) => {
+                    return fail(format!("{state} version {} has no wrapped key", v.version));
+                }
+                (_, Some(w)) if w.bytes.is_empty() => {
+                    return fail(format!("version {} has an empty wrapped key", v.version));
+                }
+                (_, Some(_)) => {}
+            }
+            if v.state == KeyState::Active {
+                active += 1;
+                if v.activated_at.is_none() {
+                    return fail(format!(
+                        "active version {} has no activation time",
+                        v.version
+                    ));
+                }
+            }
+            ever_activated |= v.activated_at.is_some();
+        }
+        if active > 1 {
+            return fail(format!("{active} active versions"));
+        }
+        if ever_activated && active == 0 {
+            return fail("the keyring was activated but has no active version".into());
+        }
+        Ok(())
+    }
+
+    /// Reserves the next version number.
+    pub(crate) fn peek_next_version(&self) -> Result<u32, Error> {
+        if self.next_version == u32::MAX {
+            return Err(Error::VersionsExhausted);
+        }
+        Ok(self.next_version)
+    }
+
+    /// Adds a new `Pending` version.
+    pub(crate) fn add_pending(
+        &mut self,
+        version: u32,
+        id: String,
+        wrapped: WrappedKey,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        if version != self.next_version || version == u32::MAX {
+            return Err(Error::VersionsExhausted);
+        }
+        self.versions.push(StoredVersion {
+            version,
+            id,
+            state: KeyState::Pending,
+            wrapped: Some(wrapped),
+            created_at: now,
+            activated_at: None,
+            retired_at: None,
+            disabled_at: None,
+            destroyed_at: None,
+        });
+        self.next_version = version.saturating_add(1);
+        Ok(())
+    }
+
+    /// Applies `transition` to `version`; for `Activate` and `Rollback` also
+    /// retires the previous active version. Returns the changes, the
+    /// requested version's first. On error nothing has changed.
+    ///
+    /// # Errors
+    /// [`Error::UnknownVersion`] or [`Error::IllegalTransition`].
+    pub(crate) fn apply(
+        &mut self,
+        version: u32,
+        transition: Transition,
+        now: Timestamp,
+    ) -> Result<Vec<StateChange>, Error> {
+        let from = self
+            .get(version)
+            .ok_or(Error::UnknownVersion { version })?
+            .state;
+        let to = from.after(transition).ok_or(Error::IllegalTransition {
+            version,
+            from,
+            transition,
+        })?;
+        if transition == Transition::Retire {
+            // Only as a side effect: retiring the sole active version by
+            // itself would leave the keyring without one.
+            return Err(Error::IllegalTransition {
+                version,
+                from,
+                transition,
+            });
+        }
+        let previous_active = match to {
+            KeyState::Active => self.active_version(),
+            _ => None,
+        };
+        let mut changes = vec![StateChange {
+            version,
+            from,
+            to,
+            transition,
+        }];
+        if let Some(v) = self.get_mut(version) {
+            v.state = to;
+            match to {
+                KeyState::Active => v.activated_at = Some(now),
+                KeyState::Disabled => v.disabled_at = Some(now),
+                KeyState::Destroyed => {
+                    v.wrapped = None;
+                    v.destroyed_at = Some(now);
+                }
+                KeyState::Retired | KeyState::Pending => {}
+            }
+        }
+        if let Some(prev) = previous_active
+            && let Some(p) = self.get_mut(prev)
+        {
+            p.state = KeyState::Retired;
+            p.retired_at = Some(now);
+            changes.push(StateChange {
+                version: prev,
+                from: KeyState::Active,
+                to: KeyState::Retired,
+                transition: Transition::Retire,
+            });
+        }
+        Ok(changes)
+    }
+}

@@ -1,0 +1,306 @@
+//! The onboarding probe and provider-config upsert (docs/LIFECYCLE.md,
+//! "Onboarding").
+//!
+//! Before a KMS config is accepted, [`probe`] makes a live wrap + unwrap
+//! round trip of a random 32-byte payload. [`ConfigSlot::upsert`] replaces
+//! the current config only when the new one validates, builds and probes;
+//! otherwise the old config and wrapper stay exactly as they were.
+
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Actor, AuditEvent, AuditKind, AuditSink};
+use crate::config::ProviderConfig;
+use crate::error::{WrapError, WrapErrorKind, WrapOperation};
+use crate::local::LocalKek;
+use crate::secret::SecretKey;
+use crate::time::Timestamp;
+use crate::wrap::{KeyWrapper, WrapContext};
+
+/// The keyring id bound into probe wraps; never a real keyring's.
+pub const PROBE_KEYRING_ID: &str = "keyfold-probe";
+
+/// The step of onboarding that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeStep {
+    /// Validating the config.
+    Validate,
+    /// Building a wrapper from the config.
+    Build,
+    /// Generating the random payload.
+    Generate,
+    /// Wrapping the payload.
+    Wrap,
+    /// Unwrapping it.
+    Unwrap,
+    /// Comparing: the unwrapped bytes differ from the payload.
+    Compare,
+}
+
+impl fmt::Display for ProbeStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeStep::Validate => "validate",
+            ProbeStep::Build => "build",
+            ProbeStep::Generate => "generate",
+            ProbeStep::Wrap => "wrap",
+            ProbeStep::Unwrap => "unwrap",
+            ProbeStep::Compare => "compare",
+        })
+    }
+}
+
+/// A probe failed: which step, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("KMS probe of {provider} key {key_ref} failed at {step}: {message}")]
+pub struct ProbeFailure {
+    /// The step.
+    pub step: ProbeStep,
+    /// The wrapper's error kind, for KMS failures.
+    pub kind: Option<WrapErrorKind>,
+    /// Provider probed.
+    pub provider: String,
+    /// Key probed.
+    pub key_ref: String,
+    /// Why.
+    pub message: String,
+}
+
+impl ProbeFailure {
+    fn wrap(step: ProbeStep, w: &dyn KeyWrapper, e: &WrapError) -> Self {
+        ProbeFailure {
+            step,
+            kind: Some(e.kind),
+            provider: w.provider().to_owned(),
+            key_ref: w.key_ref().to_owned(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A successful probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSuccess {
+    /// Provider probed.
+    pub provider: String,
+    /// Key probed.
+    pub key_ref: String,
+    /// How long the round trip took.
+    pub elapsed: std::time::Duration,
+}
+
+/// A live wrap + unwrap round trip of a random 32-byte payload.
+///
+/// ```
+/// use keyfold_core::{probe, LocalKek, SecretKey};
+/// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+/// let kek = LocalKek::from_bytes("dev", SecretKey::generate()?);
+/// let ok = probe::probe(&kek).await?;
+/// assert_eq!(ok.provider, "local");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`ProbeFailure`] naming the failed step.
+pub async fn probe(wrapper: &dyn KeyWrapper) -> Result<ProbeSuccess, ProbeFailure> {
+    let start = std::time::Instant::now();
+    let ctx = WrapContext::new(PROBE_KEYRING_ID, 0);
+    let payload = SecretKey::generate().map_err(|e| ProbeFailure {
+        step: ProbeStep::Generate,
+        kind: None,
+        provider: wrapper.provider().to_owned(),
+        key_ref: wrapper.key_ref().to_owned(),
+        message: e.to_string(),
+    })?;
+    let wrapped = wrapper
+        .wrap(&payload, &ctx)
+        .await
+        .map_err(|e| ProbeFailure::wrap(ProbeStep::Wrap, wrapper, &e))?;
+    let back = wrapper
+        .unwrap(&wrapped, &ctx)
+        .await
+        .map_err(|e| ProbeFailure::wrap(ProbeStep::Unwrap, wrapper, &e))?;
+    if back.expose() != payload.expose() {
+        return Err(ProbeFailure {
+            step: ProbeStep::Compare,
+            kind: Some(WrapErrorKind::InvalidCiphertext),
+            provider: wrapper.provider().to_owned(),
+            key_ref: wrapper.key_ref().to_owned(),
+            message: "the unwrapped payload differs from the one wrapped".into(),
+        });
+    }
+    Ok(ProbeSuccess {
+        provider: wrapper.provider().to_owned(),
+        key_ref: wrapper.key_ref().to_owned(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Builds a [`KeyWrapper`] from a [`ProviderConfig`]. Provider crates
+/// implement it; the host composes them. [`LocalFactory`] handles `local`.
+#[async_trait]
+pub trait WrapperFactory: Send + Sync + fmt::Debug {
+    /// A wrapper for `config`.
+    ///
+    /// # Errors
+    /// [`WrapError`] (kind [`Misconfigured`](WrapErrorKind::Misconfigured)
+    /// for configs it cannot serve).
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError>;
+}
+
+/// Builds [`LocalKek`] wrappers from `local` configs (environment variable or file).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalFactory;
+
+#[async_trait]
+impl WrapperFactory for LocalFactory {
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError> {
+        let misconfigured = |m: String| {
+            WrapError::new(
+                WrapErrorKind::Misconfigured,
+                config.provider(),
+                config.kms_key_ref(),
+                WrapOperation::Configure,
+            )
+            .with_message(m)
+        };
+        let ProviderConfig::Local(c) = config else {
+            return Err(misconfigured(format!(
+                "LocalFactory cannot build a {} wrapper",
+                config.provider()
+            )));
+        };
+        let kek = match (&c.kek_env_var, &c.kek_file) {
+            (Some(var), None) => LocalKek::from_env(c.kms_key_ref.clone(), var),
+            (None, Some(path)) => LocalKek::from_file(c.kms_key_ref.clone(), path),
+            _ => {
+                return Err(misconfigured(
+                    "set exactly one of kek_env_var, kek_file".into(),
+                ));
+            }
+        }
+        .map_err(|e| misconfigured(e.to_string()))?;
+        Ok(Arc::new(kek))
+    }
+}
+
+/// A config together with the wrapper built from it and probed.
+#[derive(Debug, Clone)]
+pub struct ProbedConfig {
+    /// The config.
+    pub config: ProviderConfig,
+    /// Its wrapper.
+    pub wrapper: Arc<dyn KeyWrapper>,
+}
+
+/// A tenant's current provider config, replaced only by one that probes.
+#[derive(Debug, Default)]
+pub struct ConfigSlot {
+    current: RwLock<Option<ProbedConfig>>,
+}
+
+impl ConfigSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current config and wrapper.
+    pub fn current(&self) -> Option<ProbedConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Validates `config`, builds its wrapper with `factory` and probes it;
+    /// only then replaces the current config (`kms.config.updated`). On
+    /// failure emits `kms.probe.failed` and leaves the slot unchanged.
+    ///
+    /// Switching an existing keyring to the new wrapper is a separate step:
+    /// [`Keyring::rewrap_master_keys`](crate::keyring::Keyring::rewrap_master_keys).
+    ///
+    /// # Errors
+    /// [`ProbeFailure`] naming the step that failed.
+    pub async fn upsert(
+        &self,
+        config: ProviderConfig,
+        factory: &dyn WrapperFactory,
+        keyring_id: &str,
+        audit: &dyn AuditSink,
+        actor: &Actor,
+    ) -> Result<ProbedConfig, ProbeFailure> {
+        let result = Self::check(&config, factory).await;
+        let event = |kind| AuditEvent {
+            keyring_id: keyring_id.to_owned(),
+            actor: actor.clone(),
+            at: Timestamp::now(),
+            kind,
+        };
+        match result {
+            Ok(wrapper) => {
+                let probed = ProbedConfig { config, wrapper };
+                let previous = self
+                    .current
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .replace(probed.clone());
+                audit.record(event(AuditKind::ConfigUpdated {
+                    provider: probed.config.provider().to_owned(),
+                    key_ref: probed.config.kms_key_ref().to_owned(),
+                    previous_key_ref: previous.map(|p| p.config.kms_key_ref().to_owned()),
+                }));
+                Ok(probed)
+            }
+            Err(f) => {
+                audit.record(event(AuditKind::ProbeFailed {
+                    provider: f.provider.clone(),
+                    key_ref: f.key_ref.clone(),
+                    step: f.step,
+                    error_kind: f.kind,
+                    message: f.message.clone(),
+                }));
+                Err(f)
+            }
+        }
+    }
+
+    async fn check(
+        config: &ProviderConfig,
+        factory: &dyn WrapperFactory,
+    ) -> Result<Arc<dyn KeyWrapper>, ProbeFailure> {
+        let fail = |step, kind, message: String| ProbeFailure {
+            step,
+            kind,
+            provider: config.provider().to_owned(),
+            key_ref: config.kms_key_ref().to_owned(),
+            message,
+        };
+        config
+            .validate()
+            .map_err(|e| fail(ProbeStep::Validate, None, e.to_string()))?;
+        let wrapper = factory
+            .build(config)
+            .await
+            .map_err(|e| fail(ProbeStep::Build, Some(e.kind), e.to_string()))?;
+        if wrapper.provider() != config.provider() {
+            return Err(fail(
+                ProbeStep::Build,
+                Some(WrapErrorKind::Misconfigured),
+                format!(
+                    "the factory built a {} wrapper for a {} config",
+                    wrapper.provider(),
+                    config.provider()
+                ),
+            ));
+        }
+        probe(wrapper.as_ref()).await?;
+        Ok(wrapper)
+    }
+}

@@ -1,0 +1,398 @@
+//! Persisting keyrings: the [`KeyringStore`] trait with optimistic
+//! concurrency, an in-memory store and a file-backed store
+//! (docs/LIFECYCLE.md, "Store and concurrency").
+//!
+//! Every save names the revision it read; a store accepts it only if that is
+//! still the current revision, and returns the next one. Two instances that
+//! rotate from the same revision cannot both win: the second gets
+//! [`StoreError::Conflict`] and the stored keyring is the first one's.
+//!
+//! The stored form ([`StoredKeyring`]) holds wrapped keys only.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::keyring::{InvariantViolation, StoredKeyring};
+
+/// A keyring's revision in its store: 1 after creation, +1 per save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Revision(pub u64);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+/// A store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The keyring changed since it was read (or exists when creating, or is
+    /// gone when updating). Reload and retry.
+    #[error("keyring {keyring_id} changed in the store: expected {expected:?}, found {found:?}")]
+    Conflict {
+        /// The keyring.
+        keyring_id: String,
+        /// The revision the writer read (`None`: it expected no keyring).
+        expected: Option<Revision>,
+        /// The revision the store holds (`None`: no keyring).
+        found: Option<Revision>,
+    },
+    /// The stored bytes are not a valid keyring.
+    #[error("stored keyring {keyring_id} is invalid: {reason}")]
+    Corrupt {
+        /// The keyring.
+        keyring_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The keyring would break a lifecycle invariant; refused.
+    #[error(transparent)]
+    Invariant(#[from] InvariantViolation),
+    /// An I/O failure.
+    #[error("keyring store I/O on {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A keyring id that cannot be used as a store key.
+    #[error("invalid keyring id {0:?}: use 1..=128 characters of [A-Za-z0-9._-]")]
+    InvalidId(String),
+    /// Any other backend failure (hosts' own stores).
+    #[error("keyring store: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+/// Where the host persists keyrings. Implement it over your database with a
+/// conditional write (`UPDATE ... WHERE revision = ?`).
+#[async_trait]
+pub trait KeyringStore: Send + Sync + fmt::Debug {
+    /// The keyring and its revision, or `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError`] on backend failure or invalid stored data.
+    async fn load(&self, keyring_id: &str)
+    -> Result<Option<(Revision, StoredKeyring)>, StoreError>;
+
+    /// Writes `keyring` if the current revision is `expected` (`None`: only
+    /// if there is no keyring yet) and returns the new revision.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the revision moved; nothing is written.
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError>;
+}
+
+#[async_trait]
+impl<T: KeyringStore + ?Sized> KeyringStore for std::sync::Arc<T> {
+    async fn load(
+        &self,
+        keyring_id: &str,
+    ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        (**self).load(keyring_id).await
+    }
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        (**self).save(keyring_id, expected, keyring).await
+    }
+}
+
+/// The serialized envelope both shipped stores write: revision + keyring.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    revision: Revision,
+    keyring: StoredKeyring,
+}
+
+/// Serializes a keyring with its revision (the bytes the shipped stores write).
+///
+/// # Errors
+/// [`StoreError::Invariant`] when the keyring is invalid.
+pub fn to_bytes(revision: Revision, keyring: &StoredKeyring) -> Result<Vec<u8>, StoreError> {
+    keyring.validate()?;
+    serde_json::to_vec_pretty(&EnvelopeRef { revision, keyring }).map_err(|e| StoreError::Corrupt {
+        keyring_id: keyring.keyring_id.clone(),
+        reason: e.to_string(),
+    })
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    revision: Revision,
+    keyring: &'a StoredKeyring,
+}
+
+/// Parses what [`to_bytes`] wrote and checks the invariants and the id.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] or [`StoreError::Invariant`].
+pub fn from_bytes(keyring_id: &str, bytes: &[u8]) -> Result<(Revision, StoredKeyring), StoreError> {
+    let env: Envelope = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        keyring_id: keyring_id.to_owned(),
+        reason: e.to_string(),
+    })?;
+    env.keyring.validate()?;
+    if env.keyring.keyring_id != keyring_id {
+        return Err(StoreError::Corrupt {
+            keyring_id: keyring_id.to_owned(),
+            reason: format!("holds keyring {:?}", env.keyring.keyring_id),
+        });
+    }
+    Ok((env.revision, env.keyring))
+}
+
+fn check_id(keyring_id: &str) -> Result<(), StoreError> {
+    let ok = !keyring_id.is_empty()
+        && keyring_id.len() <= 128
+        && keyring_id != "."
+        && keyring_id != ".."
+        && keyring_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(keyring_id.to_owned()))
+    }
+}
+
+fn next_revision(
+    keyring_id: &str,
+    expected: Option<Revision>,
+    found: Option<Revision>,
+) -> Result<Revision, StoreError> {
+    if expected != found {
+        return Err(StoreError::Conflict {
+            keyring_id: keyring_id.to_owned(),
+            expected,
+            found,
+        });
+    }
+    Ok(Revision(found.map_or(1, |r| r.0.saturating_add(1))))
+}
+
+/// Keeps keyrings in process memory (serialized, as a real store would).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    map: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The serialized bytes held for `keyring_id` (to check what is stored).
+    pub fn raw(&self, keyring_id: &str) -> Option<Vec<u8>> {
+        self.lock().get(keyring_id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl KeyringStore for MemoryStore {
+    async fn load(
+        &self,
+        keyring_id: &str,
+    ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        match self.lock().get(keyring_id) {
+            None => Ok(None),
+            Some(bytes) => from_bytes(keyring_id, bytes).map(Some),
+        }
+    }
+
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        let mut map = self.lock();
+        let found = match map.get(keyring_id) {
+            None => None,
+            Some(bytes) => Some(from_bytes(keyring_id, bytes)?.0),
+        };
+        let revision = next_revision(keyring_id, expected, found)?;
+        if keyring.keyring_id != keyring_id {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
+            });
+        }
+        map.insert(keyring_id.to_owned(), to_bytes(revision, keyring)?);
+        Ok(revision)
+    }
+}
+
+/// Keeps each keyring in `DIR/<keyring_id>.json`.
+///
+/// A save takes an exclusive lock file (`<id>.json.lock`, created with
+/// `create_new`, so other processes on the same file system are excluded too),
+/// checks the revision, writes a temporary file, syncs it and renames it over
+/// the old one: a reader sees the old keyring or the new one, never a mix.
+/// A lock file left by a crashed process is reported as a conflict until it
+/// is removed (or older than [`FileStore::STALE_LOCK`]).
+///
+/// Uses blocking file I/O on the calling task (files are small).
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    local: Mutex<()>,
+}
+
+impl FileStore {
+    /// A lock file older than this is taken to be left by a crash and removed.
+    pub const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// A store in `dir` (created if missing).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the directory cannot be created.
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| io_err(&dir, source))?;
+        Ok(FileStore {
+            dir,
+            local: Mutex::new(()),
+        })
+    }
+
+    /// The file holding `keyring_id`.
+    pub fn path_of(&self, keyring_id: &str) -> PathBuf {
+        self.dir.join(format!("{keyring_id}.json"))
+    }
+
+    fn read(&self, keyring_id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        check_id(keyring_id)?;
+        let path = self.path_of(keyring_id);
+        match std::fs::read(&path) {
+            Ok(bytes) => from_bytes(keyring_id, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(io_err(&path, source)),
+        }
+    }
+
+    fn lock_file(&self, keyring_id: &str) -> Result<LockFile, StoreError> {
+        let path = self.dir.join(format!("{keyring_id}.json.lock"));
+        for attempt in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => return Ok(LockFile(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Self::STALE_LOCK);
+                    if stale && attempt == 0 {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    let found = self.read(keyring_id).ok().flatten().map(|(r, _)| r);
+                    return Err(StoreError::Conflict {
+                        keyring_id: keyring_id.to_owned(),
+                        expected: None,
+                        found,
+                    });
+                }
+                Err(source) => return Err(io_err(&path, source)),
+            }
+        }
+        Err(io_err(
+            &path,
+            std::io::Error::other("could not take the lock file"),
+        ))
+    }
+}
+
+struct LockFile(PathBuf);
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[async_trait]
+impl KeyringStore for FileStore {
+    async fn load(
+        &self,
+        keyring_id: &str,
+    ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        self.read(keyring_id)
+    }
+
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        check_id(keyring_id)?;
+        if keyring.keyring_id != keyring_id {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
+            });
+        }
+        let _local = self
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _lock = self.lock_file(keyring_id)?;
+        let found = self.read(keyring_id)?.map(|(r, _)| r);
+        let revision = next_revision(keyring_id, expected, found)?;
+        let bytes = to_bytes(revision, keyring)?;
+        let path = self.path_of(keyring_id);
+        let tmp = self.dir.join(format!("{keyring_id}.json.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            // Make the rename itself durable where the platform allows.
+            if let Ok(d) = std::fs::File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        };
+        write().map_err(|source| io_err(&path, source))?;
+        Ok(revision)
+    }
+}
