@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod checkpoint;
+pub mod job;
+pub mod lazy;
+pub mod source;
+
+pub use checkpoint::{Checkpoint, Counters, Mode, Shard, SourceCheckpoint};
+pub use job::{BatchReport, CompletionReport, JobError, JobOptions, RewrapJob, RowFailure};
+pub use lazy::{LazyRead, decrypt_and_upgrade};
+pub use source::{CasOutcome, Row, RowSource, SourceError};

@@ -1,0 +1,92 @@
+//! What the host implements: one [`RowSource`] per table.
+
+use async_trait::async_trait;
+use keyfold_core::EncryptionContext;
+
+/// An error from the host's store. Transient errors are retried with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// What failed.
+    pub message: String,
+    /// Worth retrying (connection lost, lock timeout...).
+    pub transient: bool,
+}
+
+impl SourceError {
+    /// A transient error (retried).
+    pub fn transient(message: impl Into<String>) -> Self {
+        SourceError {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    /// A permanent error (not retried).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SourceError {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+/// One stored record as the job sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The row's id (primary key), used for compare-and-swap and sharding.
+    pub id: String,
+    /// An opaque position: [`RowSource::fetch`] returns rows after it, in order.
+    pub cursor: String,
+    /// The encryption context the record is bound to.
+    pub context: EncryptionContext,
+    /// The keyfold record.
+    pub ciphertext: Vec<u8>,
+}
+
+/// Outcome of a compare-and-swap write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The row held the expected ciphertext and now holds the new one.
+    Swapped,
+    /// The row changed (or vanished) since it was read; nothing was written.
+    Conflict,
+}
+
+/// A table of encrypted records. Implemented by the host over its storage.
+#[async_trait]
+pub trait RowSource: Send + Sync {
+    /// A stable name, used in checkpoints and reports (e.g. the table name).
+    fn name(&self) -> &str;
+
+    /// Up to `limit` rows after `after` (from the start when `None`), in
+    /// cursor order. Fewer than `limit` rows means the source is exhausted.
+    ///
+    /// # Errors
+    /// [`SourceError`]; transient ones are retried.
+    async fn fetch(&self, after: Option<&str>, limit: usize) -> Result<Vec<Row>, SourceError>;
+
+    /// The row `id` as it is now, or `None` if it no longer exists (used to
+    /// retry after a conflict).
+    ///
+    /// # Errors
+    /// [`SourceError`].
+    async fn get(&self, id: &str) -> Result<Option<Row>, SourceError>;
+
+    /// Writes `new` to row `id` only if it still holds `expected`.
+    ///
+    /// # Errors
+    /// [`SourceError`]; transient ones are retried.
+    async fn compare_and_swap(
+        &self,
+        id: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<CasOutcome, SourceError>;
+
+    /// How many rows remain after `after`, if the host can count them cheaply
+    /// (for the progress estimate).
+    async fn count_after(&self, _after: Option<&str>) -> Option<u64> {
+        None
+    }
+}

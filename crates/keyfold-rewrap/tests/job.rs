@@ -1,0 +1,468 @@
+//! The rewrap job against in-memory tables.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+use keyfold_core::audit::RecordingSink;
+use keyfold_core::keyring::DestroyAuthorization;
+use keyfold_core::time::{ManualClock, Timestamp};
+use keyfold_core::{Suite, format, record};
+use keyfold_rewrap::{
+    Checkpoint, JobError, JobOptions, Mode, RewrapJob, RowSource, Shard, decrypt_and_upgrade,
+};
+use support::*;
+
+const LONG: Duration = Duration::from_secs(3600);
+
+fn sources(tables: &[&Arc<Table>]) -> Vec<Arc<dyn RowSource>> {
+    tables
+        .iter()
+        .map(|t| Arc::clone(t) as Arc<dyn RowSource>)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_interleave_sources_and_every_row_lands_on_the_target() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let (a, b) = (
+        Table::new("secret_environment_configs"),
+        Table::new("integration_configs"),
+    );
+    a.fill(&ring, 130).await;
+    b.fill(&ring, 70).await;
+    ring.rotate(&admin()).await.unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a, &b]))
+        .audit(sink.clone(), admin())
+        .create()
+        .unwrap();
+    assert_eq!(job.target_version(), 2);
+
+    let first = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(first.per_source[0].1.rewrapped, 50);
+    assert_eq!(first.per_source[1].1.rewrapped, 50);
+    assert_eq!(first.estimated_remaining, Some(100));
+    // b has 20 left: a gets the rest of the budget in the same batch.
+    let second = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(
+        (second.per_source[0].1.seen, second.per_source[1].1.seen),
+        (80, 20)
+    );
+    assert!(!second.completed);
+    let third = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(
+        (third.per_source[0].1.seen, third.per_source[1].1.seen),
+        (0, 0)
+    );
+    assert!(third.completed);
+    assert_eq!(third.totals.rewrapped, 200);
+    assert!(job.next_batch().await.unwrap().is_none());
+
+    assert_eq!(a.versions(), [(2, 130)].into());
+    assert_eq!(b.versions(), [(2, 70)].into());
+    a.assert_all_decrypt(&ring).await;
+    b.assert_all_decrypt(&ring).await;
+    assert_eq!(sink.names(), ["kms.rewrap.started", "kms.rewrap.completed"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_runs_dry_gives_its_share_to_the_other() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let (a, b) = (Table::new("a"), Table::new("b"));
+    a.fill(&ring, 10).await;
+    b.fill(&ring, 200).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a, &b]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!((r.per_source[0].1.seen, r.per_source[1].1.seen), (10, 90));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_target_stays_pinned_across_a_rotation_mid_job() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 300).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    job.next_batch().await.unwrap();
+    ring.rotate(&admin()).await.unwrap(); // v3 active now
+    while job.next_batch().await.unwrap().is_some() {}
+    assert_eq!(
+        a.versions(),
+        [(2, 300)].into(),
+        "no row split across versions"
+    );
+    // A new job to v3 skips nothing and moves everything.
+    let mut next = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    assert_eq!(next.target_version(), 3);
+    while next.next_batch().await.unwrap().is_some() {}
+    assert_eq!(a.versions(), [(3, 300)].into());
+}
+
+#[tokio::test(start_paused = true)]
+async fn rows_already_on_the_target_or_newer_are_skipped() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 40).await;
+    ring.rotate(&admin()).await.unwrap();
+    // 10 more written on v2 by the application.
+    for i in 40..50 {
+        let id = format!("{i:06}");
+        let ct = ring
+            .encrypt(&ctx("a", &id), plaintext("a", &id).as_bytes())
+            .await
+            .unwrap();
+        a.rows.lock().unwrap().insert(id, ct);
+    }
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(
+        (r.totals.rewrapped, r.totals.skipped, r.totals.seen),
+        (40, 10, 50)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrent_write_is_never_lost() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 50).await;
+    ring.rotate(&admin()).await.unwrap();
+    let v1 = ring.master_key(1).await.unwrap();
+    let v2 = ring.master_key(2).await.unwrap();
+    {
+        let mut hooks = a.interfere.lock().unwrap();
+        // The app rewrites row #3 with a new value on the *old* version
+        // (a stale instance), and row #7 on the new one.
+        let k1 = v1.clone();
+        hooks.push((
+            3,
+            Box::new(move |id| {
+                record::encrypt(&k1, Suite::default(), &ctx("a", id), b"app update 1").unwrap()
+            }),
+        ));
+        let k2 = v2.clone();
+        hooks.push((
+            8,
+            Box::new(move |id| {
+                record::encrypt(&k2, Suite::default(), &ctx("a", id), b"app update 2").unwrap()
+            }),
+        ));
+    }
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(r.totals.conflicts, 2);
+    assert_eq!(
+        (r.totals.rewrapped, r.totals.skipped, r.totals.unresolved),
+        (49, 1, 0)
+    );
+    assert_eq!(a.versions(), [(2, 50)].into());
+    let updated: Vec<Vec<u8>> = {
+        let rows = a.snapshot();
+        let mut out = Vec::new();
+        for (id, ct) in rows {
+            let pt = ring.decrypt(&ctx("a", &id), &ct).await.unwrap();
+            if pt.starts_with(b"app update") {
+                out.push(pt);
+            }
+        }
+        out
+    };
+    assert_eq!(
+        updated,
+        vec![b"app update 1".to_vec(), b"app update 2".to_vec()]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn rerunning_a_batch_from_an_older_checkpoint_is_harmless() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 150).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let before: Checkpoint =
+        serde_json::from_str(&serde_json::to_string(job.checkpoint()).unwrap()).unwrap();
+    job.next_batch().await.unwrap();
+    let after_first = a.snapshot();
+    // Crash before the checkpoint was persisted: resume from `before`.
+    let mut again = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .resume(before)
+        .unwrap();
+    let r = again.next_batch().await.unwrap().unwrap();
+    assert_eq!((r.counters.rewrapped, r.counters.skipped), (0, 100));
+    assert_eq!(a.snapshot(), after_first, "nothing rewritten twice");
+    while again.next_batch().await.unwrap().is_some() {}
+    assert_eq!(a.versions(), [(2, 150)].into());
+    a.assert_all_decrypt(&ring).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn resume_refuses_a_checkpoint_of_other_sources() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let (a, b) = (Table::new("a"), Table::new("b"));
+    let job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let cp = job.checkpoint().clone();
+    assert!(matches!(
+        RewrapJob::builder(ring.clone(), sources(&[&b])).resume(cp),
+        Err(JobError::CheckpointMismatch(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_stops_the_job() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 150).await;
+    ring.rotate(&admin()).await.unwrap();
+    let clock = ManualClock::new(Timestamp(1_000_000));
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .clock(Arc::new(clock.clone()))
+        .create()
+        .unwrap();
+    job.next_batch().await.unwrap();
+    clock.advance(Duration::from_secs(7 * 24 * 3600));
+    let snapshot = a.snapshot();
+    assert!(matches!(
+        job.next_batch().await,
+        Err(JobError::LeaseExpired { .. })
+    ));
+    assert_eq!(a.snapshot(), snapshot);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shards_cover_every_row_exactly_once() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 300).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut seen = 0;
+    let mut rewrapped = 0;
+    for index in 0..3 {
+        let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+            .options(JobOptions {
+                shard: Shard::new(index, 3).unwrap(),
+                ..JobOptions::default()
+            })
+            .create()
+            .unwrap();
+        while job.next_batch().await.unwrap().is_some() {}
+        let totals = job.completion().unwrap().totals;
+        assert!(totals.seen > 50, "shard {index} saw {}", totals.seen);
+        assert_eq!(totals.skipped, 0, "shards overlap");
+        seen += totals.seen;
+        rewrapped += totals.rewrapped;
+        // A shard's report is no evidence for the whole keyspace.
+        assert!(job.completion().unwrap().evidence(1).is_none());
+    }
+    assert_eq!((seen, rewrapped), (300, 300));
+    assert_eq!(a.versions(), [(2, 300)].into());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flaky_kms_is_retried_and_a_broken_one_leaves_rows_unchanged() {
+    // Flaky: every 5th unwrap fails; no cache, so every row unwraps.
+    let wrapper = Arc::new(Switchable::new());
+    let ring = keyring(wrapper.clone(), Duration::ZERO).await;
+    let a = Table::new("a");
+    a.fill(&ring, 60).await;
+    ring.rotate(&admin()).await.unwrap();
+    a.fail_next_fetches.store(2, Ordering::SeqCst);
+    wrapper.fail_every.store(5, Ordering::SeqCst);
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    while job.next_batch().await.unwrap().is_some() {}
+    let totals = job.completion().unwrap().totals;
+    assert_eq!((totals.rewrapped, totals.failed), (60, 0));
+    wrapper.fail_every.store(0, Ordering::SeqCst);
+
+    // Broken for the old version: rows fail, are reported, and stay as they were.
+    let wrapper = Arc::new(Switchable::new());
+    let ring = keyring(wrapper.clone(), LONG).await;
+    let b = Table::new("b");
+    b.fill(&ring, 20).await;
+    ring.rotate(&admin()).await.unwrap();
+    ring.clear_cache();
+    ring.master_key(2).await.unwrap(); // the target is cached, v1 is not
+    wrapper.broken.store(true, Ordering::SeqCst);
+    let before = b.snapshot();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&b]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!((r.totals.failed, r.totals.rewrapped), (20, 0));
+    assert_eq!(r.failures.len(), 20);
+    assert!(
+        r.failures[0].error.contains("unavailable"),
+        "{}",
+        r.failures[0].error
+    );
+    assert_eq!(b.snapshot(), before);
+    assert!(!job.completion().unwrap().is_clean());
+    assert!(job.completion().unwrap().evidence(1).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disabled_target_or_a_rollback_stops_the_job() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 250).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    job.next_batch().await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    ring.disable(2, &admin()).await.unwrap();
+    let snapshot = a.snapshot();
+    assert!(matches!(
+        job.next_batch().await,
+        Err(JobError::TargetUnusable { target: 2, .. })
+    ));
+    assert_eq!(a.snapshot(), snapshot);
+
+    ring.enable(2, &admin()).await.unwrap();
+    let mut job3 = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    assert_eq!(job3.target_version(), 3);
+    ring.rollback(2, &admin()).await.unwrap();
+    assert!(matches!(
+        job3.next_batch().await,
+        Err(JobError::TargetRolledBack {
+            target: 3,
+            active: Some(2)
+        })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reencrypt_mode_draws_fresh_data_keys() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 20).await;
+    let before = a.snapshot();
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .options(JobOptions {
+            mode: Mode::Reencrypt,
+            ..JobOptions::default()
+        })
+        .create()
+        .unwrap();
+    while job.next_batch().await.unwrap().is_some() {}
+    for (id, ct) in a.snapshot() {
+        let old = &before[&id];
+        assert_ne!(old[4..36], ct[4..36], "commitment unchanged: same data key");
+        assert_eq!(format::inspect(&ct).unwrap().key_version, 2);
+    }
+    a.assert_all_decrypt(&ring).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_completion_report_lets_the_keyring_destroy_the_old_version() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 30).await;
+    ring.rotate(&admin()).await.unwrap();
+    let job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let reports: Vec<_> = job.into_stream().collect().await;
+    assert_eq!(reports.len(), 1);
+    let report = reports.into_iter().next().unwrap().unwrap();
+    assert!(report.completed);
+
+    // Rebuild the report through a finished job to get the evidence.
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    while job.next_batch().await.unwrap().is_some() {}
+    let evidence = job.completion().unwrap().evidence(1).unwrap();
+    ring.disable(1, &admin()).await.unwrap();
+    ring.destroy(1, DestroyAuthorization::Evidence(evidence), &admin())
+        .await
+        .unwrap();
+    a.assert_all_decrypt(&ring).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_paced_runs_until_done_or_cancelled() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 350).await;
+    ring.rotate(&admin()).await.unwrap();
+
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let mut batches = 0;
+    let started = tokio::time::Instant::now();
+    let done = job
+        .run_paced(Duration::from_secs(5), std::future::pending(), |_, _| {
+            batches += 1
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((batches, done.totals.rewrapped), (4, 350));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(15),
+        "three pauses of 5 s"
+    );
+
+    // Cancelled after the first batch: stops between batches.
+    let b = Table::new("b");
+    b.fill(&ring, 350).await;
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&b]))
+        .create()
+        .unwrap();
+    let cancel = tokio::time::sleep(Duration::from_secs(1));
+    let out = job
+        .run_paced(Duration::from_secs(5), cancel, |_, _| {})
+        .await
+        .unwrap();
+    assert!(out.is_none());
+    assert_eq!(job.checkpoint().batches, 1);
+    assert_eq!(job.checkpoint().totals().rewrapped, 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lazy_reads_hand_back_an_upgraded_record() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let c = ctx("a", "1");
+    let old = ring.encrypt(&c, b"value").await.unwrap();
+    let fresh = decrypt_and_upgrade(&ring, &c, &old).await.unwrap();
+    assert_eq!(
+        (fresh.plaintext.as_slice(), fresh.upgraded.is_none()),
+        (&b"value"[..], true)
+    );
+    ring.rotate(&admin()).await.unwrap();
+    let read = decrypt_and_upgrade(&ring, &c, &old).await.unwrap();
+    assert_eq!(read.plaintext, b"value");
+    let upgraded = read.upgraded.unwrap();
+    assert_eq!(format::inspect(&upgraded).unwrap().key_version, 2);
+    assert_eq!(old[112..], upgraded[112..], "header-only");
+    assert_eq!(ring.decrypt(&c, &upgraded).await.unwrap(), b"value");
+}
