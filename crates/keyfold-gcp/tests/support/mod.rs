@@ -1,0 +1,63 @@
+//! Test support: the fake Cloud KMS and wrappers pointed at it.
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    clippy::unwrap_used,
+    reason = "test support shared by several test binaries"
+)]
+
+pub mod fake_kms;
+
+use std::time::Duration;
+
+use keyfold_core::config::GcpConfig;
+use keyfold_core::retry::RetryPolicy;
+use keyfold_gcp::GcpKmsWrapper;
+
+pub use fake_kms::{FakeKms, Fault, Method, VersionState};
+
+/// The service account every test config impersonates.
+pub const SERVICE_ACCOUNT: &str = "keyfold-test@keyfold-tests.iam.gserviceaccount.com";
+
+/// A config for `key` served by `kms`.
+pub fn config(kms: &FakeKms, key: &str) -> GcpConfig {
+    GcpConfig {
+        kms_key_ref: key.to_owned(),
+        impersonate_service_account: SERVICE_ACCOUNT.to_owned(),
+        project_id: None,
+        endpoint_url: Some(kms.endpoint()),
+    }
+}
+
+/// Retries fast, so fault tests stay quick.
+pub fn fast_retries(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+        max_retry_after: Duration::from_secs(2),
+    }
+}
+
+/// A wrapper for `key` on `kms`, anonymous, retrying up to `attempts` times.
+pub fn wrapper_with(kms: &FakeKms, key: &str, attempts: u32) -> GcpKmsWrapper {
+    GcpKmsWrapper::builder(config(kms, key))
+        .anonymous_credentials_for_local_server()
+        .retry_policy(fast_retries(attempts))
+        .request_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// A wrapper for `key` on `kms` with 3 attempts per call.
+pub fn wrapper(kms: &FakeKms, key: &str) -> GcpKmsWrapper {
+    wrapper_with(kms, key, 3)
+}
+
+/// A fake KMS with one key, `tenants/tenant-a`, and its name.
+pub async fn kms_with_key() -> (FakeKms, String) {
+    let kms = FakeKms::start().await;
+    let key = kms.create_key("keyfold-tests", "europe-west1", "tenants", "tenant-a");
+    (kms, key)
+}
