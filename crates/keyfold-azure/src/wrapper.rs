@@ -1,0 +1,619 @@
+//! [`AzureKeyWrapper`]: keyfold's [`KeyWrapper`] over Key Vault `wrapKey` /
+//! `unwrapKey`.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, RequestContent, RetryOptions, Transport};
+use azure_security_keyvault_keys::models::{
+    EncryptionAlgorithm, KeyClientGetKeyOptions, KeyClientWrapKeyOptions, KeyOperationParameters,
+    KeyOperationResult, KeyType,
+};
+use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
+use keyfold_core::config::{AzureConfig, AzureKeyRef};
+use keyfold_core::retry::RetryPolicy;
+use keyfold_core::{
+    KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
+};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::PROVIDER;
+use crate::credential::{CredentialSource, EnvLookup, process_env};
+use crate::errors::{map_sdk_error, own_error};
+use crate::kid::KeyId;
+use crate::sleep::{Sleeper, TokioSleeper};
+
+/// The Key Vault key-wrapping algorithm a wrapper uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WrapAlgorithm {
+    /// RSA-OAEP with SHA-256 and MGF1-SHA-256: RSA keys (`RSA`, `RSA-HSM`), in
+    /// a vault or a Managed HSM. Randomized: two wraps of one key differ.
+    RsaOaep256,
+    /// AES key wrap (RFC 3394) with a 256-bit key: AES keys (`oct-HSM`) in a
+    /// Managed HSM. Deterministic: two wraps of one key are equal.
+    A256Kw,
+}
+
+impl WrapAlgorithm {
+    /// The JOSE name Key Vault uses (`RSA-OAEP-256`, `A256KW`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WrapAlgorithm::RsaOaep256 => "RSA-OAEP-256",
+            WrapAlgorithm::A256Kw => "A256KW",
+        }
+    }
+
+    fn sdk(self) -> EncryptionAlgorithm {
+        match self {
+            WrapAlgorithm::RsaOaep256 => EncryptionAlgorithm::RsaOaep256,
+            WrapAlgorithm::A256Kw => EncryptionAlgorithm::A256Kw,
+        }
+    }
+
+    /// The algorithm for a key of type `kty`, if it can wrap.
+    fn for_key_type(kty: &KeyType) -> Option<Self> {
+        match kty {
+            KeyType::Rsa | KeyType::RsaHsm => Some(WrapAlgorithm::RsaOaep256),
+            KeyType::Oct | KeyType::OctHsm => Some(WrapAlgorithm::A256Kw),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for WrapAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Wraps keyfold master keys under an Azure Key Vault or Managed HSM key.
+///
+/// - **Wrap** calls `wrapKey` on the configured key (its pinned version, or
+///   the latest) and records the full versioned `kid` that Key Vault returns
+///   in [`WrappedKey::kms_key_version`].
+/// - **Unwrap** calls `unwrapKey` on exactly that recorded version, so
+///   rotating the Key Vault key (a new version) leaves every earlier wrap
+///   unwrappable for as long as its version stays enabled.
+/// - **Algorithm**: `RSA-OAEP-256` for RSA keys; `A256KW` for AES keys in a
+///   Managed HSM. For a `*.vault.azure.net` key it is `RSA-OAEP-256` (vaults
+///   hold no AES keys); for a `*.managedhsm.azure.net` key the wrapper reads
+///   the key's type once with `get` (the Crypto User role grants it) unless
+///   [`AzureKeyWrapperBuilder::algorithm`] pins it.
+///
+/// # No AAD: the binding lives in keyfold's header
+///
+/// Unlike AWS KMS (encryption context) and Cloud KMS (AAD), Key Vault's
+/// `wrapKey` takes no associated data, so the KMS does not bind a wrapped
+/// master key to its keyring (tenant) or master key version: the
+/// [`WrapContext`] is ignored here, and a wrapped blob copied to another
+/// keyring entry would unwrap. keyfold's own record format carries that
+/// binding: every data key is sealed under the master key with the format
+/// version, suite, master key version and the caller's encryption context as
+/// associated data, so a moved master key or record fails at keyfold's AEAD,
+/// not at the KMS. Run the conformance suite with `binds_context: false`.
+///
+/// `Debug` shows the key, endpoint, credential kind and algorithm; never a
+/// secret or token.
+pub struct AzureKeyWrapper {
+    key: AzureKeyRef,
+    key_ref: String,
+    endpoint: String,
+    client: KeyClient,
+    credential: CredentialSource,
+    pinned_algorithm: Option<WrapAlgorithm>,
+    algorithm: tokio::sync::OnceCell<WrapAlgorithm>,
+    retry: RetryPolicy,
+    sleeper: Arc<dyn Sleeper>,
+}
+
+impl fmt::Debug for AzureKeyWrapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AzureKeyWrapper")
+            .field("key_ref", &self.key_ref)
+            .field("endpoint", &self.endpoint)
+            .field("credential", &self.credential)
+            .field(
+                "algorithm",
+                &self.pinned_algorithm.or(self.algorithm.get().copied()),
+            )
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`AzureKeyWrapper`] from an [`AzureConfig`], with the knobs a
+/// config file should not hold: an explicit credential, the HTTP transport
+/// (proxies, private CAs, tests), the Entra authority host (sovereign clouds,
+/// tests), the challenge-resource check, the algorithm, the retry policy and
+/// its clock.
+pub struct AzureKeyWrapperBuilder {
+    config: AzureConfig,
+    credential: Option<Arc<dyn TokenCredential>>,
+    env: EnvLookup,
+    transport: Option<Transport>,
+    authority_host: Option<String>,
+    verify_challenge_resource: bool,
+    algorithm: Option<WrapAlgorithm>,
+    retry: RetryPolicy,
+    sleeper: Arc<dyn Sleeper>,
+}
+
+impl fmt::Debug for AzureKeyWrapperBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AzureKeyWrapperBuilder")
+            .field("config", &self.config)
+            .field("custom_credential", &self.credential.is_some())
+            .field("authority_host", &self.authority_host)
+            .field("verify_challenge_resource", &self.verify_challenge_resource)
+            .field("algorithm", &self.algorithm)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AzureKeyWrapperBuilder {
+    /// Authenticate with `credential` instead of the one the config selects
+    /// (managed identity, workload identity or client secret).
+    #[must_use]
+    pub fn credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
+        self.credential = Some(credential);
+        self
+    }
+
+    /// Send every request (Key Vault and Entra ID) through `transport`, e.g. a
+    /// `reqwest::Client` with a proxy or a private root CA. Default: the SDK's
+    /// `reqwest` client with the system's roots.
+    #[must_use]
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The Entra ID authority for the selected credential, e.g.
+    /// `https://login.microsoftonline.us`. Default: the public cloud (or
+    /// `AZURE_AUTHORITY_HOST`).
+    #[must_use]
+    pub fn authority_host(mut self, url: impl Into<String>) -> Self {
+        self.authority_host = Some(url.into());
+        self
+    }
+
+    /// Whether the resource named in the vault's 401 challenge must be a
+    /// parent domain of the vault's host (default `true`). Turn it off only
+    /// for a vault reached under another name, such as a local test server on
+    /// `localhost`.
+    #[must_use]
+    pub fn verify_challenge_resource(mut self, verify: bool) -> Self {
+        self.verify_challenge_resource = verify;
+        self
+    }
+
+    /// Pin the wrapping algorithm instead of choosing it from the key's type.
+    #[must_use]
+    pub fn algorithm(mut self, algorithm: WrapAlgorithm) -> Self {
+        self.algorithm = Some(algorithm);
+        self
+    }
+
+    /// How throttled (429) and unavailable (5xx, connection) calls are retried.
+    /// Default: [`RetryPolicy::default`]. The SDK's own retries are off, so
+    /// this is the only retry loop.
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The clock the retry loop waits on (default [`TokioSleeper`]).
+    #[must_use]
+    pub fn sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
+        self.sleeper = sleeper;
+        self
+    }
+
+    /// Where environment variables (the client secret's, workload identity's)
+    /// are read from. Default: the process environment.
+    #[must_use]
+    pub fn environment(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.env = Arc::new(lookup);
+        self
+    }
+
+    /// Validates the config and builds the wrapper. Makes no network call:
+    /// the first wrap or unwrap meets the vault's challenge and gets a token.
+    ///
+    /// # Errors
+    /// [`WrapErrorKind::Misconfigured`] (operation `configure`) when the config
+    /// is invalid, the endpoint is not HTTPS, the client secret's variable is
+    /// unset or empty, or the credential cannot be built.
+    pub fn build(self) -> Result<AzureKeyWrapper, WrapError> {
+        let refused = |message: String| {
+            own_error(
+                WrapErrorKind::Misconfigured,
+                &self.config.kms_key_ref,
+                WrapOperation::Configure,
+                message,
+            )
+        };
+        self.config
+            .validate()
+            .map_err(|e| refused(e.to_string()).with_source(e))?;
+        let key = AzureKeyRef::parse(&self.config.kms_key_ref)
+            .map_err(|e| refused(e.to_string()).with_source(e))?;
+        let endpoint = self
+            .config
+            .endpoint_url
+            .as_deref()
+            .unwrap_or(&self.config.vault_url)
+            .trim_end_matches('/')
+            .to_owned();
+        if !endpoint.starts_with("https://") {
+            return Err(refused(format!(
+                "endpoint {endpoint} is not https: Key Vault tokens are only sent over TLS"
+            )));
+        }
+        if let Some(host) = &self.authority_host
+            && !host.starts_with("https://")
+        {
+            return Err(refused(format!("authority host {host} is not https")));
+        }
+        let mut client_options = ClientOptions {
+            retry: RetryOptions::none(),
+            transport: self.transport.clone(),
+            ..ClientOptions::default()
+        };
+        let (credential, source) = match self.credential.clone() {
+            Some(credential) => (credential, CredentialSource::Custom),
+            None => {
+                let source = CredentialSource::select(&self.config, &self.env).map_err(&refused)?;
+                let mut options = client_options.clone();
+                if let Some(host) = &self.authority_host {
+                    let mut custom = CustomConfiguration::default();
+                    custom.authority_host.clone_from(host);
+                    options.cloud = Some(Arc::new(CloudConfiguration::from(custom)));
+                }
+                let credential = source.build(&self.env, options).map_err(&refused)?;
+                (credential, source)
+            }
+        };
+        client_options.cloud = None;
+        let options = KeyClientOptions {
+            client_options,
+            verify_challenge_resource: Some(self.verify_challenge_resource),
+            ..KeyClientOptions::default()
+        };
+        let client = KeyClient::new(&endpoint, credential, Some(options)).map_err(|e| {
+            refused(format!("cannot build the Key Vault client: {e}")).with_source(e)
+        })?;
+        let pinned_algorithm = self.algorithm.or_else(|| {
+            let host = key.vault_url.to_ascii_lowercase();
+            host.ends_with(".vault.azure.net")
+                .then_some(WrapAlgorithm::RsaOaep256)
+        });
+        Ok(AzureKeyWrapper {
+            key_ref: key.to_string(),
+            key,
+            endpoint,
+            client,
+            credential: source,
+            pinned_algorithm,
+            algorithm: tokio::sync::OnceCell::new(),
+            retry: self.retry,
+            sleeper: self.sleeper,
+        })
+    }
+}
+
+impl AzureKeyWrapper {
+    /// A wrapper for `config` with the default credential selection:
+    /// a client secret from `client_secret_env_var` when the config names
+    /// one, else workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set,
+    /// else managed identity (the user-assigned one with `client_id`, if given).
+    ///
+    /// # Errors
+    /// As [`AzureKeyWrapperBuilder::build`].
+    pub fn from_config(config: &AzureConfig) -> Result<Self, WrapError> {
+        Self::builder(config).build()
+    }
+
+    /// A builder starting from `config`.
+    pub fn builder(config: &AzureConfig) -> AzureKeyWrapperBuilder {
+        AzureKeyWrapperBuilder {
+            config: config.clone(),
+            credential: None,
+            env: process_env(),
+            transport: None,
+            authority_host: None,
+            verify_challenge_resource: true,
+            algorithm: None,
+            retry: RetryPolicy::default(),
+            sleeper: Arc::new(TokioSleeper),
+        }
+    }
+
+    /// The configured key.
+    pub fn key(&self) -> &AzureKeyRef {
+        &self.key
+    }
+
+    /// Where requests go: the config's `endpoint_url`, else its `vault_url`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// How the wrapper authenticates.
+    pub fn credential_source(&self) -> &CredentialSource {
+        &self.credential
+    }
+
+    /// The wrapping algorithm, asking the Managed HSM for the key's type the
+    /// first time when it was not pinned.
+    ///
+    /// # Errors
+    /// A [`WrapError`] from `get`, or [`WrapErrorKind::Misconfigured`] when the
+    /// key cannot wrap (an EC key).
+    pub async fn algorithm(&self) -> Result<WrapAlgorithm, WrapError> {
+        self.algorithm_for(WrapOperation::Configure).await
+    }
+
+    async fn algorithm_for(&self, op: WrapOperation) -> Result<WrapAlgorithm, WrapError> {
+        if let Some(alg) = self.pinned_algorithm {
+            return Ok(alg);
+        }
+        self.algorithm
+            .get_or_try_init(|| async {
+                let key = self
+                    .with_retry(|| async {
+                        let options = KeyClientGetKeyOptions {
+                            key_version: self.key.version.clone(),
+                            ..Default::default()
+                        };
+                        self.client
+                            .get_key(&self.key.name, Some(options))
+                            .await
+                            .and_then(|r| r.into_model())
+                            .map_err(|e| map_sdk_error(e, &self.key_ref, op))
+                    })
+                    .await?;
+                let kty = key.key.and_then(|k| k.kty);
+                kty.as_ref()
+                    .and_then(WrapAlgorithm::for_key_type)
+                    .ok_or_else(|| {
+                        self.error(
+                            WrapErrorKind::Misconfigured,
+                            op,
+                            format!(
+                                "key type {kty:?} cannot wrap keys; use an RSA key or a Managed HSM AES (oct-HSM) key"
+                            ),
+                        )
+                    })
+            })
+            .await
+            .copied()
+    }
+
+    fn error(
+        &self,
+        kind: WrapErrorKind,
+        op: WrapOperation,
+        message: impl Into<String>,
+    ) -> WrapError {
+        own_error(kind, &self.key_ref, op, message)
+    }
+
+    /// Runs `call` under the retry policy, waiting on the injected clock.
+    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, WrapError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, WrapError>>,
+    {
+        let mut retries = 0;
+        loop {
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(error) => match self.retry.delay_for(retries, &error) {
+                    Some(delay) => {
+                        self.sleeper.sleep(delay).await;
+                        retries += 1;
+                    }
+                    None => return Err(error),
+                },
+            }
+        }
+    }
+
+    fn request(
+        &self,
+        algorithm: WrapAlgorithm,
+        value: &[u8],
+        op: WrapOperation,
+    ) -> Result<RequestContent<KeyOperationParameters>, WrapError> {
+        let mut params = KeyOperationParameters {
+            algorithm: Some(algorithm.sdk()),
+            value: Some(value.to_vec()),
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&params);
+        if let Some(v) = params.value.as_mut() {
+            v.zeroize();
+        }
+        let body = body.map_err(|e| {
+            self.error(
+                WrapErrorKind::Misconfigured,
+                op,
+                "cannot encode the request",
+            )
+            .with_source(e)
+        })?;
+        Ok(RequestContent::from(body))
+    }
+
+    /// The versioned key a wrapped key must be unwrapped with.
+    fn unwrap_target(&self, wrapped: &WrappedKey) -> Result<KeyId, WrapError> {
+        let op = WrapOperation::Unwrap;
+        let mismatch = |what: String| self.error(WrapErrorKind::KeyMismatch, op, what);
+        if wrapped.provider != PROVIDER {
+            return Err(mismatch(format!(
+                "wrapped by provider {:?}, this is {PROVIDER}",
+                wrapped.provider
+            )));
+        }
+        let theirs = AzureKeyRef::parse(&wrapped.key_ref).ok();
+        let same_key = theirs.as_ref().is_some_and(|k| {
+            k.vault_url.eq_ignore_ascii_case(&self.key.vault_url)
+                && k.name.eq_ignore_ascii_case(&self.key.name)
+        });
+        if !same_key {
+            return Err(mismatch(format!(
+                "wrapped under key {:?}, this wrapper's key is {}",
+                wrapped.key_ref, self.key_ref
+            )));
+        }
+        let kid = match (&wrapped.kms_key_version, &self.key.version) {
+            (Some(kid), _) => KeyId::parse(kid)
+                .map_err(|e| self.error(WrapErrorKind::InvalidCiphertext, op, e))?,
+            (None, Some(version)) => KeyId {
+                vault_url: self.key.vault_url.to_ascii_lowercase(),
+                name: self.key.name.clone(),
+                version: version.clone(),
+            },
+            (None, None) => {
+                return Err(self.error(
+                    WrapErrorKind::InvalidCiphertext,
+                    op,
+                    "the wrapped key records no Key Vault key version (kid); refusing to guess the latest",
+                ));
+            }
+        };
+        if !kid.is_key(&self.key.vault_url, &self.key.name) {
+            return Err(mismatch(format!(
+                "the recorded kid {kid} is not a version of {}",
+                self.key_ref
+            )));
+        }
+        Ok(kid)
+    }
+}
+
+fn check_result(
+    wrapper: &AzureKeyWrapper,
+    op: WrapOperation,
+    result: KeyOperationResult,
+) -> Result<(KeyId, Vec<u8>), WrapError> {
+    let kid = result.kid.ok_or_else(|| {
+        wrapper.error(
+            WrapErrorKind::Unavailable,
+            op,
+            "Key Vault's answer has no kid",
+        )
+    })?;
+    let kid = KeyId::parse(&kid).map_err(|e| wrapper.error(WrapErrorKind::Misconfigured, op, e))?;
+    let value = result.result.unwrap_or_default();
+    if value.is_empty() {
+        return Err(wrapper.error(
+            WrapErrorKind::Unavailable,
+            op,
+            "Key Vault's answer has no value",
+        ));
+    }
+    Ok((kid, value))
+}
+
+#[async_trait]
+impl KeyWrapper for AzureKeyWrapper {
+    fn provider(&self) -> &str {
+        PROVIDER
+    }
+
+    fn key_ref(&self) -> &str {
+        &self.key_ref
+    }
+
+    /// Wraps with `wrapKey`. `context` is not sent: Key Vault takes no AAD
+    /// (see the type's documentation).
+    async fn wrap(&self, key: &SecretKey, _context: &WrapContext) -> Result<WrappedKey, WrapError> {
+        let op = WrapOperation::Wrap;
+        let algorithm = self.algorithm_for(op).await?;
+        let result = self
+            .with_retry(|| async {
+                let body = self.request(algorithm, key.expose(), op)?;
+                let options = KeyClientWrapKeyOptions {
+                    key_version: self.key.version.clone(),
+                    ..Default::default()
+                };
+                self.client
+                    .wrap_key(&self.key.name, body, Some(options))
+                    .await
+                    .and_then(|r| r.into_model())
+                    .map_err(|e| map_sdk_error(e, &self.key_ref, op))
+            })
+            .await?;
+        let (kid, bytes) = check_result(self, op, result)?;
+        if !kid.is_key(&self.key.vault_url, &self.key.name) {
+            return Err(self.error(
+                WrapErrorKind::Misconfigured,
+                op,
+                format!(
+                    "Key Vault wrapped with {kid}, not a version of {} (does the endpoint reach another vault?)",
+                    self.key_ref
+                ),
+            ));
+        }
+        if let Some(pinned) = &self.key.version
+            && !kid.version.eq_ignore_ascii_case(pinned)
+        {
+            return Err(self.error(
+                WrapErrorKind::Misconfigured,
+                op,
+                format!("Key Vault wrapped with {kid}, not the pinned version {pinned}"),
+            ));
+        }
+        Ok(WrappedKey {
+            provider: PROVIDER.to_owned(),
+            key_ref: self.key_ref.clone(),
+            kms_key_version: Some(kid.to_string()),
+            bytes,
+        })
+    }
+
+    /// Unwraps with `unwrapKey` on the version recorded at wrap time.
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        _context: &WrapContext,
+    ) -> Result<SecretKey, WrapError> {
+        let op = WrapOperation::Unwrap;
+        let kid = self.unwrap_target(wrapped)?;
+        if wrapped.bytes.is_empty() {
+            return Err(self.error(WrapErrorKind::InvalidCiphertext, op, "empty wrapped key"));
+        }
+        let algorithm = self.algorithm_for(op).await?;
+        let result = self
+            .with_retry(|| async {
+                let body = self.request(algorithm, &wrapped.bytes, op)?;
+                self.client
+                    .unwrap_key(&kid.name, &kid.version, body, None)
+                    .await
+                    .and_then(|r| r.into_model())
+                    .map_err(|e| map_sdk_error(e, &self.key_ref, op))
+            })
+            .await?;
+        let (_, value) = check_result(self, op, result)?;
+        let value = Zeroizing::new(value);
+        SecretKey::try_from_slice(&value).map_err(|e| {
+            self.error(
+                WrapErrorKind::InvalidCiphertext,
+                op,
+                format!("Key Vault unwrapped {} bytes, a master key is 32", e.len),
+            )
+        })
+    }
+}
