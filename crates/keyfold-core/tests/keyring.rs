@@ -989,3 +989,82 @@ async fn upsert_replaces_the_config_only_after_its_probe_succeeds() {
     assert_eq!(sink.names(), ["kms.config.updated", "kms.probe.failed"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn bogus_versions_reload_the_store_at_most_once_a_second() {
+    #[derive(Debug)]
+    struct CountingStore(MemoryStore, std::sync::atomic::AtomicU64);
+    #[async_trait::async_trait]
+    impl KeyringStore for CountingStore {
+        async fn load(
+            &self,
+            id: &str,
+        ) -> Result<
+            Option<(keyfold_core::Revision, keyfold_core::keyring::StoredKeyring)>,
+            keyfold_core::store::StoreError,
+        > {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.load(id).await
+        }
+        async fn save(
+            &self,
+            id: &str,
+            expected: Option<keyfold_core::Revision>,
+            k: &keyfold_core::keyring::StoredKeyring,
+        ) -> Result<keyfold_core::Revision, keyfold_core::store::StoreError> {
+            self.0.save(id, expected, k).await
+        }
+    }
+    let store = Arc::new(CountingStore(MemoryStore::new(), Default::default()));
+    let ring = Keyring::builder("t", Arc::new(kek("k")), store.clone())
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    let ct = ring.encrypt(&ctx(1), b"x").await.unwrap();
+    let mut bogus = ct.clone();
+    bogus[36..40].copy_from_slice(&999u32.to_be_bytes());
+    let loads = || store.1.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..50 {
+        assert!(matches!(
+            ring.decrypt(&ctx(1), &bogus).await,
+            Err(Error::UnknownVersion { version: 999 })
+        ));
+    }
+    assert_eq!(loads(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let _ = ring.decrypt(&ctx(1), &bogus).await;
+    assert_eq!(loads(), 2);
+}
+
+/// The rewrap crate spawns keyring futures onto multi-threaded runtimes.
+#[test]
+fn keyring_and_its_futures_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: T) {}
+    let ring = Keyring::builder("t", Arc::new(kek("k")), Arc::new(MemoryStore::new()));
+    send(ring.create());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ring = rt
+        .block_on(Keyring::builder("t", Arc::new(kek("k")), Arc::new(MemoryStore::new())).create())
+        .unwrap();
+    send_sync(&ring);
+    let a = admin();
+    let c = ctx(1);
+    send(ring.rotate(&a));
+    send(ring.master_key(1));
+    send(ring.encrypt(&c, b""));
+    send(ring.decrypt(&c, b""));
+    send(ring.rewrap(&c, b"", 1));
+    send(ring.destroy(
+        1,
+        DestroyAuthorization::Forced {
+            reason: String::new(),
+        },
+        &a,
+    ));
+    send(ring.refresh());
+    send(ring.unseal());
+}

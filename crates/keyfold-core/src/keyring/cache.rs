@@ -12,6 +12,15 @@ use tokio::time::Instant;
 use crate::error::{Error, WrapError, WrapErrorKind, WrapOperation};
 use crate::secret::MasterKey;
 
+// A cached `MasterKey` holds its key and a keyed HMAC-SHA-256 state (the
+// per-record wrap-key PRF), whose key-dependent part is two SHA-256 core
+// states; both must be wiped when the last `Arc` drops. This fails to compile
+// if the `zeroize` feature of `sha2` is lost (keyfold-core's Cargo.toml).
+const _: fn() = || {
+    fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wiped_on_drop::<sha2::block_api::Sha256VarCore>();
+};
+
 /// What a failed load left for the tasks that waited on it.
 #[derive(Debug, Clone)]
 pub(crate) struct SharedFailure {

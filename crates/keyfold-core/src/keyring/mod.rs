@@ -59,6 +59,10 @@ pub use state::{
 /// Default time an unwrapped master key stays cached.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 
+/// A record naming an unknown, newer version makes the keyring reload the
+/// store at most this often (bogus records must not hammer the store).
+pub const AUTO_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The actor named in events the keyring emits on its own (sealing).
 pub const SYSTEM_ACTOR: &str = "keyfold";
 
@@ -284,6 +288,7 @@ impl KeyringBuilder {
             current: RwLock::new((revision, Arc::new(stored))),
             write: tokio::sync::Mutex::new(()),
             sealed: Mutex::new(None),
+            last_auto_refresh: Mutex::new(None),
             options: self.options,
         }
     }
@@ -305,6 +310,7 @@ pub struct Keyring {
     write: tokio::sync::Mutex<()>,
     cache: KeyCache,
     sealed: Mutex<Option<SealInfo>>,
+    last_auto_refresh: Mutex<Option<tokio::time::Instant>>,
     options: Options,
 }
 
@@ -431,7 +437,8 @@ impl Keyring {
     ///
     /// Allowed for versions that may decrypt (`Pending`, `Active`,
     /// `Retired`). A version newer than any this instance knows makes it
-    /// reload the store once (another instance may have rotated).
+    /// reload the store (another instance may have rotated), at most once per
+    /// [`AUTO_REFRESH_INTERVAL`].
     ///
     /// # Errors
     /// [`Error::UnknownVersion`], [`Error::KeyState`] (disabled),
@@ -462,6 +469,7 @@ impl Keyring {
         if stored
             .latest_version()
             .is_none_or(|latest| version > latest)
+            && self.may_auto_refresh()
         {
             self.refresh().await?;
             if let Some(v) = self.snapshot().1.get(version) {
@@ -469,6 +477,21 @@ impl Keyring {
             }
         }
         Err(Error::UnknownVersion { version })
+    }
+
+    fn may_auto_refresh(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = self
+            .last_auto_refresh
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *last {
+            Some(t) if now.duration_since(t) < AUTO_REFRESH_INTERVAL => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
     }
 
     fn check_unsealed(&self) -> Result<(), Error> {
