@@ -24,7 +24,9 @@
 use std::sync::Arc;
 
 mod counting;
+mod store;
 pub use counting::CountingWrapper;
+pub use store::store_conformance;
 
 use crate::error::WrapErrorKind;
 use crate::secret::SecretKey;

@@ -1068,3 +1068,11 @@ fn keyring_and_its_futures_are_send_and_sync() {
     send(ring.refresh());
     send(ring.unseal());
 }
+
+#[tokio::test]
+async fn shipped_stores_pass_the_store_conformance_suite() {
+    keyfold_core::testkit::store_conformance(&MemoryStore::new(), "mem").await;
+    let dir = tempdir();
+    keyfold_core::testkit::store_conformance(&FileStore::new(&dir).unwrap(), "file").await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
