@@ -211,6 +211,30 @@ mod tests {
     }
 
     #[test]
+    fn a_credentials_failure_is_access_denied_or_transient() {
+        use gcloud_sdk::google_cloud_auth::errors::CredentialsError;
+        for (transient, kind) in [
+            (false, WrapErrorKind::AccessDenied),
+            (true, WrapErrorKind::Unavailable),
+        ] {
+            let cause = CredentialsError::from_msg(transient, "impersonation refused");
+            let status = Status::from_error(Box::new(gcloud_sdk::error::Error::from(cause)));
+            assert_eq!(status.code(), Code::Unknown);
+            let err = to_wrap_error(
+                status,
+                "projects/p/locations/l/keyRings/r/cryptoKeys/k",
+                WrapOperation::Unwrap,
+            );
+            assert_eq!(err.kind, kind);
+            assert!(
+                err.to_string()
+                    .contains("impersonating the service account failed"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn garbage_details_are_ignored() {
         let status = Status::with_details(Code::ResourceExhausted, "q", vec![0xff, 0x01].into());
         assert_eq!(retry_after(&status), None);

@@ -185,6 +185,7 @@ impl GcpKmsWrapperBuilder {
             client,
             routing_header,
             retry: self.retry,
+            request_timeout: self.request_timeout,
         })
     }
 }
@@ -265,6 +266,7 @@ pub struct GcpKmsWrapper {
     client: KmsClient,
     routing_header: MetadataValue<gcloud_sdk::tonic::metadata::Ascii>,
     retry: RetryPolicy,
+    request_timeout: Duration,
 }
 
 impl GcpKmsWrapper {
@@ -357,11 +359,10 @@ impl GcpKmsWrapper {
             plaintext_crc32c: Some(integrity::crc32c(key.expose())),
             additional_authenticated_data_crc32c: Some(integrity::crc32c(aad)),
         };
+        let mut client = self.client.clone();
         let response = self
-            .client
-            .clone()
-            .encrypt(self.request(request))
-            .await
+            .deadline(op, client.encrypt(self.request(request)))
+            .await?
             .map_err(|s| to_wrap_error(s, &self.key_ref, op))?
             .into_inner();
         if !response.verified_plaintext_crc32c {
@@ -416,11 +417,10 @@ impl GcpKmsWrapper {
             ciphertext_crc32c: Some(integrity::crc32c(ciphertext)),
             additional_authenticated_data_crc32c: Some(integrity::crc32c(aad)),
         };
+        let mut client = self.client.clone();
         let response = self
-            .client
-            .clone()
-            .decrypt(self.request(request))
-            .await
+            .deadline(op, client.decrypt(self.request(request)))
+            .await?
             .map_err(|s| to_wrap_error(s, &self.key_ref, op))?
             .into_inner();
         let plaintext = response.plaintext.as_sensitive_bytes();
@@ -441,6 +441,27 @@ impl GcpKmsWrapper {
         })
     }
 
+    /// Runs one call under the request deadline, which also covers getting
+    /// the access token (the channel's own timeout starts after that).
+    async fn deadline<T>(
+        &self,
+        op: WrapOperation,
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, WrapError> {
+        tokio::time::timeout(self.request_timeout, call)
+            .await
+            .map_err(|_| {
+                self.error(
+                    WrapErrorKind::Unavailable,
+                    op,
+                    format!(
+                        "no answer from Cloud KMS within {:?} (token or call)",
+                        self.request_timeout
+                    ),
+                )
+            })
+    }
+
     fn is_own_version(&self, name: &str) -> bool {
         name.strip_prefix(&self.version_prefix)
             .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -459,6 +480,7 @@ impl fmt::Debug for GcpKmsWrapper {
             .field("endpoint", &self.endpoint)
             .field("credentials", &self.credentials)
             .field("retry", &self.retry)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }

@@ -253,6 +253,28 @@ async fn unreachable_endpoint_is_unavailable() {
     assert_names(&err, key_ref, WrapOperation::Wrap);
 }
 
+#[tokio::test]
+async fn a_stuck_call_times_out_as_unavailable() {
+    let (kms, key_ref) = kms_with_key().await;
+    let build = |attempts| {
+        GcpKmsWrapper::builder(support::config(&kms, &key_ref))
+            .anonymous_credentials_for_local_server()
+            .retry_policy(support::fast_retries(attempts))
+            .request_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    };
+    kms.inject(Method::Encrypt, Fault::Delay(Duration::from_secs(3)), 1);
+    let err = build(1).wrap(&key(), &ctx()).await.unwrap_err();
+    assert_eq!(err.kind, WrapErrorKind::Unavailable, "{err}");
+    assert_names(&err, &key_ref, WrapOperation::Wrap);
+
+    kms.inject(Method::Encrypt, Fault::Delay(Duration::from_secs(3)), 1);
+    let started = Instant::now();
+    build(2).wrap(&key(), &ctx()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
 /// Each corruption, injected on every attempt, fails the call; injected
 /// once, the retry succeeds. Never a silent success with wrong bytes.
 #[tokio::test]

@@ -107,6 +107,8 @@ pub enum Fault {
     UnverifiedAad,
     /// Report another key's version as the one that encrypted.
     ForeignVersionName,
+    /// Serve the call, but only after this long (a slow or stuck service).
+    Delay(Duration),
 }
 
 /// The state of a CryptoKeyVersion.
@@ -167,6 +169,7 @@ struct State {
     calls: HashMap<Method, usize>,
     seen: Vec<SeenRequest>,
     retry_delay: Duration,
+    delay: Option<Duration>,
 }
 
 /// A running fake Cloud KMS. Dropping it stops the server.
@@ -359,7 +362,11 @@ impl State {
         *self.calls.entry(method).or_default() += 1;
         self.seen.push(seen);
         let pos = self.faults.iter().position(|(m, _)| *m == method)?;
-        self.faults.remove(pos).map(|(_, f)| f)
+        let fault = self.faults.remove(pos).map(|(_, f)| f);
+        if let Some(Fault::Delay(d)) = fault {
+            self.delay = Some(d);
+        }
+        fault
     }
 
     fn status_fault(&self, code: Code) -> Status {
@@ -624,11 +631,20 @@ where
     F: Fn(&mut State, Request<Req>) -> Result<Resp, Status>,
 {
     type Response = Resp;
-    type Future = std::future::Ready<Result<Response<Resp>, Status>>;
+    type Future = BoxFuture<Result<Response<Resp>, Status>>;
 
     fn call(&mut self, request: Request<Req>) -> Self::Future {
-        let mut state = self.0.lock().unwrap();
-        std::future::ready((self.1)(&mut state, request).map(Response::new))
+        let (result, delay) = {
+            let mut state = self.0.lock().unwrap();
+            let result = (self.1)(&mut state, request).map(Response::new);
+            (result, state.delay.take())
+        };
+        Box::pin(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            result
+        })
     }
 }
 
