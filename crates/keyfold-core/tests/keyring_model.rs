@@ -1,11 +1,13 @@
 //! Model-based test of the keyring lifecycle: random sequences of rotate /
 //! create-pending / activate / rollback / disable / enable / destroy /
-//! encrypt / decrypt / cache clears / reopen, run against the real keyring
-//! (local KEK, in-memory store) and a simple model written independently of
-//! the implementation's transition table. After every step the keyring must
-//! agree with the model and every invariant must hold.
+//! encrypt / decrypt / cache clears / reopen / KMS outages / unseal, run
+//! against the real keyring (local KEK, in-memory store) and a simple model
+//! written independently of the implementation's transition table, which
+//! also tracks which versions are cached and whether the keyring is sealed.
+//! After every step the keyring must agree with the model and every
+//! invariant must hold.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +15,9 @@ use keyfold_core::audit::{Actor, RecordingSink};
 use keyfold_core::keyring::{DestroyAuthorization, KeyState, Keyring, NoRecordsLeft, Transition};
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::store::{KeyringStore, MemoryStore};
+use keyfold_core::testkit::CountingWrapper;
 use keyfold_core::time::{Clock, ManualClock, Timestamp};
-use keyfold_core::{EncryptionContext, Error, LocalKek, SecretKey};
+use keyfold_core::{EncryptionContext, Error, LocalKek, SecretKey, WrapErrorKind};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ enum Op {
     Decrypt(u8),
     ClearCache,
     Reopen,
+    Outage(bool),
+    Unseal,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -45,6 +50,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<u8>().prop_map(Op::Decrypt),
         1 => Just(Op::ClearCache),
         1 => Just(Op::Reopen),
+        1 => any::<bool>().prop_map(Op::Outage),
+        1 => Just(Op::Unseal),
     ]
 }
 
@@ -57,6 +64,7 @@ enum Outcome {
     NoActive,
     Disabled,
     Destroyed,
+    Sealed,
 }
 
 fn classify<T>(r: &Result<T, Error>) -> Outcome {
@@ -72,6 +80,7 @@ fn classify<T>(r: &Result<T, Error>) -> Outcome {
             ..
         }) => Outcome::Disabled,
         Err(Error::KeyDestroyed { .. }) => Outcome::Destroyed,
+        Err(Error::Sealed { .. }) => Outcome::Sealed,
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
@@ -82,6 +91,14 @@ struct Model {
     next: u32,
     /// (version, row, plaintext, ciphertext)
     records: Vec<(u32, u32, Vec<u8>, Vec<u8>)>,
+    /// Versions whose unwrapped key this instance holds.
+    cached: BTreeSet<u32>,
+    /// The KMS is failing.
+    outage: bool,
+    /// The keyring is sealed.
+    sealed: bool,
+    /// `kms.sealed` events expected so far.
+    seals: usize,
 }
 
 impl Model {
@@ -90,6 +107,32 @@ impl Model {
             .iter()
             .find(|(_, s)| **s == KeyState::Active)
             .map(|(v, _)| *v)
+    }
+
+    /// A KMS call is needed (a wrap, or an unwrap of an uncached version):
+    /// `Ok` when it is made and succeeds, else the keyring is (or becomes) sealed.
+    fn kms_call(&mut self) -> Outcome {
+        if self.sealed {
+            return Outcome::Sealed;
+        }
+        if self.outage {
+            self.sealed = true;
+            self.seals += 1;
+            return Outcome::Sealed;
+        }
+        Outcome::Ok
+    }
+
+    /// Using version `v`'s key for encrypt or decrypt.
+    fn use_key(&mut self, v: u32) -> Outcome {
+        if self.cached.contains(&v) {
+            return Outcome::Ok;
+        }
+        let o = self.kms_call();
+        if o == Outcome::Ok {
+            self.cached.insert(v);
+        }
+        o
     }
 
     fn pick(&self, i: u8) -> u32 {
@@ -142,7 +185,7 @@ fn ctx(row: u32) -> EncryptionContext {
 
 struct World {
     ring: Keyring,
-    kek: Arc<LocalKek>,
+    kek: Arc<CountingWrapper<LocalKek>>,
     store: Arc<MemoryStore>,
     sink: Arc<RecordingSink>,
     clock: ManualClock,
@@ -161,7 +204,7 @@ impl World {
 }
 
 async fn run(ops: Vec<Op>) {
-    let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
+    let kek = CountingWrapper::shared(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
     let store = Arc::new(MemoryStore::new());
     let sink = Arc::new(RecordingSink::default());
     let clock = ManualClock::new(Timestamp(1_000_000));
@@ -192,21 +235,33 @@ async fn run(ops: Vec<Op>) {
         let mut mutated = false;
         match op {
             Op::Rotate => {
-                let r = w.ring.rotate(&actor).await.unwrap();
-                assert_eq!(r.version, m.next, "step {step}: version numbers only grow");
-                if let Some(a) = m.active() {
-                    m.states.insert(a, KeyState::Retired);
+                let r = w.ring.rotate(&actor).await;
+                let expected = m.kms_call();
+                assert_eq!(classify(&r), expected, "step {step}: rotate");
+                if expected == Outcome::Ok {
+                    let r = r.unwrap();
+                    assert_eq!(r.version, m.next, "step {step}: version numbers only grow");
+                    if let Some(a) = m.active() {
+                        m.states.insert(a, KeyState::Retired);
+                    }
+                    m.states.insert(m.next, KeyState::Active);
+                    m.cached.insert(m.next);
+                    m.next += 1;
+                    mutated = true;
                 }
-                m.states.insert(m.next, KeyState::Active);
-                m.next += 1;
-                mutated = true;
             }
             Op::CreatePending => {
-                let v = w.ring.create_pending(&actor).await.unwrap();
-                assert_eq!(v, m.next);
-                m.states.insert(v, KeyState::Pending);
-                m.next += 1;
-                mutated = true;
+                let r = w.ring.create_pending(&actor).await;
+                let expected = m.kms_call();
+                assert_eq!(classify(&r), expected, "step {step}: create_pending");
+                if expected == Outcome::Ok {
+                    let v = r.unwrap();
+                    assert_eq!(v, m.next);
+                    m.states.insert(v, KeyState::Pending);
+                    m.cached.insert(v);
+                    m.next += 1;
+                    mutated = true;
+                }
             }
             Op::Activate(i) | Op::Rollback(i) | Op::Disable(i) | Op::Enable(i) => {
                 let v = m.pick(i);
@@ -220,6 +275,9 @@ async fn run(ops: Vec<Op>) {
                 assert_eq!(classify(&r), expected, "step {step}: {t} v{v}");
                 if expected == Outcome::Ok {
                     m.apply(v, t);
+                    if t == Transition::Disable {
+                        m.cached.remove(&v);
+                    }
                     mutated = true;
                 }
             }
@@ -241,6 +299,7 @@ async fn run(ops: Vec<Op>) {
                 assert_eq!(classify(&r), expected, "step {step}: destroy v{v}");
                 if expected == Outcome::Ok {
                     m.apply(v, Transition::Destroy);
+                    m.cached.remove(&v);
                     mutated = true;
                 }
             }
@@ -249,6 +308,9 @@ async fn run(ops: Vec<Op>) {
                 let pt = vec![b; usize::from(b % 7)];
                 let r = w.ring.encrypt(&ctx(row), &pt).await;
                 match m.active() {
+                    Some(a) if m.use_key(a) == Outcome::Sealed => {
+                        assert_eq!(classify(&r), Outcome::Sealed, "step {step}: encrypt");
+                    }
                     Some(a) => {
                         let ct = r.unwrap();
                         let info = keyfold_core::format::inspect(&ct).unwrap();
@@ -260,22 +322,72 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Decrypt(i) => {
                 if !m.records.is_empty() {
-                    let (v, row, pt, ct) = &m.records[usize::from(i) % m.records.len()];
-                    let r = w.ring.decrypt(&ctx(*row), ct).await;
-                    match m.states[v] {
+                    let (v, row, pt, ct) = m.records[usize::from(i) % m.records.len()].clone();
+                    let r = w.ring.decrypt(&ctx(row), &ct).await;
+                    let state = m.states[&v];
+                    match state {
                         KeyState::Disabled => assert_eq!(classify(&r), Outcome::Disabled),
                         KeyState::Destroyed => assert_eq!(classify(&r), Outcome::Destroyed),
-                        _ => assert_eq!(&r.unwrap(), pt, "step {step}: record on v{v}"),
+                        _ if m.use_key(v) == Outcome::Sealed => {
+                            assert_eq!(classify(&r), Outcome::Sealed, "step {step}: decrypt v{v}");
+                        }
+                        _ => assert_eq!(r.unwrap(), pt, "step {step}: record on v{v}"),
                     }
                 }
             }
-            Op::ClearCache => w.ring.clear_cache(),
-            Op::Reopen => w.ring = w.open().await,
+            Op::ClearCache => {
+                w.ring.clear_cache();
+                m.cached.clear();
+            }
+            Op::Reopen => {
+                w.ring = w.open().await;
+                m.cached.clear();
+                m.sealed = false;
+            }
+            Op::Outage(on) => {
+                w.kek.fail_with(on.then_some(WrapErrorKind::Unavailable));
+                m.outage = on;
+            }
+            Op::Unseal => {
+                let r = w.ring.unseal().await;
+                // Unseal retries even when sealed: one live unwrap of the
+                // active (else newest live) version, or a probe.
+                let candidate = m.active().or_else(|| {
+                    m.states
+                        .iter()
+                        .rev()
+                        .find(|(_, s)| **s != KeyState::Destroyed)
+                        .map(|(v, _)| *v)
+                });
+                if m.outage {
+                    if !m.sealed {
+                        m.sealed = true;
+                        m.seals += 1;
+                    }
+                    assert_eq!(classify(&r), Outcome::Sealed, "step {step}: unseal");
+                } else {
+                    assert_eq!(classify(&r), Outcome::Ok, "step {step}: unseal");
+                    m.sealed = false;
+                    m.cached.extend(candidate);
+                }
+            }
         }
 
         // ---- invariants after every step ----
-        let events = w.sink.events().len() - events_before;
-        assert_eq!(events > 0, mutated, "step {step}: events iff a change");
+        let all = w.sink.events();
+        let new = all.get(events_before..).unwrap_or_default();
+        let by_actor = new.iter().filter(|e| e.actor == actor).count();
+        assert_eq!(by_actor > 0, mutated, "step {step}: events iff a change");
+        let seals = all.iter().filter(|e| e.name() == "kms.sealed").count();
+        assert_eq!(seals, m.seals, "step {step}: one kms.sealed per sealing");
+        assert_eq!(
+            w.ring.sealed().is_some(),
+            m.sealed,
+            "step {step}: sealed state"
+        );
+        assert_eq!(w.ring.metadata().sealed.is_some(), m.sealed);
+        let cached: BTreeSet<u32> = w.ring.metadata().cached_versions.into_iter().collect();
+        assert_eq!(cached, m.cached, "step {step}: cached versions");
         let (rev, snap) = w.ring.snapshot();
         snap.validate().unwrap();
         let (stored_rev, stored) = w.store.load("tenant").await.unwrap().unwrap();
