@@ -10,11 +10,13 @@
 
 mod credential;
 mod errors;
+mod factory;
 mod kid;
 mod sleep;
 mod wrapper;
 
 pub use credential::CredentialSource;
+pub use factory::AzureFactory;
 pub use kid::KeyId;
 pub use sleep::{Sleeper, TokioSleeper};
 pub use wrapper::{AzureKeyWrapper, AzureKeyWrapperBuilder, WrapAlgorithm};

@@ -352,6 +352,14 @@ impl FakeVault {
         self.state.lock().unwrap().faults.extend(faults);
     }
 
+    /// Drops the faults not yet served; returns how many there were.
+    pub fn clear_faults(&self) -> usize {
+        let mut state = self.state.lock().unwrap();
+        let n = state.faults.len();
+        state.faults.clear();
+        n
+    }
+
     /// Accepts `secret` (a client secret or a federated assertion) for `client_id`.
     pub fn register_client(&self, client_id: &str, secret: &str) {
         self.state
