@@ -1076,3 +1076,38 @@ async fn shipped_stores_pass_the_store_conformance_suite() {
     keyfold_core::testkit::store_conformance(&FileStore::new(&dir).unwrap(), "file").await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_flight_shares_a_failed_unwrap_instead_of_retrying_it_100_times() {
+    let f = fixture().await;
+    f.ring.rotate(&admin()).await.unwrap();
+    let ct = f.ring.encrypt(&ctx(7), b"x").await.unwrap();
+    f.ring.clear_cache();
+    f.wrapper.set_delay(Duration::from_millis(30));
+    f.wrapper.fail_with(Some(WrapErrorKind::Unavailable));
+    let before = f.wrapper.unwraps();
+    let ring = Arc::new(f.ring);
+    let ct = Arc::new(ct);
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let ring = ring.clone();
+            let ct = ct.clone();
+            tokio::spawn(async move { ring.decrypt(&ctx(7), &ct).await })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::Sealed { .. }), "{err}");
+        assert!(err.to_string().contains("unseal"), "{err}");
+    }
+    assert_eq!(f.wrapper.unwraps() - before, 1);
+    assert_eq!(f.sink.names().last(), Some(&"kms.sealed"));
+    assert_eq!(
+        f.sink
+            .names()
+            .iter()
+            .filter(|n| **n == "kms.sealed")
+            .count(),
+        1
+    );
+}
