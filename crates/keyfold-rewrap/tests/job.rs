@@ -466,3 +466,45 @@ async fn lazy_reads_hand_back_an_upgraded_record() {
     assert_eq!(old[112..], upgraded[112..], "header-only");
     assert_eq!(ring.decrypt(&c, &upgraded).await.unwrap(), b"value");
 }
+
+#[derive(Debug)]
+struct Leases;
+
+#[async_trait::async_trait]
+impl keyfold_core::keyring::LeaseIssuer for Leases {
+    async fn issue(
+        &self,
+        keyring_id: &str,
+        version: u32,
+    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(format!("lease-{keyring_id}-v{version}"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_id_from_rotate_names_the_job() {
+    let store = Arc::new(keyfold_core::store::MemoryStore::new());
+    let ring = keyfold_core::keyring::Keyring::builder("t", Arc::new(Switchable::new()), store)
+        .lease_issuer(Arc::new(Leases))
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    let ring = Arc::new(ring);
+    let a = Table::new("a");
+    a.fill(&ring, 5).await;
+    let rotation = ring.rotate(&admin()).await.unwrap();
+    let lease = rotation.lease_id.unwrap();
+    assert_eq!(lease, "lease-t-v2");
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .job_id(lease.clone())
+        .create()
+        .unwrap();
+    while job.next_batch().await.unwrap().is_some() {}
+    let done = job.completion().unwrap();
+    assert_eq!(done.job_id, lease);
+    assert_eq!(
+        done.evidence(1).unwrap().source,
+        format!("rewrap job {lease}")
+    );
+}
