@@ -12,7 +12,7 @@ mod integrity;
 mod status;
 mod wrapper;
 
-pub use wrapper::{GcpKmsWrapper, GcpKmsWrapperBuilder};
+pub use wrapper::{GcpKmsWrapper, GcpKmsWrapperBuilder, GcpWrapperFactory};
 
 /// Provider name recorded in every [`WrappedKey`](keyfold_core::WrappedKey) this crate makes.
 pub const PROVIDER: &str = "gcp";

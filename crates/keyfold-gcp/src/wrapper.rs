@@ -1,6 +1,7 @@
 //! [`GcpKmsWrapper`]: `Encrypt` / `Decrypt` on a Cloud KMS CryptoKey.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,6 +15,7 @@ use gcloud_sdk::tonic::metadata::MetadataValue;
 use gcloud_sdk::tonic::transport::{ClientTlsConfig, Endpoint};
 use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer, SecretValue};
 use keyfold_core::config::{GcpConfig, GcpKeyRef, ProviderConfig};
+use keyfold_core::probe::WrapperFactory;
 use keyfold_core::retry::{RetryPolicy, retry};
 use keyfold_core::secret::KEY_LEN;
 use keyfold_core::{
@@ -63,7 +65,10 @@ pub struct GcpKmsWrapperBuilder {
 }
 
 impl GcpKmsWrapperBuilder {
-    /// Retries of transient failures (default [`RetryPolicy::default`]).
+    /// Retries of transient failures inside each `wrap` / `unwrap` (default
+    /// [`RetryPolicy::none`]: the [`Keyring`](keyfold_core::keyring::Keyring)
+    /// already retries around every KMS call, and retrying in both places
+    /// multiplies the attempts). Set one when using the wrapper on its own.
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -275,7 +280,7 @@ impl GcpKmsWrapper {
         GcpKmsWrapperBuilder {
             config,
             credentials: CredentialSource::Impersonated,
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::none(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
         }
@@ -539,6 +544,78 @@ impl KeyWrapper for GcpKmsWrapper {
         }
         let aad = context.to_aad();
         retry(&self.retry, || self.decrypt_once(&wrapped.bytes, &aad)).await
+    }
+}
+
+/// Builds [`GcpKmsWrapper`]s from `gcp` provider configs, for
+/// [`ConfigSlot::upsert`](keyfold_core::probe::ConfigSlot::upsert) and hosts
+/// that compose one factory per provider. The knobs are those of
+/// [`GcpKmsWrapperBuilder`], applied to every wrapper it builds.
+#[derive(Debug, Clone)]
+pub struct GcpWrapperFactory {
+    template: GcpKmsWrapperBuilder,
+}
+
+impl Default for GcpWrapperFactory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GcpWrapperFactory {
+    /// A factory with default settings (impersonation, no retries inside the wrapper).
+    pub fn new() -> Self {
+        GcpWrapperFactory {
+            template: GcpKmsWrapper::builder(GcpConfig {
+                kms_key_ref: String::new(),
+                impersonate_service_account: String::new(),
+                project_id: None,
+                endpoint_url: None,
+            }),
+        }
+    }
+
+    /// As [`GcpKmsWrapperBuilder::retry_policy`].
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.template = self.template.retry_policy(policy);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::request_timeout`].
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.template = self.template.request_timeout(timeout);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::anonymous_credentials_for_local_server`].
+    #[must_use]
+    pub fn anonymous_credentials_for_local_server(mut self) -> Self {
+        self.template = self.template.anonymous_credentials_for_local_server();
+        self
+    }
+
+    /// The wrapper for `config`.
+    ///
+    /// # Errors
+    /// As [`GcpKmsWrapper::from_provider_config`].
+    pub fn build_wrapper(&self, config: &ProviderConfig) -> Result<GcpKmsWrapper, WrapError> {
+        let ProviderConfig::Gcp(gcp) = config else {
+            return GcpKmsWrapper::from_provider_config(config);
+        };
+        GcpKmsWrapperBuilder {
+            config: gcp.clone(),
+            ..self.template.clone()
+        }
+        .build()
+    }
+}
+
+#[async_trait]
+impl WrapperFactory for GcpWrapperFactory {
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError> {
+        Ok(Arc::new(self.build_wrapper(config)?))
     }
 }
 

@@ -1,4 +1,5 @@
-//! End to end without the keyring (not in keyfold-core yet): a tenant's
+//! End to end at the record level, below the keyring (tests/keyring.rs
+//! goes through it): a tenant's
 //! master key versions wrapped by Cloud KMS (the fake), stored as JSON,
 //! unwrapped by a fresh process-like wrapper, records encrypted and decrypted
 //! under them, and a Cloud KMS key rotation followed by a re-wrap of the
