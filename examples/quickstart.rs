@@ -152,7 +152,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let v2 = ring.rotate(&alice).await?;
     let fresh = ring.encrypt(&ctx, b"5500 0000 0000 0004").await?;
     println!(
-        "    new records use v{}: {}",
+        "    v{} is active; a new record's header says v{}",
         v2.version,
         format::inspect(&fresh)?.key_version
     );
