@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use keyfold_core::audit::{Actor, AuditEvent, AuditKind, AuditSink};
 use keyfold_core::keyring::{DestroyAuthorization, Keyring, KeyringMetadata, NoRecordsLeft};
+use keyfold_core::local::LocalKekError;
 use keyfold_core::store::FileStore;
 use keyfold_core::time::Timestamp;
 use keyfold_core::{EncryptionContext, LocalKek, SecretKey, format, record};
@@ -92,13 +93,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
             println!("    using the KEK from KEYFOLD_KEK");
             kek
         }
-        Err(_) => {
+        Err(LocalKekError::MissingEnv(_)) => {
             println!("    KEYFOLD_KEK is not set: generating an EPHEMERAL KEK for this run.");
             println!(
                 "    (Set KEYFOLD_KEK to 32 bytes of hex or base64 to keep keys across runs.)"
             );
             LocalKek::from_bytes("quickstart-kek", SecretKey::generate()?)
         }
+        // Set but unusable: say so rather than silently using another key.
+        Err(e) => return Err(format!("KEYFOLD_KEK: {e}").into()),
     };
     println!("    the onboarding probe (wrap + unwrap of a random key) passes:");
     let ok = keyfold_core::probe::probe(&kek).await?;
