@@ -80,9 +80,13 @@ pub(crate) fn kind_of(status: &Status) -> WrapErrorKind {
 }
 
 /// Cloud KMS answers a request whose checksum does not match its data with
-/// `INVALID_ARGUMENT` naming the `*_crc32c` field.
+/// `INVALID_ARGUMENT` ("Verifying end-to-end data integrity", Cloud KMS docs).
+/// Google does not fix the wording, so this looks for the field or the word;
+/// a complaint worded otherwise stays `InvalidCiphertext`: still an error,
+/// only not retried.
 fn names_a_checksum(message: &str) -> bool {
-    message.to_ascii_lowercase().contains("crc32c")
+    let message = message.to_ascii_lowercase();
+    message.contains("crc32c") || message.contains("checksum")
 }
 
 /// `Some(is_transient)` when the call failed before reaching Cloud KMS
