@@ -144,6 +144,11 @@ impl GcpKmsWrapperBuilder {
                 anonymous::Builder::new().build()
             }
             CredentialSource::Impersonated => {
+                if endpoint_url.starts_with("http://") && !is_local_plaintext(&endpoint_url) {
+                    return Err(misconfigured(format!(
+                        "endpoint_url {endpoint_url} is plain http, which would send the access token in clear; use https"
+                    )));
+                }
                 impersonated_credentials(&self.config).map_err(|e| {
                     misconfigured(format!(
                         "cannot set up credentials impersonating {}: {e}",

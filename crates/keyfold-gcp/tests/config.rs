@@ -140,6 +140,22 @@ async fn the_endpoint_must_be_http_or_https() {
 }
 
 #[tokio::test]
+async fn tokens_are_never_sent_over_plain_http_to_a_remote_host() {
+    let err = refusal(gcp(KEY, SA, Some("http://kms.internal.example:8080"))).await;
+    assert!(
+        err.contains("plain http, which would send the access token in clear; use https"),
+        "{err}"
+    );
+    // A private endpoint over TLS, or a loopback proxy, is fine.
+    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://private.googleapis.com")))
+        .build()
+        .unwrap();
+    GcpKmsWrapper::builder(gcp(KEY, SA, Some("http://127.0.0.1:9090")))
+        .build()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn unknown_fields_are_refused() {
     let json = format!(
         r#"{{"provider":"gcp","kms_key_ref":"{KEY}","impersonate_service_account":"{SA}","region":"eu"}}"#
