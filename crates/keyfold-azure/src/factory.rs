@@ -69,3 +69,38 @@ impl WrapperFactory for AzureFactory {
         Ok(Arc::new(builder.build()?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyfold_core::config::ProviderConfig;
+
+    #[tokio::test]
+    async fn refuses_other_providers_and_builds_azure() {
+        let local: ProviderConfig = serde_json::from_value(serde_json::json!({
+            "provider": "local", "kms_key_ref": "dev", "kek_env_var": "KEK"
+        }))
+        .unwrap();
+        let err = AzureFactory::new().build(&local).await.unwrap_err();
+        assert_eq!(err.kind, WrapErrorKind::Misconfigured);
+        assert!(
+            err.to_string().contains("cannot build a local wrapper"),
+            "{err}"
+        );
+
+        let azure: ProviderConfig = serde_json::from_value(serde_json::json!({
+            "provider": "azure",
+            "kms_key_ref": "https://acme-keys.vault.azure.net/keys/k",
+            "vault_url": "https://acme-keys.vault.azure.net",
+        }))
+        .unwrap();
+        let factory = AzureFactory::with_builder(|b| b.environment(|_| None));
+        let wrapper = factory.build(&azure).await.unwrap();
+        assert_eq!(wrapper.provider(), "azure");
+        assert_eq!(
+            wrapper.key_ref(),
+            "https://acme-keys.vault.azure.net/keys/k"
+        );
+        assert!(format!("{factory:?}").contains("customized: true"));
+    }
+}

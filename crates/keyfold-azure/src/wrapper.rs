@@ -97,8 +97,12 @@ impl fmt::Display for WrapAlgorithm {
 /// associated data, so a moved master key or record fails at keyfold's AEAD,
 /// not at the KMS. Run the conformance suite with `binds_context: false`.
 ///
+/// # Secrets in memory
+///
 /// `Debug` shows the key, endpoint, credential kind and algorithm; never a
-/// secret or token.
+/// secret or token. keyfold zeroizes its own copies of a master key, but the
+/// plaintext also passes through the SDK's JSON request body (wrap) and
+/// response body (unwrap), buffers the SDK does not zeroize.
 pub struct AzureKeyWrapper {
     key: AzureKeyRef,
     key_ref: String,
