@@ -269,7 +269,9 @@ impl AzureKeyWrapperBuilder {
         {
             return Err(refused(format!("authority host {host} is not https")));
         }
-        let mut client_options = ClientOptions {
+        // The SDK's retries are off (its default retries a refused connection
+        // for over a minute); keyfold's policy is the only retry loop.
+        let client_options = ClientOptions {
             retry: RetryOptions::none(),
             transport: self.transport.clone(),
             ..ClientOptions::default()
@@ -288,7 +290,6 @@ impl AzureKeyWrapperBuilder {
                 (credential, source)
             }
         };
-        client_options.cloud = None;
         let options = KeyClientOptions {
             client_options,
             verify_challenge_resource: Some(self.verify_challenge_resource),
@@ -619,5 +620,57 @@ impl KeyWrapper for AzureKeyWrapper {
                 format!("Key Vault unwrapped {} bytes, a master key is 32", e.len),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithms_follow_the_key_type() {
+        use WrapAlgorithm::{A256Kw, RsaOaep256};
+        for (kty, want) in [
+            (KeyType::Rsa, Some(RsaOaep256)),
+            (KeyType::RsaHsm, Some(RsaOaep256)),
+            (KeyType::OctHsm, Some(A256Kw)),
+            (KeyType::Oct, Some(A256Kw)),
+            (KeyType::Ec, None),
+            (KeyType::EcHsm, None),
+        ] {
+            assert_eq!(WrapAlgorithm::for_key_type(&kty), want, "{kty:?}");
+        }
+        assert_eq!(RsaOaep256.to_string(), "RSA-OAEP-256");
+        assert_eq!(A256Kw.as_str(), "A256KW");
+        assert_eq!(RsaOaep256.sdk(), EncryptionAlgorithm::RsaOaep256);
+    }
+
+    #[test]
+    fn vault_keys_pin_rsa_oaep_256_and_hsm_keys_ask() {
+        let cfg = |host: &str| AzureConfig {
+            kms_key_ref: format!("https://{host}/keys/k"),
+            vault_url: format!("https://{host}"),
+            azure_tenant_id: None,
+            client_id: None,
+            client_secret_env_var: None,
+            endpoint_url: None,
+        };
+        let vault = AzureKeyWrapper::builder(&cfg("acme.vault.azure.net"))
+            .environment(|_| None)
+            .build()
+            .unwrap();
+        assert_eq!(vault.pinned_algorithm, Some(WrapAlgorithm::RsaOaep256));
+        let hsm = AzureKeyWrapper::builder(&cfg("acme.managedhsm.azure.net"))
+            .environment(|_| None)
+            .build()
+            .unwrap();
+        assert_eq!(hsm.pinned_algorithm, None);
+        let pinned = AzureKeyWrapper::builder(&cfg("acme.managedhsm.azure.net"))
+            .environment(|_| None)
+            .algorithm(WrapAlgorithm::A256Kw)
+            .build()
+            .unwrap();
+        assert_eq!(pinned.pinned_algorithm, Some(WrapAlgorithm::A256Kw));
+        assert!(format!("{pinned:?}").contains("A256Kw"));
     }
 }

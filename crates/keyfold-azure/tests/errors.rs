@@ -185,7 +185,10 @@ async fn throttling_waits_the_stated_retry_after_on_the_injected_clock() {
         *sleeper.waits.lock().unwrap(),
         [Duration::from_secs(7), Duration::from_secs(3)]
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "slept for real"
+    );
     let statuses: Vec<u16> = vault
         .seen()
         .iter()
