@@ -379,6 +379,13 @@ impl Keyring {
         (cur.0, Arc::clone(&cur.1))
     }
 
+    /// The stored state with the wrapper its wrapped keys are under, read
+    /// together (a KMS re-wrap changes both at once).
+    fn view(&self) -> (Arc<StoredKeyring>, Arc<dyn KeyWrapper>) {
+        let cur = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        (Arc::clone(&cur.1), self.wrapper())
+    }
+
     /// The active version, if the keyring has been activated.
     pub fn active_version(&self) -> Option<u32> {
         self.snapshot().1.active_version()
@@ -444,9 +451,9 @@ impl Keyring {
     /// [`Error::UnknownVersion`], [`Error::KeyState`] (disabled),
     /// [`Error::KeyDestroyed`], [`Error::Sealed`], [`Error::Wrap`].
     pub async fn master_key(&self, version: u32) -> Result<Arc<MasterKey>, Error> {
-        let v = self.known_version(version).await?;
+        let (v, wrapper) = self.known_version(version).await?;
         match v.state {
-            s if s.can_decrypt() => self.load_cached(&v).await,
+            s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
             KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
             state => Err(Error::KeyState { version, state }),
         }
@@ -461,10 +468,13 @@ impl Keyring {
         self.master_key(version).await
     }
 
-    async fn known_version(&self, version: u32) -> Result<StoredVersion, Error> {
-        let (_, stored) = self.snapshot();
+    async fn known_version(
+        &self,
+        version: u32,
+    ) -> Result<(StoredVersion, Arc<dyn KeyWrapper>), Error> {
+        let (stored, wrapper) = self.view();
         if let Some(v) = stored.get(version) {
-            return Ok(v.clone());
+            return Ok((v.clone(), wrapper));
         }
         if stored
             .latest_version()
@@ -472,8 +482,9 @@ impl Keyring {
             && self.may_auto_refresh()
         {
             self.refresh().await?;
-            if let Some(v) = self.snapshot().1.get(version) {
-                return Ok(v.clone());
+            let (stored, wrapper) = self.view();
+            if let Some(v) = stored.get(version) {
+                return Ok((v.clone(), wrapper));
             }
         }
         Err(Error::UnknownVersion { version })
@@ -528,12 +539,15 @@ impl Keyring {
     }
 
     /// Unwraps `v` with the KMS (no cache); seals on an access failure.
-    async fn unwrap_version(&self, v: &StoredVersion) -> Result<MasterKey, Error> {
+    async fn unwrap_version(
+        &self,
+        v: &StoredVersion,
+        wrapper: Arc<dyn KeyWrapper>,
+    ) -> Result<MasterKey, Error> {
         let wrapped = v
             .wrapped
             .as_ref()
             .ok_or(Error::KeyDestroyed { version: v.version })?;
-        let wrapper = self.wrapper();
         let ctx = WrapContext::new(self.id.clone(), v.version);
         match retry(&self.options.retry, || wrapper.unwrap(wrapped, &ctx)).await {
             Ok(key) => Ok(MasterKey::new(v.version, key)),
@@ -542,12 +556,16 @@ impl Keyring {
         }
     }
 
-    async fn load_cached(&self, v: &StoredVersion) -> Result<Arc<MasterKey>, Error> {
+    async fn load_cached(
+        &self,
+        v: &StoredVersion,
+        wrapper: Arc<dyn KeyWrapper>,
+    ) -> Result<Arc<MasterKey>, Error> {
         self.cache
             .get_or_load(
                 v.version,
                 || self.check_unsealed(),
-                || self.unwrap_version(v),
+                || self.unwrap_version(v, wrapper),
                 |e| matches!(e, Error::Sealed { .. }),
                 || {
                     self.sealed()
@@ -641,21 +659,36 @@ impl Keyring {
         });
     }
 
-    fn install(&self, revision: Revision, stored: StoredKeyring) {
+    /// Installs a newer state, and with it the wrapper its keys are under
+    /// when that changed; readers of [`view`](Self::view) see both or neither.
+    fn install(
+        &self,
+        revision: Revision,
+        stored: StoredKeyring,
+        wrapper: Option<Arc<dyn KeyWrapper>>,
+    ) {
         let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
         if revision >= cur.0 {
             *cur = (revision, Arc::new(stored));
+            if let Some(w) = wrapper {
+                *self.wrapper.write().unwrap_or_else(PoisonError::into_inner) = w;
+            }
         }
     }
 
     /// Commits `next` over `expected`. On a conflict, reloads the store's
     /// state and returns [`Error::Conflict`].
-    async fn commit(&self, expected: Revision, next: StoredKeyring) -> Result<Revision, Error> {
+    async fn commit(
+        &self,
+        expected: Revision,
+        next: StoredKeyring,
+        new_wrapper: Option<Arc<dyn KeyWrapper>>,
+    ) -> Result<Revision, Error> {
         next.validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
         match self.store.save(&self.id, Some(expected), &next).await {
             Ok(revision) => {
-                self.install(revision, next);
+                self.install(revision, next, new_wrapper);
                 Ok(revision)
             }
             Err(StoreError::Conflict {
@@ -682,7 +715,7 @@ impl Keyring {
                 self.cache.evict(v.version);
             }
         }
-        self.install(revision, stored);
+        self.install(revision, stored, None);
         Ok(revision)
     }
 
@@ -772,7 +805,7 @@ impl Keyring {
         let mut next = (*stored).clone();
         next.add_pending(version, version_id.clone(), wrapped, now)?;
         let changes = next.apply(version, Transition::Activate, now)?;
-        self.commit(revision, next).await?;
+        self.commit(revision, next, None).await?;
         self.cache
             .insert(Arc::new(MasterKey::new(version, key)))
             .await;
@@ -822,7 +855,7 @@ impl Keyring {
             wrapped,
             self.options.clock.now(),
         )?;
-        self.commit(revision, next).await?;
+        self.commit(revision, next, None).await?;
         self.cache
             .insert(Arc::new(MasterKey::new(version, key)))
             .await;
@@ -857,7 +890,7 @@ impl Keyring {
             Some(DestroyAuthorization::Forced { reason }) => (true, Some(reason.clone())),
             None => (false, None),
         };
-        self.commit(revision, next).await?;
+        self.commit(revision, next, None).await?;
         if matches!(transition, Transition::Disable | Transition::Destroy) {
             self.cache.evict(version);
         }
@@ -957,17 +990,15 @@ impl Keyring {
         let _guard = self.write.lock().await;
         self.check_unsealed()?;
         let (revision, stored) = self.snapshot();
-        let old = self.wrapper();
+        let (_, old) = self.view();
         let mut next = (*stored).clone();
         let mut done = Vec::new();
         for v in next.versions.iter_mut() {
             if v.wrapped.is_none() {
                 continue;
             }
-            let key = match self.cache_peek_or_unwrap(v).await {
-                Ok(k) => k,
-                Err(e) => return Err(e),
-            };
+            // Disabled versions too: their keys stay recoverable.
+            let key = self.load_cached(v, Arc::clone(&old)).await?;
             let ctx = WrapContext::new(self.id.clone(), v.version);
             let wrapped =
                 retry(&self.options.retry, || new_wrapper.wrap(key.secret(), &ctx)).await?;
@@ -978,8 +1009,8 @@ impl Keyring {
             v.wrapped = Some(wrapped);
             done.push(v.version);
         }
-        self.commit(revision, next).await?;
-        *self.wrapper.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&new_wrapper);
+        self.commit(revision, next, Some(Arc::clone(&new_wrapper)))
+            .await?;
         self.emit(
             actor,
             AuditKind::KmsRewrap {
@@ -993,11 +1024,6 @@ impl Keyring {
         Ok(done)
     }
 
-    /// Any live version's key (disabled ones included), via the cache.
-    async fn cache_peek_or_unwrap(&self, v: &StoredVersion) -> Result<Arc<MasterKey>, Error> {
-        self.load_cached(v).await
-    }
-
     /// Retries the KMS after the keyring was sealed: unwraps the active
     /// version (or the newest live one; with none, wraps and unwraps a probe
     /// key). On success the keyring is unsealed (`kms.unsealed`) and the key
@@ -1006,12 +1032,11 @@ impl Keyring {
     /// # Errors
     /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
     pub async fn unseal(&self) -> Result<(), Error> {
-        let (_, stored) = self.snapshot();
+        let (stored, wrapper) = self.view();
         let candidate = stored
             .active_version()
             .and_then(|a| stored.get(a))
             .or_else(|| stored.versions.iter().rev().find(|v| v.wrapped.is_some()));
-        let wrapper = self.wrapper();
         let result = match candidate {
             Some(v) => {
                 let ctx = WrapContext::new(self.id.clone(), v.version);
