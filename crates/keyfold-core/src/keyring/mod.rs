@@ -515,26 +515,21 @@ impl Keyring {
         }
     }
 
+    /// Seals the keyring (emitting `kms.sealed` the first time) and returns
+    /// the error to report.
     fn seal(&self, kind: WrapErrorKind) -> Error {
         let since = self.options.clock.now();
-        let newly = {
+        {
             let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
-            match *sealed {
-                Some(info) => {
-                    return Error::Sealed {
-                        kind: info.kind,
-                        since: info.since,
-                    };
-                }
-                None => {
-                    *sealed = Some(SealInfo { kind, since });
-                    true
-                }
+            if let Some(info) = *sealed {
+                return Error::Sealed {
+                    kind: info.kind,
+                    since: info.since,
+                };
             }
-        };
-        if newly {
-            self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Sealed { kind });
+            *sealed = Some(SealInfo { kind, since });
         }
+        self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Sealed { kind });
         Error::Sealed { kind, since }
     }
 
