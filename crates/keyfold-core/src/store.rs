@@ -298,7 +298,11 @@ impl FileStore {
         }
     }
 
-    fn lock_file(&self, keyring_id: &str) -> Result<LockFile, StoreError> {
+    fn lock_file(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+    ) -> Result<LockFile, StoreError> {
         let path = self.dir.join(format!("{keyring_id}.json.lock"));
         for attempt in 0..2 {
             match std::fs::OpenOptions::new()
@@ -318,9 +322,11 @@ impl FileStore {
                         continue;
                     }
                     let found = self.read(keyring_id).ok().flatten().map(|(r, _)| r);
+                    // Another writer is saving right now: whatever it
+                    // writes moves the revision, so this save loses.
                     return Err(StoreError::Conflict {
                         keyring_id: keyring_id.to_owned(),
-                        expected: None,
+                        expected,
                         found,
                     });
                 }
@@ -375,7 +381,7 @@ impl KeyringStore for FileStore {
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _lock = self.lock_file(keyring_id)?;
+        let _lock = self.lock_file(keyring_id, expected)?;
         let found = self.read(keyring_id)?.map(|(r, _)| r);
         let revision = next_revision(keyring_id, expected, found)?;
         let bytes = to_bytes(revision, keyring)?;

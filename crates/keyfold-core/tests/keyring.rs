@@ -1111,3 +1111,26 @@ async fn single_flight_shares_a_failed_unwrap_instead_of_retrying_it_100_times()
         1
     );
 }
+
+#[tokio::test]
+async fn file_store_refuses_to_write_while_another_writer_holds_the_lock() {
+    let dir = tempdir();
+    let store = FileStore::new(&dir).unwrap();
+    let k = keyfold_core::keyring::StoredKeyring::new("t", Timestamp(1));
+    let r1 = store.save("t", None, &k).await.unwrap();
+    let lock = dir.join("t.json.lock");
+    std::fs::write(&lock, b"").unwrap();
+    match store.save("t", Some(r1), &k).await {
+        Err(keyfold_core::store::StoreError::Conflict {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (Some(r1), Some(r1))),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_file(&lock).unwrap();
+    assert!(store.save("t", Some(r1), &k).await.unwrap() > r1);
+    assert!(matches!(
+        store.save("../evil", None, &k).await,
+        Err(keyfold_core::store::StoreError::InvalidId(_))
+    ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
