@@ -7,7 +7,8 @@
 //! | 404                                           | `NotFound`            |
 //! | 429 (with `Retry-After` kept as `retry_after`)| `Throttled`           |
 //! | 408, 5xx, connection or I/O failure           | `Unavailable`         |
-//! | 400 (`BadParameter`: not our ciphertext)      | `InvalidCiphertext`   |
+//! | 400 (`BadParameter`) on unwrap: not this key's ciphertext | `InvalidCiphertext` |
+//! | 400 on wrap: the key cannot do the algorithm  | `Misconfigured`       |
 //! | no token from Entra ID                        | `AccessDenied` (`Unavailable` when Entra was unreachable) |
 //! | anything else (other 4xx, refused challenge…) | `Misconfigured`       |
 //!
@@ -55,7 +56,7 @@ pub(crate) fn map_sdk_error(
     key_ref: &str,
     operation: WrapOperation,
 ) -> WrapError {
-    let (kind, message, retry_after) = classify(&err);
+    let (kind, message, retry_after) = classify(&err, operation);
     let mut out = WrapError::new(kind, PROVIDER, key_ref, operation).with_message(message);
     if let Some(wait) = retry_after {
         out = out.with_retry_after(wait);
@@ -63,7 +64,10 @@ pub(crate) fn map_sdk_error(
     out.with_source(err)
 }
 
-fn classify(err: &azure_core::Error) -> (WrapErrorKind, String, Option<Duration>) {
+fn classify(
+    err: &azure_core::Error,
+    operation: WrapOperation,
+) -> (WrapErrorKind, String, Option<Duration>) {
     match err.kind() {
         SdkKind::HttpResponse {
             status,
@@ -77,14 +81,20 @@ fn classify(err: &azure_core::Error) -> (WrapErrorKind, String, Option<Duration>
                 .and_then(|b| b.error)
                 .unwrap_or_default();
             let inner = body.inner.and_then(|i| i.code);
-            let code = error_code.clone().or(body.code);
+            // The SDK falls back to the bare status as the "code" when its
+            // borrowed parse of the body fails (escaped quotes in the message);
+            // the body's own code is better then.
+            let code = body
+                .code
+                .or_else(|| error_code.clone().filter(|c| c.parse::<u16>().is_err()));
             let kind = match status {
                 401 => WrapErrorKind::AccessDenied,
                 403 if inner.as_deref() == Some("KeyDisabled") => WrapErrorKind::KeyDisabled,
                 403 => WrapErrorKind::AccessDenied,
                 404 => WrapErrorKind::NotFound,
                 429 => WrapErrorKind::Throttled,
-                400 => WrapErrorKind::InvalidCiphertext,
+                400 if operation == WrapOperation::Unwrap => WrapErrorKind::InvalidCiphertext,
+                400 => WrapErrorKind::Misconfigured,
                 408 | 500..=599 => WrapErrorKind::Unavailable,
                 _ => WrapErrorKind::Misconfigured,
             };
@@ -225,6 +235,12 @@ mod tests {
         ] {
             assert_eq!(kind_of(status, body), want, "{status} {body}");
         }
+        let bad_alg = map_sdk_error(
+            http_error(400, &[], r#"{"error":{"code":"BadParameter"}}"#),
+            "k",
+            WrapOperation::Wrap,
+        );
+        assert_eq!(bad_alg.kind, K::Misconfigured);
     }
 
     #[test]
@@ -247,6 +263,29 @@ mod tests {
         );
         assert!(text.contains("HTTP 403 Forbidden KeyDisabled"), "{text}");
         assert!(text.contains("disabled key"), "{text}");
+    }
+
+    #[test]
+    fn the_body_code_beats_the_sdk_s_status_fallback() {
+        let body = r#"{"error":{"code":"BadParameter","message":"Algorithm \"A256KW\" is not supported"}}"#;
+        let raw = RawResponse::from_bytes(
+            StatusCode::from(400),
+            Headers::new(),
+            body.as_bytes().to_vec(),
+        );
+        let err = azure_core::Error::with_message(
+            SdkKind::HttpResponse {
+                status: StatusCode::from(400),
+                error_code: Some("400".into()),
+                raw_response: Some(Box::new(raw)),
+            },
+            "400",
+        );
+        let text = map_sdk_error(err, "k", WrapOperation::Unwrap).to_string();
+        assert!(
+            text.ends_with("HTTP 400 BadParameter: Algorithm \"A256KW\" is not supported"),
+            "{text}"
+        );
     }
 
     #[test]

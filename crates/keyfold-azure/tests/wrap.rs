@@ -237,7 +237,7 @@ async fn managed_hsm_reads_the_key_type_once() {
     assert_eq!(w.algorithm().await.unwrap(), WrapAlgorithm::RsaOaep256);
     assert!(vault.seen().is_empty());
 
-    // Pinning the wrong algorithm is the service's 400.
+    // Pinning the wrong algorithm is the service's 400: a misconfiguration.
     let pinned = support::builder(&vault, &vault.config("k"))
         .algorithm(WrapAlgorithm::A256Kw)
         .build()
@@ -246,7 +246,8 @@ async fn managed_hsm_reads_the_key_type_once() {
         .wrap(&SecretKey::generate().unwrap(), &ctx())
         .await
         .unwrap_err();
-    assert_eq!(err.kind, WrapErrorKind::InvalidCiphertext, "{err}");
+    assert_eq!(err.kind, WrapErrorKind::Misconfigured, "{err}");
+    assert!(err.to_string().contains("BadParameter"), "{err:?}");
 }
 
 #[tokio::test]
