@@ -3,7 +3,8 @@
 //! Key Vault key rotates and old master key versions still unwrap through
 //! their recorded `kid`; a KMS re-wrap moves them to the new Key Vault
 //! version, after which the old one can be disabled; an unreachable vault
-//! seals the keyring and unsealing recovers.
+//! seals the keyring and unsealing recovers; records are rewrapped to the
+//! newest master key version and the old versions destroyed.
 
 mod support;
 
@@ -12,10 +13,11 @@ use std::sync::Arc;
 use keyfold_azure::AzureFactory;
 use keyfold_core::audit::{Actor, RecordingSink};
 use keyfold_core::config::ProviderConfig;
-use keyfold_core::keyring::Keyring;
+use keyfold_core::keyring::{DestroyAuthorization, Keyring, NoRecordsLeft};
 use keyfold_core::probe::{ConfigSlot, ProbeStep, WrapperFactory};
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::store::MemoryStore;
+use keyfold_core::time::{Clock, ManualClock, Timestamp};
 use keyfold_core::{EncryptionContext, Error, KeyWrapper, WrapErrorKind};
 use support::{FakeVault, Fault, RecordingSleeper, TestCredential};
 
@@ -46,9 +48,9 @@ fn kv_versions(ring: &Keyring) -> Vec<String> {
         .1
         .versions
         .iter()
-        .map(|v| {
-            let kid = v.wrapped.as_ref().unwrap().kms_key_version.clone().unwrap();
-            kid.rsplit('/').next().unwrap().to_owned()
+        .filter_map(|v| {
+            let kid = v.wrapped.as_ref()?.kms_key_version.clone().unwrap();
+            Some(kid.rsplit('/').next().unwrap().to_owned())
         })
         .collect()
 }
@@ -72,16 +74,35 @@ async fn keyring_lifecycle_across_key_vault_rotation() {
     assert_eq!(failure.step, ProbeStep::Wrap);
     assert_eq!(failure.kind, Some(WrapErrorKind::NotFound));
     assert!(slot.current().is_none());
+    // A denied key is reported as such, at the wrap step.
+    vault.inject([Fault::Status(403)]);
+    let denied = slot
+        .upsert(config.clone(), &factory, "acme", &sink, &admin())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.step, ProbeStep::Wrap);
+    assert_eq!(denied.kind, Some(WrapErrorKind::AccessDenied));
+    assert!(denied.to_string().contains("access denied"), "{denied}");
+    assert!(
+        denied.to_string().contains("HTTP 403 Forbidden"),
+        "{denied}"
+    );
+    assert!(slot.current().is_none());
     let probed = slot
         .upsert(config.clone(), &factory, "acme", &sink, &admin())
         .await
         .unwrap();
-    assert_eq!(sink.names(), ["kms.probe.failed", "kms.config.updated"]);
+    assert_eq!(
+        sink.names(),
+        ["kms.probe.failed", "kms.probe.failed", "kms.config.updated"]
+    );
 
     // A keyring wrapped by the Key Vault key.
     let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(Timestamp(1_700_000_000));
     let ring = Keyring::builder("acme", probed.wrapper.clone(), store.clone())
         .retry_policy(RetryPolicy::none())
+        .clock(Arc::new(clock.clone()))
         .create()
         .await
         .unwrap();
@@ -145,6 +166,35 @@ async fn keyring_lifecycle_across_key_vault_rotation() {
     vault.clear_faults();
     ring.unseal().await.unwrap();
     assert_eq!(ring.decrypt(&row(1), &r1).await.unwrap(), b"first record");
+
+    // Records move to the newest master key version (header-only rewrap);
+    // versions 1 and 2 are then disabled and destroyed with the evidence.
+    let r1 = ring.rewrap(&row(1), &r1, 3).await.unwrap().unwrap();
+    let old_r2 = r2.clone();
+    let r2 = ring.rewrap(&row(2), &r2, 3).await.unwrap().unwrap();
+    assert!(ring.rewrap(&row(3), &r3, 3).await.unwrap().is_none());
+    ring.disable(1, &admin()).await.unwrap();
+    ring.disable(2, &admin()).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(60));
+    for version in [1, 2] {
+        let evidence = NoRecordsLeft {
+            version,
+            source: "azure-e2e-scan".into(),
+            checked_at: clock.now(),
+        };
+        ring.destroy(version, DestroyAuthorization::Evidence(evidence), &admin())
+            .await
+            .unwrap();
+    }
+    ring.clear_cache();
+    assert!(matches!(
+        ring.decrypt(&row(2), &old_r2).await,
+        Err(Error::KeyDestroyed { version: 2 })
+    ));
+    assert_eq!(ring.decrypt(&row(1), &r1).await.unwrap(), b"first record");
+    assert_eq!(ring.decrypt(&row(2), &r2).await.unwrap(), b"second record");
+    assert_eq!(ring.decrypt(&row(3), &r3).await.unwrap(), b"third record");
+    assert_eq!(kv_versions(&ring), [kv2.clone()]);
 
     // The store holds the kids, never a plaintext key.
     let stored = serde_json::to_string(&*ring.snapshot().1).unwrap();
