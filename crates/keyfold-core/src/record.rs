@@ -9,19 +9,22 @@ use zeroize::Zeroizing;
 use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::format::{
-    COMMITMENT_LEN, FORMAT_V1, HEADER_LEN, IMMUTABLE_END, MAGIC, MAX_RECORD_PLAINTEXT,
-    RECORD_OVERHEAD, RecordView, VERSION_AT, WRAP_SALT_LEN, WRAPPED_KEY_AT,
+    COMMITMENT_LEN, FORMAT_V1, HEADER_LEN, HeaderInfo, HeaderKind, HeaderView, IMMUTABLE_END,
+    MAGIC, MAX_RECORD_PLAINTEXT, RECORD_OVERHEAD, REWRAP_PART_LEN, RecordView, WRAP_SALT_LEN,
+    WRAPPED_DATA_KEY_LEN,
 };
 use crate::kdf::Prf;
 use crate::rng;
 use crate::secret::{KEY_LEN, MasterKey};
-use crate::suite::{Suite, TAG_LEN, open_single_use, seal_single_use};
+use crate::suite::{Backend, Suite, TAG_LEN, open_single_use, seal_single_use};
 
 // HKDF info labels (docs/FORMAT.md, "Key derivation"). Never reuse one for
 // another purpose.
 const LABEL_WRAP: &[u8] = b"keyfold/v1/wrap-key";
 const LABEL_PAYLOAD: &[u8] = b"keyfold/v1/payload-key";
 const LABEL_COMMIT: &[u8] = b"keyfold/v1/commitment";
+/// The commitment of a stream's data key (docs/FORMAT.md, "Streaming").
+const LABEL_STREAM_COMMIT: &[u8] = b"keyfold/v1/stream-commitment";
 
 /// Keys derived from one record's data key.
 struct PayloadKeys {
@@ -37,15 +40,30 @@ fn payload_keys(data_key: &[u8; KEY_LEN], suite: Suite) -> PayloadKeys {
     }
 }
 
-fn wrap_key(
-    master: &MasterKey,
-    suite: Suite,
-    salt: &[u8; WRAP_SALT_LEN],
-) -> Zeroizing<[u8; KEY_LEN]> {
-    master.wrap_kdf().expand(&[LABEL_WRAP, &[suite.id()], salt])
+/// The commitment to `data_key` that a header of `kind` with suite byte
+/// `suite_id` carries (docs/FORMAT.md, "Commitment").
+pub(crate) fn commitment(
+    data_key: &[u8; KEY_LEN],
+    kind: HeaderKind,
+    suite_id: u8,
+) -> Zeroizing<[u8; COMMITMENT_LEN]> {
+    let label = match kind {
+        HeaderKind::Record => LABEL_COMMIT,
+        HeaderKind::Stream => LABEL_STREAM_COMMIT,
+    };
+    Prf::new(data_key).expand(&[label, &[suite_id]])
 }
 
-fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
+/// The key of one wrap; `suite_id` is the header's suite byte.
+fn wrap_key(
+    master: &MasterKey,
+    suite_id: u8,
+    salt: &[u8; WRAP_SALT_LEN],
+) -> Zeroizing<[u8; KEY_LEN]> {
+    master.wrap_kdf().expand(&[LABEL_WRAP, &[suite_id], salt])
+}
+
+pub(crate) fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
     let mut aad = Vec::with_capacity(header.len() + context.len());
     aad.extend_from_slice(header);
     aad.extend_from_slice(context);
@@ -53,32 +71,49 @@ fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
 }
 
 /// Writes version, the wrap salt and the data key sealed under `master`
-/// into `header[VERSION_AT..HEADER_LEN]`; `header[..IMMUTABLE_END]` must be final.
-fn write_wrap(
-    header: &mut [u8; HEADER_LEN],
+/// into the rewrap part of `header` (its last 76 bytes); the immutable part
+/// before it must be final. `header` is a whole record or stream header,
+/// `suite_id` its suite byte and `suite` the AEAD (docs/FORMAT.md,
+/// "Operations").
+pub(crate) fn write_wrap(
+    header: &mut [u8],
     master: &MasterKey,
+    suite_id: u8,
     suite: Suite,
     data_key: &[u8; KEY_LEN],
     salt: &[u8; WRAP_SALT_LEN],
     context: &[u8],
 ) -> Result<(), Error> {
-    let (aad_part, wrapped) = header.split_at_mut(WRAPPED_KEY_AT);
-    let (_, mutable) = aad_part.split_at_mut(VERSION_AT);
-    let (version, salt_out) = mutable.split_at_mut(4);
+    let immutable_end = header
+        .len()
+        .checked_sub(REWRAP_PART_LEN)
+        .ok_or(Error::Encrypt)?;
+    let wrapped_at = immutable_end + REWRAP_PART_LEN - WRAPPED_DATA_KEY_LEN;
+    let (aad_part, wrapped) = header
+        .split_at_mut_checked(wrapped_at)
+        .ok_or(Error::Encrypt)?;
+    let (_, mutable) = aad_part
+        .split_at_mut_checked(immutable_end)
+        .ok_or(Error::Encrypt)?;
+    let (version, salt_out) = mutable.split_at_mut_checked(4).ok_or(Error::Encrypt)?;
     version.copy_from_slice(&master.version().to_be_bytes());
     salt_out.copy_from_slice(salt);
-    let key = wrap_key(master, suite, salt);
+    let key = wrap_key(master, suite_id, salt);
     let aad = with_context(aad_part, context);
-    let (sealed, tag_out) = wrapped.split_at_mut(KEY_LEN);
+    let (sealed, tag_out) = wrapped
+        .split_at_mut_checked(KEY_LEN)
+        .ok_or(Error::Encrypt)?;
     sealed.copy_from_slice(data_key);
-    let tag = seal_single_use(suite, &key, &aad, sealed).map_err(|_| Error::Encrypt)?;
+    let tag = seal_single_use(Backend::default(), suite, &key, &aad, sealed)
+        .map_err(|_| Error::Encrypt)?;
     tag_out.copy_from_slice(&tag);
     Ok(())
 }
 
-/// Opens the wrapped data key of `view` under `master`.
-fn open_wrap(
-    view: &RecordView<'_>,
+/// Opens the wrapped data key of a record's or stream's header under
+/// `master`, and checks the header's commitment to it.
+pub(crate) fn open_wrap(
+    view: &HeaderView<'_>,
     master: &MasterKey,
     context: &[u8],
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
@@ -88,17 +123,25 @@ fn open_wrap(
             supplied: master.version(),
         });
     }
-    let key = wrap_key(master, view.suite, view.wrap_salt);
-    let aad = with_context(view.wrap_aad_header(), context);
+    let key = wrap_key(master, view.suite_id, view.wrap_salt);
+    let aad = with_context(view.wrap_aad(), context);
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     let (sealed, tag) = view.wrapped_data_key.split_at(KEY_LEN);
-    data_key.copy_from_slice(sealed);
     let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| Error::Decrypt)?;
-    open_single_use(view.suite, &key, &aad, &mut *data_key, tag).map_err(|_| Error::Decrypt)?;
+    open_single_use(
+        Backend::default(),
+        view.suite,
+        &key,
+        &aad,
+        sealed,
+        tag,
+        &mut *data_key,
+    )
+    .map_err(|_| Error::Decrypt)?;
     // The commitment binds this data key to the payload (and so to the
-    // whole record): checked before any payload byte is released.
-    let keys = payload_keys(&data_key, view.suite);
-    if !bool::from(keys.commitment.ct_eq(view.commitment)) {
+    // whole record or stream): checked before any payload byte is released.
+    let expected = commitment(&data_key, view.kind, view.suite_id);
+    if !bool::from(expected.ct_eq(view.commitment)) {
         return Err(Error::Decrypt);
     }
     Ok(data_key)
@@ -128,6 +171,21 @@ pub fn encrypt(
     context: &EncryptionContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
+    encrypt_with(Backend::default(), master, suite, context, plaintext)
+}
+
+/// [`encrypt`] with the payload sealed by a chosen [`Backend`] (the output
+/// is the same whichever backend runs).
+///
+/// # Errors
+/// As [`encrypt`].
+pub fn encrypt_with(
+    backend: Backend,
+    master: &MasterKey,
+    suite: Suite,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
     if plaintext.len() as u64 > MAX_RECORD_PLAINTEXT {
         return Err(Error::PlaintextTooLarge {
             len: plaintext.len() as u64,
@@ -138,7 +196,9 @@ pub fn encrypt(
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     rng::fill(&mut *data_key)?;
     let salt = fresh_salt()?;
-    seal_with(master, suite, &context, &data_key, &salt, plaintext)
+    seal_with(
+        backend, master, suite, &context, &data_key, &salt, plaintext,
+    )
 }
 
 fn fresh_salt() -> Result<[u8; WRAP_SALT_LEN], Error> {
@@ -150,6 +210,7 @@ fn fresh_salt() -> Result<[u8; WRAP_SALT_LEN], Error> {
 /// Encrypts with a caller-chosen data key and wrap salt: the deterministic
 /// core of [`encrypt`], for known-answer vectors only.
 pub(crate) fn seal_with(
+    backend: Backend,
     master: &MasterKey,
     suite: Suite,
     context: &[u8],
@@ -166,7 +227,7 @@ pub(crate) fn seal_with(
     for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
         *dst = *src;
     }
-    write_wrap(&mut header, master, suite, data_key, salt, context)?;
+    write_wrap(&mut header, master, suite.id(), suite, data_key, salt, context)?;
 
     let (immutable, _) = header.split_at(IMMUTABLE_END);
     let aad = with_context(immutable, context);
@@ -176,7 +237,8 @@ pub(crate) fn seal_with(
     let payload = out.get_mut(HEADER_LEN..).unwrap_or_default();
     // The payload key is derived from a data key used for this one payload:
     // the fixed nonce is never reused (docs/FORMAT.md, "Nonces").
-    let tag = seal_single_use(suite, &keys.key, &aad, payload).map_err(|_| Error::Encrypt)?;
+    let tag =
+        seal_single_use(backend, suite, &keys.key, &aad, payload).map_err(|_| Error::Encrypt)?;
     out.extend_from_slice(&tag);
     Ok(out)
 }
@@ -193,21 +255,44 @@ pub fn decrypt(
     context: &EncryptionContext,
     record: &[u8],
 ) -> Result<Vec<u8>, Error> {
+    decrypt_with(Backend::default(), master, context, record)
+}
+
+/// [`decrypt`] with the payload opened by a chosen [`Backend`].
+///
+/// # Errors
+/// As [`decrypt`].
+pub fn decrypt_with(
+    backend: Backend,
+    master: &MasterKey,
+    context: &EncryptionContext,
+    record: &[u8],
+) -> Result<Vec<u8>, Error> {
     let view = RecordView::parse(record)?;
     let context = context.encode()?;
-    let data_key = open_wrap(&view, master, &context)?;
-    open_payload(&view, &data_key, &context)
+    let data_key = open_wrap(&view.header(), master, &context)?;
+    open_payload(backend, &view, &data_key, &context)
 }
 
 fn open_payload(
+    backend: Backend,
     view: &RecordView<'_>,
     data_key: &[u8; KEY_LEN],
     context: &[u8],
 ) -> Result<Vec<u8>, Error> {
     let keys = payload_keys(data_key, view.suite);
     let aad = with_context(view.immutable_header(), context);
-    let mut plaintext = view.payload.to_vec();
-    if open_single_use(view.suite, &keys.key, &aad, &mut plaintext, view.tag).is_err() {
+    let mut plaintext = vec![0u8; view.payload.len()];
+    let opened = open_single_use(
+        backend,
+        view.suite,
+        &keys.key,
+        &aad,
+        view.payload,
+        view.tag,
+        &mut plaintext,
+    );
+    if opened.is_err() {
         // Don't hand back unauthenticated bytes, even by accident.
         zeroize::Zeroize::zeroize(&mut plaintext);
         return Err(Error::Decrypt);
@@ -259,7 +344,7 @@ pub fn rewrap_in_place(
     let context = context.encode()?;
     let (data_key, suite) = {
         let view = RecordView::parse(record)?;
-        (open_wrap(&view, from, &context)?, view.suite)
+        (open_wrap(&view.header(), from, &context)?, view.suite)
     };
     // Build the new header aside, so a failure leaves the record untouched.
     let (header_in, _) = record
@@ -267,9 +352,107 @@ pub fn rewrap_in_place(
         .ok_or(Error::Decrypt)?;
     let mut header = [0u8; HEADER_LEN];
     header.copy_from_slice(header_in);
-    write_wrap(&mut header, to, suite, &data_key, &fresh_salt()?, &context)?;
+    write_wrap(
+        &mut header,
+        to,
+        suite.id(),
+        suite,
+        &data_key,
+        &fresh_salt()?,
+        &context,
+    )?;
     header_in.copy_from_slice(&header);
     Ok(())
+}
+
+/// Header-only rewrap of a record **or a stream**: `buf` starts with the
+/// header (112 bytes for a record, 123 for a stream) and may hold just
+/// that, or the whole object. Only the header's rewrap part (version, wrap
+/// salt, wrapped data key) is rewritten, under `to`, with a fresh salt. The
+/// data key is opened with `from` and the header's commitment checked
+/// first, so a header that does not belong to its data key is refused.
+/// Bytes after the header are not read or written: re-keying a 10 GiB
+/// object rewrites 123 bytes (docs/FORMAT.md, "Operations").
+///
+/// ```
+/// use keyfold_core::{format, record, stream, EncryptionContext, MasterKey, SecretKey};
+/// let v1 = MasterKey::new(1, SecretKey::generate()?);
+/// let v2 = MasterKey::new(2, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("object", "backup-7");
+/// let mut object = Vec::new();
+/// stream::encrypt(&v1, Default::default(), &ctx, &b"big"[..], &mut object)?;
+/// // Only the header is needed: the payload may stay in object storage.
+/// let mut header = object[..format::STREAM_HEADER_LEN].to_vec();
+/// let info = record::rewrap_header_in_place(&mut header, &v1, &v2, &ctx)?;
+/// assert_eq!(info.key_version, 2);
+/// object[..format::STREAM_HEADER_LEN].copy_from_slice(&header);
+/// let mut plain = Vec::new();
+/// stream::decrypt(&v2, &ctx, &object[..], &mut plain)?;
+/// assert_eq!(plain, b"big");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Format`] when `buf` does not start with a whole header,
+/// [`Error::VersionMismatch`], or [`Error::Decrypt`] when `from`, the
+/// context or the header is wrong. On error `buf` is unchanged.
+pub fn rewrap_header_in_place(
+    buf: &mut [u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<HeaderInfo, Error> {
+    let context = context.encode()?;
+    let (data_key, suite_id, suite, len) = {
+        let view = HeaderView::parse_prefix(buf)?;
+        (
+            open_wrap(&view, from, &context)?,
+            view.suite_id,
+            view.suite,
+            view.bytes.len(),
+        )
+    };
+    // Build the new header aside, so a failure leaves the buffer untouched.
+    let header_in = buf.get_mut(..len).ok_or(Error::Decrypt)?;
+    let mut header = header_in.to_vec();
+    write_wrap(
+        &mut header,
+        to,
+        suite_id,
+        suite,
+        &data_key,
+        &fresh_salt()?,
+        &context,
+    )?;
+    header_in.copy_from_slice(&header);
+    Ok(crate::format::inspect_header(buf)?)
+}
+
+/// Checks the header of a record or stream under `master` without its
+/// payload: opens the wrapped data key and verifies the commitment. This is
+/// how a header-only rewrap is verified before it is written back.
+///
+/// ```
+/// use keyfold_core::{format, record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let key = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("row", "1");
+/// let ct = record::encrypt(&key, Suite::default(), &ctx, b"x")?;
+/// record::check_header(&ct[..format::HEADER_LEN], &key, &ctx)?;
+/// assert!(record::check_header(&ct, &key, &EncryptionContext::new()).is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// As [`rewrap_header_in_place`].
+pub fn check_header(
+    buf: &[u8],
+    master: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<HeaderInfo, Error> {
+    let context = context.encode()?;
+    let view = HeaderView::parse_prefix(buf)?;
+    open_wrap(&view, master, &context)?;
+    Ok(crate::format::inspect_header(buf)?)
 }
 
 /// Decrypts with `from` and encrypts again under `to` with a fresh data key

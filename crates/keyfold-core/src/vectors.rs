@@ -104,6 +104,7 @@ fn vectors() {
                 let ctx = v.context().encode().unwrap();
                 let salt: [u8; WRAP_SALT_LEN] = v.hex("wrap_salt").try_into().unwrap();
                 let ours = seal_with(
+                    crate::suite::Backend::default(),
                     &v.master(),
                     v.suite(),
                     &ctx,
@@ -228,6 +229,7 @@ fn generate() {
         let master = MasterKey::new(c.version, SecretKey::from_bytes(&mut mk(c.mk)));
         let ctx: EncryptionContext = c.ctx.iter().map(|(k, v)| (*k, *v)).collect();
         let record = seal_with(
+            crate::suite::Backend::default(),
             &master,
             c.suite,
             &ctx.encode().unwrap(),
