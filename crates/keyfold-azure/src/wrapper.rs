@@ -512,7 +512,9 @@ fn check_result(
     wrapper: &AzureKeyWrapper,
     op: WrapOperation,
     result: KeyOperationResult,
-) -> Result<(KeyId, Vec<u8>), WrapError> {
+) -> Result<(KeyId, Zeroizing<Vec<u8>>), WrapError> {
+    // Taken first, so an unwrapped key is zeroized on every error path below.
+    let value = Zeroizing::new(result.result.unwrap_or_default());
     let kid = result.kid.ok_or_else(|| {
         wrapper.error(
             WrapErrorKind::Unavailable,
@@ -521,7 +523,6 @@ fn check_result(
         )
     })?;
     let kid = KeyId::parse(&kid).map_err(|e| wrapper.error(WrapErrorKind::Misconfigured, op, e))?;
-    let value = result.result.unwrap_or_default();
     if value.is_empty() {
         return Err(wrapper.error(
             WrapErrorKind::Unavailable,
@@ -561,7 +562,8 @@ impl KeyWrapper for AzureKeyWrapper {
                     .map_err(|e| map_sdk_error(e, &self.key_ref, op))
             })
             .await?;
-        let (kid, bytes) = check_result(self, op, result)?;
+        let (kid, wrapped) = check_result(self, op, result)?;
+        let bytes = wrapped.to_vec();
         if !kid.is_key(&self.key.vault_url, &self.key.name) {
             return Err(self.error(
                 WrapErrorKind::Misconfigured,
@@ -612,7 +614,6 @@ impl KeyWrapper for AzureKeyWrapper {
             })
             .await?;
         let (_, value) = check_result(self, op, result)?;
-        let value = Zeroizing::new(value);
         SecretKey::try_from_slice(&value).map_err(|e| {
             self.error(
                 WrapErrorKind::InvalidCiphertext,
