@@ -272,13 +272,15 @@ impl FakeVault {
     }
 
     /// A transport trusting only the test CA, resolving the public host
-    /// names to the fake, with no proxy.
+    /// name and `localhost` to the fake, with no proxy.
     pub fn transport(&self) -> Transport {
         let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
         let host = self.public_url.trim_start_matches("https://");
         let client = reqwest::Client::builder()
             .tls_certs_only([ca])
             .resolve(host, self.addr)
+            // `localhost` may resolve to ::1 first; the fake listens on 127.0.0.1.
+            .resolve("localhost", self.addr)
             .no_proxy()
             .connect_timeout(Duration::from_secs(5))
             .build()
