@@ -1,0 +1,492 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a security library answers bad input with a typed error, never a panic"
+)]
+
+mod errors;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::sts::AssumeRoleProvider;
+use aws_sdk_kms::config::{
+    Intercept, ProvideCredentials, Region, SharedCredentialsProvider, SharedInterceptor,
+};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::EncryptionAlgorithmSpec;
+use keyfold_core::config::{AwsConfig, AwsKeyRef, ProviderConfig};
+use keyfold_core::retry::{RetryPolicy, retry};
+use keyfold_core::{
+    KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
+};
+use zeroize::Zeroizing;
+
+pub use errors::classify_sdk_error;
+
+/// Provider name recorded in every [`WrappedKey`] this crate makes.
+pub const PROVIDER: &str = "aws";
+
+/// Session name used for the STS `AssumeRole` call (shows in CloudTrail).
+pub const DEFAULT_SESSION_NAME: &str = "keyfold-aws";
+
+/// The keyring id used by [`AwsKmsWrapper::probe`]'s round trip.
+pub const PROBE_KEYRING_ID: &str = "keyfold-onboarding-probe";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A [`KeyWrapper`] over one AWS KMS symmetric key.
+///
+/// Wraps with KMS `Encrypt` and unwraps with `Decrypt`, both with the
+/// [`WrapContext`] as the KMS *encryption context*
+/// (`keyfold:keyring`, `keyfold:version`), so a wrapped key moved to another
+/// keyring or version fails at the KMS. `Decrypt` names the configured key
+/// (`KeyId`) and the key ARN in its response is checked against the one the
+/// wrapped key records (and against the configured ARN when the config names
+/// a key ARN): a blob substituted from another key is refused with
+/// [`WrapErrorKind::KeyMismatch`].
+///
+/// Credentials come only from assuming the config's role (`role_arn`, with
+/// `external_id`) through STS, on top of the default credential chain.
+///
+/// `Debug` shows the key, region and role, never credentials or the external id.
+pub struct AwsKmsWrapper {
+    config: AwsConfig,
+    key: AwsKeyRef,
+    client: aws_sdk_kms::Client,
+    retry: RetryPolicy,
+}
+
+/// Builds an [`AwsKmsWrapper`], with knobs that are deliberately not part of
+/// the serde [`AwsConfig`] (tests, emulators, instrumentation).
+pub struct AwsKmsWrapperBuilder {
+    config: AwsConfig,
+    sts_endpoint_url: Option<String>,
+    base_credentials: Option<SharedCredentialsProvider>,
+    session_name: String,
+    retry: RetryPolicy,
+    interceptors: Vec<SharedInterceptor>,
+    connect_timeout: Duration,
+    attempt_timeout: Duration,
+}
+
+impl fmt::Debug for AwsKmsWrapperBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKmsWrapperBuilder")
+            .field("config", &RedactedConfig(&self.config))
+            .field("sts_endpoint_url", &self.sts_endpoint_url)
+            .field(
+                "base_credentials",
+                &self.base_credentials.as_ref().map(|_| "******"),
+            )
+            .field("session_name", &self.session_name)
+            .field("retry", &self.retry)
+            .field("interceptors", &self.interceptors.len())
+            .finish()
+    }
+}
+
+impl AwsKmsWrapperBuilder {
+    /// Sends STS `AssumeRole` to this endpoint instead of the regional STS
+    /// endpoint (a local emulator in tests, or an STS VPC endpoint).
+    /// [`AwsConfig::endpoint_url`] applies to KMS only.
+    #[must_use]
+    pub fn sts_endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.sts_endpoint_url = Some(url.into());
+        self
+    }
+
+    /// The credentials that call `AssumeRole`, instead of the default
+    /// credential chain (environment, web identity, ECS, IMDS). The wrapper
+    /// still assumes the config's role: these credentials never call KMS.
+    #[must_use]
+    pub fn base_credentials(mut self, provider: impl ProvideCredentials + 'static) -> Self {
+        self.base_credentials = Some(SharedCredentialsProvider::new(provider));
+        self
+    }
+
+    /// The STS role session name (default [`DEFAULT_SESSION_NAME`]).
+    #[must_use]
+    pub fn session_name(mut self, name: impl Into<String>) -> Self {
+        self.session_name = name.into();
+        self
+    }
+
+    /// How throttling and unavailability are retried (default
+    /// [`RetryPolicy::default`]). The SDK's own retries are turned off, so
+    /// this is the only retry layer.
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Adds an SDK interceptor to the KMS client (metrics, tracing, fault
+    /// injection in tests).
+    #[must_use]
+    pub fn interceptor(mut self, interceptor: impl Intercept + 'static) -> Self {
+        self.interceptors.push(SharedInterceptor::new(interceptor));
+        self
+    }
+
+    /// TCP connect timeout for KMS (default 3 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Timeout of one KMS request attempt (default 10 s).
+    #[must_use]
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Validates the config and builds the wrapper. Makes no network call:
+    /// the role is assumed on first use (and again before its credentials expire).
+    ///
+    /// # Errors
+    /// [`WrapErrorKind::Misconfigured`] (operation
+    /// [`WrapOperation::Configure`]) when the config does not validate.
+    pub async fn build(self) -> Result<AwsKmsWrapper, WrapError> {
+        let config = self.config;
+        let misconfigured = |e: keyfold_core::config::ConfigError| {
+            WrapError::new(
+                WrapErrorKind::Misconfigured,
+                PROVIDER,
+                &config.kms_key_ref,
+                WrapOperation::Configure,
+            )
+            .with_message(e.to_string())
+            .with_source(e)
+        };
+        config.validate().map_err(misconfigured)?;
+        let key = AwsKeyRef::parse(&config.kms_key_ref).map_err(misconfigured)?;
+        let region = Region::new(config.region.clone());
+
+        let timeouts = aws_sdk_kms::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(self.connect_timeout)
+            .operation_attempt_timeout(self.attempt_timeout)
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region.clone())
+            .timeout_config(timeouts.clone())
+            .retry_config(aws_sdk_kms::config::retry::RetryConfig::standard());
+        if let Some(base) = self.base_credentials {
+            loader = loader.credentials_provider(base);
+        }
+        if let Some(sts) = &self.sts_endpoint_url {
+            loader = loader.endpoint_url(sts);
+        }
+        let base_conf = loader.load().await;
+        let mut assume = AssumeRoleProvider::builder(config.role_arn.clone())
+            .session_name(self.session_name)
+            .region(region.clone());
+        if let Some(id) = &config.external_id {
+            assume = assume.external_id(id.clone());
+        }
+        let assumed = assume.configure(&base_conf).build().await;
+
+        let mut kms = aws_sdk_kms::config::Builder::from(&base_conf)
+            .region(region)
+            .credentials_provider(assumed)
+            .timeout_config(timeouts)
+            .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled());
+        // The STS endpoint override must not leak to KMS.
+        kms.set_endpoint_url(config.endpoint_url.clone());
+        for interceptor in self.interceptors {
+            kms.push_interceptor(interceptor);
+        }
+        let client = aws_sdk_kms::Client::from_conf(kms.build());
+        Ok(AwsKmsWrapper {
+            config,
+            key,
+            client,
+            retry: self.retry,
+        })
+    }
+}
+
+impl AwsKmsWrapper {
+    /// A builder for `config`.
+    pub fn builder(config: AwsConfig) -> AwsKmsWrapperBuilder {
+        AwsKmsWrapperBuilder {
+            config,
+            sts_endpoint_url: None,
+            base_credentials: None,
+            session_name: DEFAULT_SESSION_NAME.to_owned(),
+            retry: RetryPolicy::default(),
+            interceptors: Vec::new(),
+            connect_timeout: CONNECT_TIMEOUT,
+            attempt_timeout: ATTEMPT_TIMEOUT,
+        }
+    }
+
+    /// A wrapper for `config` with the default credential chain under the
+    /// config's role.
+    ///
+    /// # Errors
+    /// [`WrapErrorKind::Misconfigured`] when the config does not validate.
+    pub async fn new(config: AwsConfig) -> Result<Self, WrapError> {
+        Self::builder(config).build().await
+    }
+
+    /// A wrapper from a tagged [`ProviderConfig`], which must be `aws`.
+    ///
+    /// # Errors
+    /// [`WrapErrorKind::Misconfigured`] for another provider or an invalid config.
+    pub async fn from_provider_config(config: ProviderConfig) -> Result<Self, WrapError> {
+        match config {
+            ProviderConfig::Aws(aws) => Self::new(aws).await,
+            other => Err(WrapError::new(
+                WrapErrorKind::Misconfigured,
+                PROVIDER,
+                other.kms_key_ref(),
+                WrapOperation::Configure,
+            )
+            .with_message(format!(
+                "a {} config was given to the AWS KMS wrapper",
+                other.provider()
+            ))),
+        }
+    }
+
+    /// The config this wrapper was built from.
+    pub fn config(&self) -> &AwsConfig {
+        &self.config
+    }
+
+    /// The onboarding probe: a live wrap and unwrap of a random 32-byte key
+    /// (keyring id [`PROBE_KEYRING_ID`], version 0). Run it before accepting
+    /// a tenant's KMS config; it changes nothing.
+    ///
+    /// # Errors
+    /// The [`WrapError`] of the failing step: a denied key gives
+    /// [`WrapErrorKind::AccessDenied`] naming the key, the operation and what
+    /// to check; a missing key [`WrapErrorKind::NotFound`].
+    pub async fn probe(&self) -> Result<(), WrapError> {
+        let context = WrapContext::new(PROBE_KEYRING_ID, 0);
+        let key = SecretKey::generate().map_err(|e| {
+            self.error(
+                WrapErrorKind::Unavailable,
+                WrapOperation::Wrap,
+                "the OS random generator failed",
+            )
+            .with_source(e)
+        })?;
+        let wrapped = self.wrap(&key, &context).await?;
+        let back = self.unwrap(&wrapped, &context).await?;
+        if back.expose() != key.expose() {
+            return Err(self.error(
+                WrapErrorKind::InvalidCiphertext,
+                WrapOperation::Unwrap,
+                "probe round trip returned different bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn error(&self, kind: WrapErrorKind, op: WrapOperation, message: &str) -> WrapError {
+        WrapError::new(kind, PROVIDER, &self.config.kms_key_ref, op).with_message(message)
+    }
+
+    /// Checks that `arn` (a key ARN reported by KMS or recorded in a wrapped
+    /// key) can be the configured key.
+    fn check_key_arn(&self, arn: &str, op: WrapOperation, what: &str) -> Result<(), WrapError> {
+        let mismatch = |why: String| {
+            self.error(
+                WrapErrorKind::KeyMismatch,
+                op,
+                &format!("{what} {arn:?}: {why}"),
+            )
+        };
+        let Ok(AwsKeyRef::KeyArn {
+            region, account, ..
+        }) = AwsKeyRef::parse(arn)
+        else {
+            return Err(mismatch("not a KMS key ARN".into()));
+        };
+        match &self.key {
+            AwsKeyRef::KeyArn { .. } if arn != self.config.kms_key_ref => {
+                Err(mismatch("not the configured key".into()))
+            }
+            AwsKeyRef::AliasArn {
+                region: r,
+                account: a,
+                ..
+            } if (r, a) != (&region, &account) => Err(mismatch(format!(
+                "not in the configured alias's region {r} and account {a}"
+            ))),
+            AwsKeyRef::Alias(_) if region != self.config.region => Err(mismatch(format!(
+                "not in the configured region {}",
+                self.config.region
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn encryption_context(context: &WrapContext) -> std::collections::HashMap<String, String> {
+        context
+            .pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
+    async fn encrypt_once(
+        &self,
+        key: &SecretKey,
+        context: &WrapContext,
+    ) -> Result<WrappedKey, WrapError> {
+        let op = WrapOperation::Wrap;
+        let out = self
+            .client
+            .encrypt()
+            .key_id(&self.config.kms_key_ref)
+            .plaintext(Blob::new(key.expose().to_vec()))
+            .set_encryption_context(Some(Self::encryption_context(context)))
+            .encryption_algorithm(EncryptionAlgorithmSpec::SymmetricDefault)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(e, &self.config.kms_key_ref, op))?;
+        let arn = out
+            .key_id()
+            .ok_or_else(|| self.error(WrapErrorKind::Unavailable, op, "KMS named no key"))?
+            .to_owned();
+        self.check_key_arn(&arn, op, "KMS encrypted under")?;
+        let bytes = out
+            .ciphertext_blob
+            .ok_or_else(|| {
+                self.error(WrapErrorKind::Unavailable, op, "KMS returned no ciphertext")
+            })?
+            .into_inner();
+        Ok(WrappedKey {
+            provider: PROVIDER.to_owned(),
+            key_ref: arn,
+            kms_key_version: None,
+            bytes,
+        })
+    }
+
+    async fn decrypt_once(
+        &self,
+        wrapped: &WrappedKey,
+        context: &WrapContext,
+    ) -> Result<SecretKey, WrapError> {
+        let op = WrapOperation::Unwrap;
+        let out = self
+            .client
+            .decrypt()
+            .key_id(&self.config.kms_key_ref)
+            .ciphertext_blob(Blob::new(wrapped.bytes.clone()))
+            .set_encryption_context(Some(Self::encryption_context(context)))
+            .encryption_algorithm(EncryptionAlgorithmSpec::SymmetricDefault)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(e, &self.config.kms_key_ref, op))?;
+        // Take the plaintext first so it is zeroized whatever happens next.
+        let plaintext = Zeroizing::new(out.plaintext.map(Blob::into_inner).unwrap_or_default());
+        let arn = out.key_id.unwrap_or_default();
+        self.check_response_key(&arn, &wrapped.key_ref)?;
+        SecretKey::try_from_slice(&plaintext).map_err(|e| {
+            self.error(
+                WrapErrorKind::InvalidCiphertext,
+                op,
+                &format!("KMS returned {} plaintext bytes, expected 32", e.len),
+            )
+        })
+    }
+
+    /// The ARN check on a `Decrypt` response: KMS must report the key the
+    /// wrapped key was made with, and that key must be the configured one.
+    fn check_response_key(&self, response_arn: &str, recorded_arn: &str) -> Result<(), WrapError> {
+        let op = WrapOperation::Unwrap;
+        if response_arn.is_empty() {
+            return Err(self.error(
+                WrapErrorKind::KeyMismatch,
+                op,
+                "KMS Decrypt response names no key; refusing the plaintext",
+            ));
+        }
+        if response_arn != recorded_arn {
+            return Err(self.error(
+                WrapErrorKind::KeyMismatch,
+                op,
+                &format!(
+                    "KMS decrypted under {response_arn:?}, but the wrapped key records {recorded_arn:?}; refusing a substituted blob"
+                ),
+            ));
+        }
+        self.check_key_arn(response_arn, op, "KMS decrypted under")
+    }
+}
+
+/// `AwsConfig` for `Debug` with the external id hidden.
+struct RedactedConfig<'a>(&'a AwsConfig);
+
+impl fmt::Debug for RedactedConfig<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
+        f.debug_struct("AwsConfig")
+            .field("kms_key_ref", &c.kms_key_ref)
+            .field("region", &c.region)
+            .field("role_arn", &c.role_arn)
+            .field("external_id", &c.external_id.as_ref().map(|_| "******"))
+            .field("endpoint_url", &c.endpoint_url)
+            .finish()
+    }
+}
+
+impl fmt::Debug for AwsKmsWrapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKmsWrapper")
+            .field("config", &RedactedConfig(&self.config))
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl KeyWrapper for AwsKmsWrapper {
+    fn provider(&self) -> &str {
+        PROVIDER
+    }
+
+    /// The configured key reference (key ARN, alias ARN or `alias/NAME`).
+    /// Wrapped keys record the key ARN KMS reports.
+    fn key_ref(&self) -> &str {
+        &self.config.kms_key_ref
+    }
+
+    async fn wrap(&self, key: &SecretKey, context: &WrapContext) -> Result<WrappedKey, WrapError> {
+        retry(&self.retry, || self.encrypt_once(key, context)).await
+    }
+
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        context: &WrapContext,
+    ) -> Result<SecretKey, WrapError> {
+        let op = WrapOperation::Unwrap;
+        if wrapped.provider != PROVIDER {
+            return Err(self.error(
+                WrapErrorKind::KeyMismatch,
+                op,
+                &format!(
+                    "wrapped by provider {:?} key {:?}, not AWS KMS",
+                    wrapped.provider, wrapped.key_ref
+                ),
+            ));
+        }
+        self.check_key_arn(&wrapped.key_ref, op, "the wrapped key records")?;
+        retry(&self.retry, || self.decrypt_once(wrapped, context)).await
+    }
+}
