@@ -67,8 +67,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .build()
         .await?;
 
-    kms.probe().await?;
-    println!("probe ok: live 32-byte round trip under {key_ref}");
+    let ok = keyfold_core::probe::probe(&kms).await?;
+    println!(
+        "probe ok: live 32-byte round trip under {key_ref} in {:?}",
+        ok.elapsed
+    );
 
     let v1 = WrapContext::new("example-tenant", 1);
     let master = SecretKey::generate()?;
@@ -84,7 +87,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let back = kms.unwrap(&wrapped, &v1).await?;
     assert_eq!(back.expose(), master.expose());
-    kms.probe().await?;
+    keyfold_core::probe::probe(&kms).await?;
     println!("after rotation: v1 still unwraps and the probe passes");
     Ok(())
 }

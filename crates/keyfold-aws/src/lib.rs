@@ -11,6 +11,7 @@
 mod errors;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use aws_sdk_kms::config::{
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::EncryptionAlgorithmSpec;
 use keyfold_core::config::{AwsConfig, AwsKeyRef, ProviderConfig};
+use keyfold_core::probe::WrapperFactory;
 use keyfold_core::retry::{RetryPolicy, retry};
 use keyfold_core::{
     KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
@@ -35,9 +37,6 @@ pub const PROVIDER: &str = "aws";
 
 /// Session name used for the STS `AssumeRole` call (shows in CloudTrail).
 pub const DEFAULT_SESSION_NAME: &str = "keyfold-aws";
-
-/// The keyring id used by [`AwsKmsWrapper::probe`]'s round trip.
-pub const PROBE_KEYRING_ID: &str = "keyfold-onboarding-probe";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +61,93 @@ pub struct AwsKmsWrapper {
     key: AwsKeyRef,
     client: aws_sdk_kms::Client,
     retry: RetryPolicy,
+}
+
+/// Builds [`AwsKmsWrapper`]s from `aws` [`ProviderConfig`]s, for the core's
+/// onboarding flow ([`keyfold_core::probe::ConfigSlot::upsert`] validates,
+/// builds and probes a new config before accepting it).
+///
+/// The knobs apply to every wrapper it builds (see [`AwsKmsWrapperBuilder`]).
+#[derive(Clone, Default)]
+pub struct AwsWrapperFactory {
+    sts_endpoint_url: Option<String>,
+    base_credentials: Option<SharedCredentialsProvider>,
+    retry: Option<RetryPolicy>,
+}
+
+impl fmt::Debug for AwsWrapperFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsWrapperFactory")
+            .field("sts_endpoint_url", &self.sts_endpoint_url)
+            .field(
+                "base_credentials",
+                &self.base_credentials.as_ref().map(|_| "******"),
+            )
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl AwsWrapperFactory {
+    /// A factory using the default credential chain and regional STS.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// See [`AwsKmsWrapperBuilder::sts_endpoint_url`].
+    #[must_use]
+    pub fn sts_endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.sts_endpoint_url = Some(url.into());
+        self
+    }
+
+    /// See [`AwsKmsWrapperBuilder::base_credentials`].
+    #[must_use]
+    pub fn base_credentials(mut self, provider: impl ProvideCredentials + 'static) -> Self {
+        self.base_credentials = Some(SharedCredentialsProvider::new(provider));
+        self
+    }
+
+    /// See [`AwsKmsWrapperBuilder::retry_policy`].
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// A builder for `config` with this factory's knobs applied.
+    pub fn builder(&self, config: AwsConfig) -> AwsKmsWrapperBuilder {
+        let mut b = AwsKmsWrapper::builder(config);
+        b.sts_endpoint_url.clone_from(&self.sts_endpoint_url);
+        b.base_credentials.clone_from(&self.base_credentials);
+        if let Some(policy) = &self.retry {
+            b.retry = policy.clone();
+        }
+        b
+    }
+}
+
+#[async_trait]
+impl WrapperFactory for AwsWrapperFactory {
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError> {
+        match config {
+            ProviderConfig::Aws(aws) => Ok(Arc::new(self.builder(aws.clone()).build().await?)),
+            other => Err(not_aws(other)),
+        }
+    }
+}
+
+fn not_aws(config: &ProviderConfig) -> WrapError {
+    WrapError::new(
+        WrapErrorKind::Misconfigured,
+        PROVIDER,
+        config.kms_key_ref(),
+        WrapOperation::Configure,
+    )
+    .with_message(format!(
+        "a {} config was given to the AWS KMS wrapper",
+        config.provider()
+    ))
 }
 
 /// Builds an [`AwsKmsWrapper`], with knobs that are deliberately not part of
@@ -246,52 +332,13 @@ impl AwsKmsWrapper {
     pub async fn from_provider_config(config: ProviderConfig) -> Result<Self, WrapError> {
         match config {
             ProviderConfig::Aws(aws) => Self::new(aws).await,
-            other => Err(WrapError::new(
-                WrapErrorKind::Misconfigured,
-                PROVIDER,
-                other.kms_key_ref(),
-                WrapOperation::Configure,
-            )
-            .with_message(format!(
-                "a {} config was given to the AWS KMS wrapper",
-                other.provider()
-            ))),
+            other => Err(not_aws(&other)),
         }
     }
 
     /// The config this wrapper was built from.
     pub fn config(&self) -> &AwsConfig {
         &self.config
-    }
-
-    /// The onboarding probe: a live wrap and unwrap of a random 32-byte key
-    /// (keyring id [`PROBE_KEYRING_ID`], version 0). Run it before accepting
-    /// a tenant's KMS config; it changes nothing.
-    ///
-    /// # Errors
-    /// The [`WrapError`] of the failing step: a denied key gives
-    /// [`WrapErrorKind::AccessDenied`] naming the key, the operation and what
-    /// to check; a missing key [`WrapErrorKind::NotFound`].
-    pub async fn probe(&self) -> Result<(), WrapError> {
-        let context = WrapContext::new(PROBE_KEYRING_ID, 0);
-        let key = SecretKey::generate().map_err(|e| {
-            self.error(
-                WrapErrorKind::Unavailable,
-                WrapOperation::Wrap,
-                "the OS random generator failed",
-            )
-            .with_source(e)
-        })?;
-        let wrapped = self.wrap(&key, &context).await?;
-        let back = self.unwrap(&wrapped, &context).await?;
-        if back.expose() != key.expose() {
-            return Err(self.error(
-                WrapErrorKind::InvalidCiphertext,
-                WrapOperation::Unwrap,
-                "probe round trip returned different bytes",
-            ));
-        }
-        Ok(())
     }
 
     fn error(&self, kind: WrapErrorKind, op: WrapOperation, message: &str) -> WrapError {

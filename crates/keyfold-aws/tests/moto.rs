@@ -35,9 +35,16 @@ use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 use common::{ACCOUNT, BASE_ACCESS_KEY, EXTERNAL_ID, Moto, REGION, unique};
-use keyfold_aws::{AwsKmsWrapper, PROVIDER};
+use keyfold_aws::{AwsKmsWrapper, AwsWrapperFactory, PROVIDER};
+use keyfold_core::EncryptionContext;
+use keyfold_core::audit::{Actor, RecordingSink};
+use keyfold_core::config::ProviderConfig;
+use keyfold_core::keyring::{DestroyAuthorization, KeyState, Keyring, NoRecordsLeft};
+use keyfold_core::probe::{self, ConfigSlot, ProbeStep};
 use keyfold_core::retry::RetryPolicy;
+use keyfold_core::store::MemoryStore;
 use keyfold_core::testkit::{self, Capabilities};
+use keyfold_core::time::{Clock, ManualClock, Timestamp};
 use keyfold_core::{KeyWrapper, SecretKey, WrapContext, WrapErrorKind, WrapOperation};
 
 fn ctx() -> WrapContext {
@@ -453,10 +460,7 @@ async fn no_fallback_when_the_role_cannot_be_assumed() {
     let arn = moto.create_key().await;
     // STS on a closed port: the role cannot be assumed, and KMS is never
     // called with the base credentials instead.
-    let closed = format!("http://127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    let closed = closed_port_url();
     let signer = RecordSigner::default();
     let w = moto
         .builder(&arn)
@@ -510,36 +514,197 @@ async fn kms_unreachable_is_unavailable_after_retries() {
     assert!(err.is_transient());
 }
 
+fn closed_port_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
 #[tokio::test]
 async fn onboarding_probe_passes_and_reports_a_denied_key() {
     let moto = Moto::shared();
-    let good = moto.wrapper(&moto.create_key().await).await;
-    good.probe().await.unwrap();
+    let good_arn = moto.create_key().await;
+    let good = moto.wrapper(&good_arn).await;
+    let ok = probe::probe(&good).await.unwrap();
+    assert_eq!(
+        (ok.provider.as_str(), ok.key_ref.as_str()),
+        ("aws", good_arn.as_str())
+    );
 
+    // A key the role cannot use (moto enforces no key policy; a missing key
+    // is the closest it gets): the failure names the step, key and KMS error.
     let missing =
         format!("arn:aws:kms:{REGION}:{ACCOUNT}:key/11111111-2222-3333-4444-555555555555");
-    let err = moto.wrapper(&missing).await.probe().await.unwrap_err();
-    assert_eq!(err.kind, WrapErrorKind::NotFound, "{err}");
-    let text = err.to_string();
+    let failure = probe::probe(&moto.wrapper(&missing).await)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.step, ProbeStep::Wrap);
+    assert_eq!(failure.kind, Some(WrapErrorKind::NotFound));
+    let text = failure.to_string();
     assert!(
-        text.contains(&missing) && text.contains("aws wrap"),
+        text.contains(&missing) && text.contains("NotFoundException"),
         "{text}"
     );
 
-    // A role that cannot be assumed: reported, naming the key.
-    let closed = format!("http://127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    // A role that cannot be assumed: reported at the wrap step, naming the key.
     let denied = moto
-        .builder(good.key_ref())
-        .sts_endpoint_url(closed)
+        .builder(&good_arn)
+        .sts_endpoint_url(closed_port_url())
         .retry_policy(RetryPolicy::none())
         .build()
         .await
         .unwrap();
-    let err = denied.probe().await.unwrap_err();
-    assert!(err.to_string().contains(good.key_ref()), "{err}");
+    let failure = probe::probe(&denied).await.unwrap_err();
+    assert_eq!(failure.step, ProbeStep::Wrap);
+    assert!(failure.to_string().contains(&good_arn), "{failure}");
+    assert!(failure.message.contains("assum"), "{failure}");
+}
+
+#[tokio::test]
+async fn config_upsert_probes_through_the_factory() {
+    let moto = Moto::shared();
+    let factory = AwsWrapperFactory::new()
+        .sts_endpoint_url(moto.url())
+        .base_credentials(aws_sdk_kms::config::Credentials::new(
+            BASE_ACCESS_KEY,
+            common::BASE_SECRET_KEY,
+            None,
+            None,
+            "t",
+        ))
+        .retry_policy(RetryPolicy::none());
+    let slot = ConfigSlot::new();
+    let sink = RecordingSink::default();
+    let actor = Actor::new("onboarding@example.com");
+    let good = ProviderConfig::Aws(moto.config(&moto.create_key().await));
+    slot.upsert(good.clone(), &factory, "tenant-a", &sink, &actor)
+        .await
+        .unwrap();
+
+    let missing = ProviderConfig::Aws(moto.config(&format!("alias/{}", unique("gone"))));
+    let failure = slot
+        .upsert(missing, &factory, "tenant-a", &sink, &actor)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.kind, Some(WrapErrorKind::NotFound));
+    assert_eq!(slot.current().unwrap().config, good, "the old config stays");
+    assert_eq!(sink.names(), ["kms.config.updated", "kms.probe.failed"]);
+
+    let local: ProviderConfig = serde_json::from_value(serde_json::json!({
+        "provider": "local", "kms_key_ref": "dev", "kek_env_var": "KEK"
+    }))
+    .unwrap();
+    let err = probe::WrapperFactory::build(&factory, &local)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, WrapErrorKind::Misconfigured);
+}
+
+/// A keyring whose KEK is a moto KMS key: records encrypted, the keyring
+/// rotated and its records rewrapped, the KMS key rotated and the master keys
+/// re-wrapped (also onto another KMS key), old versions destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyring_end_to_end_on_a_kms_key() {
+    let moto = Moto::shared();
+    let a_arn = moto.create_key().await;
+    let store = Arc::new(MemoryStore::new());
+    let sink = Arc::new(RecordingSink::default());
+    let clock = ManualClock::new(Timestamp(1_700_000_000));
+    let id = unique("tenant");
+    let admin = Actor::new("admin@example.com");
+    let ring = Keyring::builder(&id, Arc::new(moto.wrapper(&a_arn).await), store.clone())
+        .audit(sink.clone())
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(fast_retries(3))
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin).await.unwrap();
+    let rows: Vec<(EncryptionContext, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                EncryptionContext::new()
+                    .with("tenant", &id)
+                    .with("row", i.to_string()),
+                format!("record {i}").into_bytes(),
+            )
+        })
+        .collect();
+    let mut stored = Vec::new();
+    for (ctx, plain) in &rows {
+        stored.push(ring.encrypt(ctx, plain).await.unwrap());
+    }
+
+    // Keyring rotation, then every record moved to v2 by a header rewrap.
+    let r = ring.rotate(&admin).await.unwrap();
+    assert_eq!((r.version, r.previous_version), (2, Some(1)));
+    for ((ctx, plain), ct) in rows.iter().zip(stored.iter_mut()) {
+        *ct = ring.rewrap(ctx, ct, 2).await.unwrap().expect("moved to v2");
+        assert_eq!(&ring.decrypt(ctx, ct).await.unwrap(), plain);
+    }
+
+    // Provider-side rotation, then the master keys re-wrapped under the
+    // newest backing key material.
+    let kms = moto.admin();
+    kms.rotate_key_on_demand()
+        .key_id(&a_arn)
+        .send()
+        .await
+        .unwrap();
+    let moved = ring
+        .rewrap_master_keys(Arc::new(moto.wrapper(&a_arn).await), &admin)
+        .await
+        .unwrap();
+    assert_eq!(moved, [1, 2]);
+
+    // Moving the keyring to another KMS key.
+    let b_arn = moto.create_key().await;
+    let moved = ring
+        .rewrap_master_keys(Arc::new(moto.wrapper(&b_arn).await), &admin)
+        .await
+        .unwrap();
+    assert_eq!(moved, [1, 2]);
+    let (_, snapshot) = ring.snapshot();
+    for v in &snapshot.versions {
+        assert_eq!(v.wrapped.as_ref().unwrap().key_ref, b_arn, "v{}", v.version);
+    }
+
+    // v1 has no records left: disable and destroy it.
+    clock.advance(Duration::from_secs(60));
+    ring.disable(1, &admin).await.unwrap();
+    clock.advance(Duration::from_secs(60));
+    let evidence = DestroyAuthorization::Evidence(NoRecordsLeft {
+        version: 1,
+        source: "rewrap-job-1".into(),
+        checked_at: clock.now(),
+    });
+    ring.destroy(1, evidence, &admin).await.unwrap();
+    assert_eq!(ring.version_state(1), Some(KeyState::Destroyed));
+
+    // A fresh process: the stored keyring opened with a wrapper over key B
+    // unwraps v2 from KMS and decrypts every record.
+    let reopened = Keyring::builder(&id, Arc::new(moto.wrapper(&b_arn).await), store.clone())
+        .open()
+        .await
+        .unwrap();
+    for ((ctx, plain), ct) in rows.iter().zip(&stored) {
+        assert_eq!(&reopened.decrypt(ctx, ct).await.unwrap(), plain);
+    }
+    // ...and key A can no longer unwrap the stored master keys.
+    let stale = Keyring::builder(&id, Arc::new(moto.wrapper(&a_arn).await), store)
+        .retry_policy(RetryPolicy::none())
+        .open()
+        .await
+        .unwrap();
+    let (ctx, _) = &rows[0];
+    assert!(stale.decrypt(ctx, &stored[0]).await.is_err());
+
+    let names = sink.names();
+    for expected in ["kms.rotate", "kms.rekey", "kms.version.state_changed"] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
 }
 
 #[tokio::test]
