@@ -304,4 +304,100 @@ pub enum Error {
     /// The keyring store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stream (segmented object) was rejected (docs/FORMAT.md, "Streaming").
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The reader or writer under a stream failed.
+    #[error("stream I/O failed: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Why a stream (a segmented object) was rejected. Data already released
+/// from earlier segments was authentic, but a caller must not act on any of
+/// it once the stream has failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The header declares a segment size outside the allowed bounds.
+    #[error("segment size {size} is outside {min}..={max}")]
+    SegmentSize {
+        /// The declared segment size.
+        size: u32,
+        /// Smallest allowed.
+        min: u32,
+        /// Largest allowed.
+        max: u32,
+    },
+    /// The stream ended before its final segment: it was cut (at a segment
+    /// boundary or inside a segment's tag) or never finished by its writer.
+    #[error("stream truncated: it ends after {segments} segments without its final segment")]
+    Truncated {
+        /// Segments that authenticated before the end.
+        segments: u64,
+    },
+    /// A segment failed to authenticate: it was modified, moved, duplicated,
+    /// or bytes were appended. Deliberately says no more than its index.
+    #[error(
+        "segment {index} failed to authenticate: the stream was modified, reordered or extended"
+    )]
+    Segment {
+        /// Index of the segment (0-based).
+        index: u64,
+    },
+    /// The stream needs more segments than its 32-bit counter can number.
+    #[error("stream exceeds the maximum of {max} segments")]
+    TooLong {
+        /// The maximum number of segments.
+        max: u64,
+    },
+    /// A byte range outside the plaintext.
+    #[error("range {start}..{end} is outside the plaintext of {len} bytes")]
+    Range {
+        /// Range start.
+        start: u64,
+        /// Range end (exclusive).
+        end: u64,
+        /// Plaintext length.
+        len: u64,
+    },
+    /// The operation needs the payload, but only a header was given.
+    #[error("only a header was given; this operation needs the payload")]
+    HeaderOnly,
+    /// The stream was used after it finished or failed.
+    #[error("the stream already finished or failed")]
+    Finished,
+}
+
+impl From<std::io::Error> for Error {
+    /// Recovers a keyfold [`Error`] carried through an `io::Error` by the
+    /// stream adapters; any other I/O error becomes [`Error::Io`].
+    fn from(e: std::io::Error) -> Self {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            if let Some(inner) = e.into_inner() {
+                return match inner.downcast::<Error>() {
+                    Ok(err) => *err,
+                    Err(other) => Error::Io(std::io::Error::other(other)),
+                };
+            }
+            return Error::Io(std::io::Error::other("unreachable: checked inner error"));
+        }
+        Error::Io(e)
+    }
+}
+
+impl From<Error> for std::io::Error {
+    /// Carries a keyfold [`Error`] through `std::io` (the `Read`/`Write`
+    /// adapters): a truncation maps to `UnexpectedEof`, an authentication
+    /// failure to `InvalidData`; `Error::from` gets it back.
+    fn from(e: Error) -> Self {
+        use std::io::ErrorKind;
+        let kind = match &e {
+            Error::Io(io) => return std::io::Error::new(io.kind(), e),
+            Error::Stream(StreamError::Truncated { .. }) => ErrorKind::UnexpectedEof,
+            Error::Stream(StreamError::Range { .. }) => ErrorKind::InvalidInput,
+            Error::Stream(_) | Error::Decrypt | Error::Format(_) => ErrorKind::InvalidData,
+            _ => ErrorKind::Other,
+        };
+        std::io::Error::new(kind, e)
+    }
 }

@@ -41,6 +41,123 @@ pub const RECORD_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// Largest plaintext a single record may hold (4 GiB); larger objects use streaming.
 pub const MAX_RECORD_PLAINTEXT: u64 = 1 << 32;
 
+// Streaming format (docs/FORMAT.md, "Streaming"): the same preamble and
+// commitment, then the segment size and nonce prefix (immutable), then the
+// same rewrap part as a record (version, wrap salt, wrapped data key).
+
+/// Length of the rewrap part (version, wrap salt, wrapped data key) shared by
+/// record and stream headers.
+pub(crate) const REWRAP_PART_LEN: usize = 4 + WRAP_SALT_LEN + WRAPPED_DATA_KEY_LEN;
+/// Length of a stream's per-object nonce prefix.
+pub const NONCE_PREFIX_LEN: usize = 7;
+/// End of a stream header's immutable part (magic .. nonce prefix).
+pub(crate) const STREAM_IMMUTABLE_END: usize = IMMUTABLE_END + 4 + NONCE_PREFIX_LEN;
+/// Length of a stream header (123 bytes).
+pub const STREAM_HEADER_LEN: usize = STREAM_IMMUTABLE_END + REWRAP_PART_LEN;
+/// Plaintext bytes per segment unless chosen otherwise (64 KiB).
+pub const DEFAULT_SEGMENT_SIZE: u32 = 64 * 1024;
+/// Smallest segment size a stream may declare (plaintext bytes).
+pub const MIN_SEGMENT_SIZE: u32 = 64;
+/// Largest segment size a stream may declare (16 MiB): bounds a reader's memory.
+pub const MAX_SEGMENT_SIZE: u32 = 16 << 20;
+
+/// The header suite id of the streaming format over `suite`'s AEAD:
+/// 0x81 for AES-256-GCM, 0x82 for ChaCha20-Poly1305.
+///
+/// ```
+/// # use keyfold_core::{format::stream_suite_id, Suite};
+/// assert_eq!(stream_suite_id(Suite::Aes256Gcm), 0x81);
+/// assert_eq!(stream_suite_id(Suite::ChaCha20Poly1305), 0x82);
+/// ```
+pub const fn stream_suite_id(suite: Suite) -> u8 {
+    STREAMING_SUITE_FLAG | suite.id()
+}
+
+/// Which of the two formats a header starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HeaderKind {
+    /// A single-shot record (docs/FORMAT.md, "Record layout").
+    Record,
+    /// A segmented stream (docs/FORMAT.md, "Streaming").
+    Stream,
+}
+
+/// The header of a record or a stream, parsed from the start of a buffer
+/// (the rest of the buffer is not looked at).
+#[derive(Clone, Copy)]
+pub(crate) struct HeaderView<'a> {
+    /// Exactly the header's bytes.
+    pub(crate) bytes: &'a [u8],
+    pub(crate) kind: HeaderKind,
+    /// The header's suite id byte (0x01, 0x02, 0x81, 0x82).
+    pub(crate) suite_id: u8,
+    /// The AEAD.
+    pub(crate) suite: Suite,
+    pub(crate) commitment: &'a [u8; COMMITMENT_LEN],
+    /// Streams only (0 for records).
+    pub(crate) segment_size: u32,
+    /// Streams only (zeros for records).
+    pub(crate) nonce_prefix: [u8; NONCE_PREFIX_LEN],
+    pub(crate) version: u32,
+    pub(crate) wrap_salt: &'a [u8; WRAP_SALT_LEN],
+    pub(crate) wrapped_data_key: &'a [u8; WRAPPED_DATA_KEY_LEN],
+}
+
+impl<'a> HeaderView<'a> {
+    /// Parses the header at the start of `bytes`: a record header or a stream
+    /// header, told apart by the suite id's high bit. Never reads past
+    /// `bytes`; bytes after the header are ignored.
+    pub(crate) fn parse_prefix(bytes: &'a [u8]) -> Result<Self, FormatError> {
+        let mut r = Reader::new(bytes);
+        let (_, suite_id) = read_preamble(&mut r)?;
+        let kind = if suite_id & STREAMING_SUITE_FLAG == 0 {
+            HeaderKind::Record
+        } else {
+            HeaderKind::Stream
+        };
+        let suite = Suite::from_id(suite_id & !STREAMING_SUITE_FLAG)
+            .ok_or(FormatError::UnknownSuite(suite_id))?;
+        let commitment = r.array("key commitment")?;
+        let (segment_size, nonce_prefix, len) = match kind {
+            HeaderKind::Record => (0, [0; NONCE_PREFIX_LEN], HEADER_LEN),
+            HeaderKind::Stream => {
+                // Bounds are checked by the stream reader
+                // (`StreamError::SegmentSize`); a rewrap needs none.
+                let size = r.u32("segment size")?;
+                (size, *r.array("nonce prefix")?, STREAM_HEADER_LEN)
+            }
+        };
+        let version = r.u32("master key version")?;
+        let wrap_salt = r.array("wrap salt")?;
+        let wrapped_data_key = r.array("wrapped data key")?;
+        let bytes = bytes.get(..len).ok_or(FormatError::TooShort {
+            what: "header",
+            needed: len,
+            got: bytes.len(),
+        })?;
+        Ok(HeaderView {
+            bytes,
+            kind,
+            suite_id,
+            suite,
+            commitment,
+            segment_size,
+            nonce_prefix,
+            version,
+            wrap_salt,
+            wrapped_data_key,
+        })
+    }
+
+    /// The header bytes the wrap authenticates as associated data.
+    pub(crate) fn wrap_aad(&self) -> &'a [u8] {
+        self.bytes
+            .get(..self.bytes.len().saturating_sub(WRAPPED_DATA_KEY_LEN))
+            .unwrap_or_default()
+    }
+}
+
 /// A tiny cursor over a byte slice, in the style of rustls' `codec::Reader`:
 /// every read is bounds-checked and names what it was reading.
 pub(crate) struct Reader<'a> {
@@ -165,14 +282,25 @@ impl<'a> RecordView<'a> {
         })
     }
 
+    /// The record's header, as the format-independent view.
+    pub(crate) fn header(&self) -> HeaderView<'a> {
+        HeaderView {
+            bytes: self.bytes.get(..HEADER_LEN).unwrap_or_default(),
+            kind: HeaderKind::Record,
+            suite_id: self.suite.id(),
+            suite: self.suite,
+            commitment: self.commitment,
+            segment_size: 0,
+            nonce_prefix: [0; NONCE_PREFIX_LEN],
+            version: self.version,
+            wrap_salt: self.wrap_salt,
+            wrapped_data_key: self.wrapped_data_key,
+        }
+    }
+
     /// The header bytes the payload AEAD authenticates.
     pub(crate) fn immutable_header(&self) -> &'a [u8] {
         self.bytes.get(..IMMUTABLE_END).unwrap_or_default()
-    }
-
-    /// The header bytes the wrap authenticates as associated data.
-    pub(crate) fn wrap_aad_header(&self) -> &'a [u8] {
-        self.bytes.get(..WRAPPED_KEY_AT).unwrap_or_default()
     }
 }
 
@@ -213,6 +341,48 @@ pub fn inspect(record: &[u8]) -> Result<RecordInfo, FormatError> {
     })
 }
 
+/// What the header of a record or a stream says, readable without any key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeaderInfo {
+    /// Record or stream.
+    pub kind: HeaderKind,
+    /// The AEAD suite.
+    pub suite: Suite,
+    /// Master key version that wrapped the data key.
+    pub key_version: u32,
+    /// Length of the header in bytes (112 for a record, 123 for a stream).
+    pub header_len: usize,
+    /// Plaintext bytes per segment (streams only).
+    pub segment_size: Option<u32>,
+}
+
+/// Reads the header at the start of `bytes`, a record's or a stream's,
+/// without any key. Only the header needs to be present: this is what a
+/// rewrap job uses for objects whose payload it never reads.
+///
+/// ```
+/// # use keyfold_core::{format::{inspect_header, HeaderKind}, record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let key = MasterKey::new(3, SecretKey::generate()?);
+/// let ct = record::encrypt(&key, Suite::default(), &EncryptionContext::new(), b"hi")?;
+/// let info = inspect_header(&ct[..keyfold_core::format::HEADER_LEN])?;
+/// assert_eq!((info.kind, info.key_version), (HeaderKind::Record, 3));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`FormatError`] when the bytes do not start with a well-formed header.
+pub fn inspect_header(bytes: &[u8]) -> Result<HeaderInfo, FormatError> {
+    let view = HeaderView::parse_prefix(bytes)?;
+    Ok(HeaderInfo {
+        kind: view.kind,
+        suite: view.suite,
+        key_version: view.version,
+        header_len: view.bytes.len(),
+        segment_size: (view.kind == HeaderKind::Stream).then_some(view.segment_size),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +393,9 @@ mod tests {
         assert_eq!(WRAPPED_KEY_AT, 64);
         assert_eq!(HEADER_LEN, 112);
         assert_eq!(RECORD_OVERHEAD, 128);
+        assert_eq!(REWRAP_PART_LEN, 76);
+        assert_eq!(STREAM_IMMUTABLE_END, 47);
+        assert_eq!(STREAM_HEADER_LEN, 123);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod retry;
 pub mod rng;
 pub mod secret;
 pub mod store;
+pub mod stream;
 pub mod suite;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -33,7 +34,7 @@ pub mod wrap;
 
 pub use audit::{Actor, AuditEvent, AuditKind, AuditSink};
 pub use context::EncryptionContext;
-pub use error::{Error, FormatError, WrapError, WrapErrorKind, WrapOperation};
+pub use error::{Error, FormatError, StreamError, WrapError, WrapErrorKind, WrapOperation};
 pub use keyring::{
     DestroyAuthorization, KeyState, Keyring, KeyringMetadata, NoRecordsLeft, Rotation,
 };

@@ -227,7 +227,15 @@ pub(crate) fn seal_with(
     for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
         *dst = *src;
     }
-    write_wrap(&mut header, master, suite.id(), suite, data_key, salt, context)?;
+    write_wrap(
+        &mut header,
+        master,
+        suite.id(),
+        suite,
+        data_key,
+        salt,
+        context,
+    )?;
 
     let (immutable, _) = header.split_at(IMMUTABLE_END);
     let aad = with_context(immutable, context);

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use futures::Stream;
 use keyfold_core::audit::{Actor, AuditEvent, AuditKind, AuditSink, NoAudit};
+use keyfold_core::format::{HeaderInfo, HeaderKind};
 use keyfold_core::keyring::{KeyState, Keyring, NoRecordsLeft};
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::time::{Clock, SystemClock, Timestamp};
-use keyfold_core::{Error as CoreError, MasterKey, format, record};
+use keyfold_core::{Error as CoreError, MasterKey, StreamError, format, record, stream};
 
 use crate::checkpoint::{Checkpoint, Counters, Mode, Shard, SourceCheckpoint};
 use crate::source::{CasOutcome, Row, RowSource, SourceError};
@@ -641,14 +642,17 @@ impl RewrapJob {
     ) -> RowOutcome {
         let target = self.checkpoint.target_version;
         for _ in 0..=MAX_CONFLICT_RETRIES {
-            let version = match format::inspect(&row.ciphertext) {
-                Ok(info) => info.key_version,
-                Err(e) => return RowOutcome::Failed(format!("not a keyfold record: {e}")),
+            // A record, a stream object, or only the header of either.
+            let info = match format::inspect_header(&row.ciphertext) {
+                Ok(info) => info,
+                Err(e) => {
+                    return RowOutcome::Failed(format!("not a keyfold record or stream: {e}"));
+                }
             };
-            if version >= target {
+            if info.key_version >= target {
                 return RowOutcome::Skipped;
             }
-            let new = match self.move_record(&row, version, target_key).await {
+            let new = match self.move_record(&row, info, target_key).await {
                 Ok(new) => new,
                 Err(e) => return RowOutcome::Failed(e.to_string()),
             };
@@ -674,21 +678,57 @@ impl RewrapJob {
         RowOutcome::Unresolved
     }
 
-    /// Moves one record to the target and verifies the result decrypts.
+    /// Moves one row to the target and verifies the result before it is
+    /// written: a whole record or stream must decrypt; a header-only row
+    /// (its payload stored elsewhere) must open under the target with its
+    /// commitment intact.
     async fn move_record(
         &self,
         row: &Row,
-        version: u32,
+        info: HeaderInfo,
         target_key: &Arc<MasterKey>,
     ) -> Result<Vec<u8>, CoreError> {
-        let from = self.with_retry(|| self.keyring.master_key(version)).await?;
-        let new = match self.checkpoint.mode {
-            Mode::Rewrap => record::rewrap(&row.ciphertext, &from, target_key, &row.context)?,
-            Mode::Reencrypt => record::reencrypt(&row.ciphertext, &from, target_key, &row.context)?,
+        let header_only = row.is_header_only();
+        if header_only && self.checkpoint.mode == Mode::Reencrypt {
+            // Re-encryption needs the payload; checked before any KMS call.
+            return Err(StreamError::HeaderOnly.into());
+        }
+        let from = self
+            .with_retry(|| self.keyring.master_key(info.key_version))
+            .await?;
+        let ctx = &row.context;
+        let new = match (info.kind, self.checkpoint.mode) {
+            (HeaderKind::Record, Mode::Rewrap) if !header_only => {
+                record::rewrap(&row.ciphertext, &from, target_key, ctx)?
+            }
+            (HeaderKind::Record, Mode::Reencrypt) => {
+                record::reencrypt(&row.ciphertext, &from, target_key, ctx)?
+            }
+            (HeaderKind::Stream, Mode::Reencrypt) => {
+                let mut out = Vec::with_capacity(row.ciphertext.len());
+                stream::reencrypt(&from, target_key, ctx, &row.ciphertext[..], &mut out)?;
+                out
+            }
+            // Header-only rewrap: the header alone, or a whole stream.
+            _ => {
+                let mut new = row.ciphertext.clone();
+                record::rewrap_header_in_place(&mut new, &from, target_key, ctx)?;
+                new
+            }
         };
         // Never write what we cannot read back.
-        let check = zeroize::Zeroizing::new(record::decrypt(target_key, &row.context, &new)?);
-        drop(check);
+        if header_only {
+            record::check_header(&new, target_key, ctx)?;
+        } else {
+            match info.kind {
+                HeaderKind::Stream => {
+                    stream::decrypt(target_key, ctx, &new[..], std::io::sink())?;
+                }
+                _ => drop(zeroize::Zeroizing::new(record::decrypt(
+                    target_key, ctx, &new,
+                )?)),
+            }
+        }
         Ok(new)
     }
 

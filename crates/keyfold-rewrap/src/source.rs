@@ -40,8 +40,34 @@ pub struct Row {
     pub cursor: String,
     /// The encryption context the record is bound to.
     pub context: EncryptionContext,
-    /// The keyfold record.
+    /// The keyfold record, a whole stream object, or **only the header**
+    /// of either (a header-only row: the payload lives elsewhere, e.g. in
+    /// object storage). A header-only row is rewrapped without its payload
+    /// and verified by opening the new wrap and its commitment; it cannot
+    /// be re-encrypted.
     pub ciphertext: Vec<u8>,
+}
+
+impl Row {
+    /// True when [`ciphertext`](Self::ciphertext) is exactly a record's or a
+    /// stream's header, with no payload.
+    ///
+    /// ```
+    /// use keyfold_core::{record, EncryptionContext, MasterKey, SecretKey, Suite};
+    /// use keyfold_rewrap::Row;
+    /// let key = MasterKey::new(1, SecretKey::generate()?);
+    /// let ct = record::encrypt(&key, Suite::default(), &EncryptionContext::new(), b"x")?;
+    /// let row = |ciphertext: Vec<u8>| Row {
+    ///     id: "1".into(), cursor: "1".into(), context: EncryptionContext::new(), ciphertext,
+    /// };
+    /// assert!(!row(ct.clone()).is_header_only());
+    /// assert!(row(ct[..keyfold_core::format::HEADER_LEN].to_vec()).is_header_only());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_header_only(&self) -> bool {
+        keyfold_core::format::inspect_header(&self.ciphertext)
+            .is_ok_and(|info| info.header_len == self.ciphertext.len())
+    }
 }
 
 /// Outcome of a compare-and-swap write.

@@ -1,0 +1,618 @@
+//! Streaming encryption of large objects in bounded memory
+//! (docs/FORMAT.md, "Streaming").
+//!
+//! An object is encrypted under a fresh data key, wrapped under a master key
+//! version exactly as a record's is, in a 123-byte header of the same family
+//! as the record format (suite ids 0x81 and 0x82). The payload is cut into
+//! segments of a fixed plaintext size (default 64 KiB, recorded in the
+//! header), each sealed with the STREAM construction (Hoang, Reyhanitabar,
+//! Rogaway, Vizár, CRYPTO 2015): the nonce of segment `i` is
+//! `nonce_prefix ‖ i ‖ last_flag`, so truncation, reordering, duplication
+//! and appended data are all detected.
+//!
+//! - [`Encryptor`] is a [`std::io::Write`] adapter, [`Decryptor`] a
+//!   [`std::io::Read`] adapter; with the `async-io` feature,
+//!   `AsyncEncryptor` / `AsyncDecryptor` adapt `tokio::io::AsyncWrite` /
+//!   `AsyncRead`. Each holds at most about two segments in memory, whatever
+//!   the object's size.
+//! - [`SeekDecryptor`] decrypts byte ranges of a `Read + Seek` source,
+//!   reading only the segments a range needs.
+//! - Rotation: [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place)
+//!   rewraps the header alone (of a stream or a record); [`rewrap_in_place`]
+//!   does it on a `Read + Write + Seek` object. Re-encryption ([`reencrypt`])
+//!   streams too.
+//!
+//! **Plaintext is released segment by segment**, each only after it
+//! authenticated. A stream can still fail later (a later segment modified,
+//! or the object cut short): **a caller must not act on data read from a
+//! stream until the stream has been read to its end without error.** A
+//! truncated stream is reported at its end as
+//! [`StreamError::Truncated`](crate::error::StreamError::Truncated) or
+//! [`StreamError::Segment`](crate::error::StreamError::Segment), never as a
+//! clean end of file.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use keyfold_core::{stream, EncryptionContext, MasterKey, SecretKey};
+//!
+//! let master = MasterKey::new(1, SecretKey::generate()?);
+//! let ctx = EncryptionContext::new().with("tenant", "acme").with("object", "backup-42");
+//!
+//! let mut enc = stream::Encryptor::new(&master, stream::StreamOptions::default(), &ctx, Vec::new())?;
+//! enc.write_all(b"gigabytes, in principle")?;
+//! let object = enc.finish()?;
+//!
+//! let mut dec = stream::Decryptor::open(&master, &ctx, &object[..])?;
+//! let mut plain = Vec::new();
+//! dec.read_to_end(&mut plain)?;
+//! assert_eq!(plain, b"gigabytes, in principle");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use zeroize::Zeroizing;
+
+use crate::context::EncryptionContext;
+use crate::error::{Error, FormatError, StreamError};
+use crate::format::{
+    DEFAULT_SEGMENT_SIZE, FORMAT_V1, HeaderKind, HeaderView, MAGIC, MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE, NONCE_PREFIX_LEN, STREAM_HEADER_LEN, STREAM_IMMUTABLE_END, WRAP_SALT_LEN,
+    stream_suite_id,
+};
+use crate::kdf::Prf;
+use crate::record::{commitment, open_wrap, with_context, write_wrap};
+use crate::rng;
+use crate::secret::{KEY_LEN, MasterKey};
+use crate::suite::{self, Suite, TAG_LEN};
+
+mod read;
+mod seek;
+#[cfg(feature = "async-io")]
+mod tokio_io;
+#[cfg(test)]
+mod vectors;
+mod write;
+
+pub use read::Decryptor;
+pub use seek::SeekDecryptor;
+#[cfg(feature = "async-io")]
+pub use tokio_io::{AsyncDecryptor, AsyncEncryptor};
+pub use write::Encryptor;
+
+/// HKDF info label of the segment key (docs/FORMAT.md, "Streaming").
+const LABEL_STREAM_KEY: &[u8] = b"keyfold/v1/stream-key";
+
+/// Most segments a stream may have: the segment counter is 32 bits.
+pub const MAX_SEGMENTS: u64 = 1 << 32;
+
+/// Bytes a stream adds per segment: the AEAD tag.
+pub const SEGMENT_OVERHEAD: usize = TAG_LEN;
+
+/// How to encrypt a stream: suite and segment size.
+///
+/// ```
+/// # use keyfold_core::{stream::StreamOptions, Suite};
+/// let options = StreamOptions::default()
+///     .suite(Suite::ChaCha20Poly1305)
+///     .segment_size(1 << 20);
+/// assert_eq!(options.get_segment_size(), 1 << 20);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    suite: Suite,
+    segment_size: u32,
+}
+
+impl Default for StreamOptions {
+    /// The default suite (AES-256-GCM) and 64 KiB segments.
+    fn default() -> Self {
+        StreamOptions {
+            suite: Suite::default(),
+            segment_size: DEFAULT_SEGMENT_SIZE,
+        }
+    }
+}
+
+impl StreamOptions {
+    /// The AEAD suite; the header records it as 0x80 | its record id.
+    #[must_use]
+    pub fn suite(mut self, suite: Suite) -> Self {
+        self.suite = suite;
+        self
+    }
+
+    /// Plaintext bytes per segment, from
+    /// [`MIN_SEGMENT_SIZE`](crate::format::MIN_SEGMENT_SIZE) to
+    /// [`MAX_SEGMENT_SIZE`](crate::format::MAX_SEGMENT_SIZE) (checked when
+    /// the stream is created). Memory use is about twice this.
+    #[must_use]
+    pub fn segment_size(mut self, segment_size: u32) -> Self {
+        self.segment_size = segment_size;
+        self
+    }
+
+    /// The chosen suite.
+    pub fn get_suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// The chosen segment size.
+    pub fn get_segment_size(&self) -> u32 {
+        self.segment_size
+    }
+}
+
+fn check_segment_size(size: u32) -> Result<(), StreamError> {
+    if (MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(StreamError::SegmentSize {
+            size,
+            min: MIN_SEGMENT_SIZE,
+            max: MAX_SEGMENT_SIZE,
+        })
+    }
+}
+
+/// A stream's 123-byte header, parsed: readable without any key, so the
+/// caller can pick the master key version it names.
+///
+/// ```
+/// # use keyfold_core::{stream::{self, StreamHeader}, EncryptionContext, MasterKey, SecretKey};
+/// let master = MasterKey::new(4, SecretKey::generate()?);
+/// let mut object = Vec::new();
+/// stream::encrypt(&master, Default::default(), &EncryptionContext::new(), &b"data"[..], &mut object)?;
+/// let header = StreamHeader::parse(&object)?;
+/// assert_eq!(header.key_version(), 4);
+/// assert_eq!(header.segment_size(), 64 * 1024);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    bytes: [u8; STREAM_HEADER_LEN],
+    suite: Suite,
+    segment_size: u32,
+    version: u32,
+    nonce_prefix: [u8; NONCE_PREFIX_LEN],
+}
+
+impl fmt::Debug for StreamHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamHeader")
+            .field("suite", &self.suite)
+            .field("key_version", &self.version)
+            .field("segment_size", &self.segment_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamHeader {
+    /// Parses the stream header at the start of `bytes` (bytes after it are
+    /// ignored).
+    ///
+    /// # Errors
+    /// [`Error::Format`] for a malformed or short header, or a record header
+    /// ([`FormatError::UnknownSuite`]); [`StreamError::SegmentSize`] for a
+    /// segment size out of bounds.
+    pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
+        let view = HeaderView::parse_prefix(bytes)?;
+        if view.kind != HeaderKind::Stream {
+            return Err(FormatError::UnknownSuite(view.suite_id).into());
+        }
+        check_segment_size(view.segment_size)?;
+        let array: [u8; STREAM_HEADER_LEN] =
+            view.bytes.try_into().map_err(|_| FormatError::TooShort {
+                what: "stream header",
+                needed: STREAM_HEADER_LEN,
+                got: view.bytes.len(),
+            })?;
+        Ok(StreamHeader {
+            bytes: array,
+            suite: view.suite,
+            segment_size: view.segment_size,
+            version: view.version,
+            nonce_prefix: view.nonce_prefix,
+        })
+    }
+
+    /// Reads exactly the header from `reader`.
+    ///
+    /// # Errors
+    /// As [`parse`](Self::parse); a source shorter than a header is
+    /// [`FormatError::TooShort`]; other read failures are [`Error::Io`].
+    pub fn read<R: Read>(reader: &mut R) -> Result<Self, Error> {
+        let mut bytes = [0u8; STREAM_HEADER_LEN];
+        let got = read_full(reader, &mut bytes)?;
+        if got < STREAM_HEADER_LEN {
+            // Parse what there is for the most precise error.
+            return Err(Self::parse(bytes.get(..got).unwrap_or_default())
+                .err()
+                .unwrap_or(Error::Format(FormatError::TooShort {
+                    what: "stream header",
+                    needed: STREAM_HEADER_LEN,
+                    got,
+                })));
+        }
+        Self::parse(&bytes)
+    }
+
+    /// The header's bytes, as stored at the start of the object.
+    pub fn as_bytes(&self) -> &[u8; STREAM_HEADER_LEN] {
+        &self.bytes
+    }
+
+    /// The master key version that wrapped the data key.
+    pub fn key_version(&self) -> u32 {
+        self.version
+    }
+
+    /// The AEAD suite.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    /// Plaintext bytes per segment.
+    pub fn segment_size(&self) -> u32 {
+        self.segment_size
+    }
+
+    fn view(&self) -> Result<HeaderView<'_>, Error> {
+        Ok(HeaderView::parse_prefix(&self.bytes)?)
+    }
+
+    /// Opens the data key under `master` (checking the commitment) and
+    /// derives the segment state.
+    fn open(&self, master: &MasterKey, context: &EncryptionContext) -> Result<Segments, Error> {
+        let context = context.encode()?;
+        let data_key = open_wrap(&self.view()?, master, &context)?;
+        Ok(Segments::new(&data_key, self, &context))
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<usize, Error> {
+    let mut got = 0;
+    while let Some(rest) = buf.get_mut(got..) {
+        if rest.is_empty() {
+            break;
+        }
+        match reader.read(rest) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
+/// Builds a stream header and its segment state from chosen secrets: the
+/// deterministic core of [`Encryptor::new`], for known-answer vectors.
+pub(crate) fn seal_header(
+    master: &MasterKey,
+    suite: Suite,
+    segment_size: u32,
+    context: &[u8],
+    data_key: &[u8; KEY_LEN],
+    wrap_salt: &[u8; WRAP_SALT_LEN],
+    nonce_prefix: &[u8; NONCE_PREFIX_LEN],
+) -> Result<(StreamHeader, Segments), Error> {
+    check_segment_size(segment_size)?;
+    let suite_id = stream_suite_id(suite);
+    let mut header = Vec::with_capacity(STREAM_HEADER_LEN);
+    header.extend_from_slice(&MAGIC);
+    header.push(FORMAT_V1);
+    header.push(suite_id);
+    header.extend_from_slice(&*commitment(data_key, HeaderKind::Stream, suite_id));
+    header.extend_from_slice(&segment_size.to_be_bytes());
+    header.extend_from_slice(nonce_prefix);
+    header.resize(STREAM_HEADER_LEN, 0);
+    write_wrap(
+        &mut header,
+        master,
+        suite_id,
+        suite,
+        data_key,
+        wrap_salt,
+        context,
+    )?;
+    let header = StreamHeader::parse(&header)?;
+    let segments = Segments::new(data_key, &header, context);
+    Ok((header, segments))
+}
+
+/// A fresh header for a new stream: random data key, wrap salt and nonce
+/// prefix from the OS generator.
+fn fresh_header(
+    master: &MasterKey,
+    options: StreamOptions,
+    context: &EncryptionContext,
+) -> Result<(StreamHeader, Segments), Error> {
+    let context = context.encode()?;
+    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
+    rng::fill(&mut *data_key)?;
+    let mut salt = [0u8; WRAP_SALT_LEN];
+    rng::fill(&mut salt)?;
+    let mut prefix = [0u8; NONCE_PREFIX_LEN];
+    rng::fill(&mut prefix)?;
+    seal_header(
+        master,
+        options.suite,
+        options.segment_size,
+        &context,
+        &data_key,
+        &salt,
+        &prefix,
+    )
+}
+
+/// The per-object segment AEAD: segment key, nonce prefix and the AAD
+/// (immutable header ‖ context) shared by every segment
+/// (docs/FORMAT.md, "Streaming").
+pub(crate) struct Segments {
+    suite: Suite,
+    key: Zeroizing<[u8; KEY_LEN]>,
+    prefix: [u8; NONCE_PREFIX_LEN],
+    aad: Vec<u8>,
+    segment_size: usize,
+}
+
+impl Segments {
+    fn new(data_key: &[u8; KEY_LEN], header: &StreamHeader, context: &[u8]) -> Self {
+        let suite_id = stream_suite_id(header.suite);
+        let key = Prf::new(data_key).expand(&[LABEL_STREAM_KEY, &[suite_id], &header.nonce_prefix]);
+        let immutable = header.bytes.get(..STREAM_IMMUTABLE_END).unwrap_or_default();
+        Segments {
+            suite: header.suite,
+            key,
+            prefix: header.nonce_prefix,
+            aad: with_context(immutable, context),
+            segment_size: header.segment_size as usize,
+        }
+    }
+
+    /// Plaintext bytes per segment.
+    pub(crate) fn segment_size(&self) -> usize {
+        self.segment_size
+    }
+
+    /// STREAM's nonce: prefix (7) ‖ counter (u32 BE) ‖ last flag (1).
+    fn nonce(&self, index: u64, last: bool) -> Result<[u8; suite::NONCE_LEN], StreamError> {
+        let counter =
+            u32::try_from(index).map_err(|_| StreamError::TooLong { max: MAX_SEGMENTS })?;
+        let mut nonce = [0u8; suite::NONCE_LEN];
+        let (prefix, rest) = nonce.split_at_mut(NONCE_PREFIX_LEN);
+        prefix.copy_from_slice(&self.prefix);
+        let (ctr, flag) = rest.split_at_mut(4);
+        ctr.copy_from_slice(&counter.to_be_bytes());
+        flag.fill(u8::from(last));
+        Ok(nonce)
+    }
+
+    /// Seals segment `index` in place; returns its tag.
+    pub(crate) fn seal(
+        &self,
+        index: u64,
+        last: bool,
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], Error> {
+        let nonce = self.nonce(index, last)?;
+        suite::seal(
+            suite::Backend::default(),
+            self.suite,
+            &self.key,
+            &nonce,
+            &self.aad,
+            buf,
+        )
+        .map_err(|_| Error::Encrypt)
+    }
+
+    /// Opens segment `index` (`ciphertext ‖ tag`) into `out`. On failure
+    /// `out` is zeroized and the segment's error returned.
+    pub(crate) fn open(
+        &self,
+        index: u64,
+        last: bool,
+        ciphertext: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> Result<(), StreamError> {
+        let nonce = self.nonce(index, last)?;
+        let opened = suite::open(
+            suite::Backend::default(),
+            self.suite,
+            &self.key,
+            &nonce,
+            &self.aad,
+            ciphertext,
+            tag,
+            out,
+        );
+        if opened.is_err() {
+            zeroize::Zeroize::zeroize(out);
+            return Err(StreamError::Segment { index });
+        }
+        Ok(())
+    }
+}
+
+/// Splits a sealed segment into ciphertext and tag.
+fn split_tag(segment: &[u8]) -> Option<(&[u8], &[u8; TAG_LEN])> {
+    let at = segment.len().checked_sub(TAG_LEN)?;
+    let (ciphertext, tag) = segment.split_at_checked(at)?;
+    Some((ciphertext, tag.try_into().ok()?))
+}
+
+/// Encrypts everything `reader` yields into a new stream written to
+/// `writer`, under `master`, bound to `context`. Memory stays bounded by
+/// about two segments. Returns the plaintext length.
+///
+/// ```
+/// use keyfold_core::{stream, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("object", "export.csv");
+/// let options = stream::StreamOptions::default().suite(Suite::ChaCha20Poly1305).segment_size(4096);
+/// let plain = vec![7u8; 10_000];
+/// let mut object = Vec::new();
+/// assert_eq!(stream::encrypt(&master, options, &ctx, &plain[..], &mut object)?, 10_000);
+/// // 123-byte header, 3 segments of 16-byte tags.
+/// assert_eq!(object.len(), 10_000 + 123 + 3 * 16);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Io`] when reading or writing fails, [`StreamError::SegmentSize`]
+/// for bad options, [`Error::Context`], [`Error::Rng`].
+pub fn encrypt<R: Read, W: Write>(
+    master: &MasterKey,
+    options: StreamOptions,
+    context: &EncryptionContext,
+    mut reader: R,
+    writer: W,
+) -> Result<u64, Error> {
+    let mut enc = Encryptor::new(master, options, context, writer)?;
+    let n = io::copy(&mut reader, &mut enc)?;
+    enc.finish()?;
+    Ok(n)
+}
+
+/// Decrypts a whole stream from `reader` into `writer`; `master` must be
+/// the version its header names. Returns the plaintext length.
+///
+/// Plaintext reaches `writer` segment by segment as each authenticates: if
+/// this returns an error, `writer` may already hold the authentic beginning
+/// of the object, and the caller must discard it.
+///
+/// # Errors
+/// [`Error::Format`], [`Error::VersionMismatch`], [`Error::Decrypt`] for
+/// the header; [`StreamError`] for the segments; [`Error::Io`].
+pub fn decrypt<R: Read, W: Write>(
+    master: &MasterKey,
+    context: &EncryptionContext,
+    reader: R,
+    mut writer: W,
+) -> Result<u64, Error> {
+    let mut dec = Decryptor::open(master, context, reader)?;
+    Ok(io::copy(&mut dec, &mut writer)?)
+}
+
+/// Re-encrypts a stream under `to` with a fresh data key (for a suspected
+/// compromise): reads it with `from`, writes a new stream with the same
+/// suite and segment size to `writer`. Streaming: bounded memory. Returns
+/// the plaintext length.
+///
+/// As with [`decrypt`], on error `writer` holds a partial stream that must
+/// be discarded (it will not decrypt: it has no final segment).
+///
+/// # Errors
+/// As [`decrypt`] and [`encrypt`].
+pub fn reencrypt<R: Read, W: Write>(
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+    reader: R,
+    writer: W,
+) -> Result<u64, Error> {
+    let mut dec = Decryptor::open(from, context, reader)?;
+    let options = StreamOptions::default()
+        .suite(dec.header().suite())
+        .segment_size(dec.header().segment_size());
+    let mut enc = Encryptor::new(to, options, context, writer)?;
+    let n = io::copy(&mut dec, &mut enc)?;
+    enc.finish()?;
+    Ok(n)
+}
+
+/// Header-only rewrap of a stored stream: reads its 123-byte header from
+/// the start of `object`, rewraps the data key from `from` to `to` (see
+/// [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place))
+/// and writes the header back at offset 0. The payload is neither read nor
+/// written: re-keying a 10 GiB object costs 123 bytes of I/O.
+///
+/// The header write is a single 123-byte `write_all` then `flush`; where a
+/// torn write is possible, write the new header (returned) atomically
+/// instead.
+///
+/// ```
+/// use std::io::Cursor;
+/// use keyfold_core::{stream, EncryptionContext, MasterKey, SecretKey};
+/// let (v1, v2) = (MasterKey::new(1, SecretKey::generate()?), MasterKey::new(2, SecretKey::generate()?));
+/// let ctx = EncryptionContext::new().with("object", "o");
+/// let mut file = Cursor::new(Vec::new());
+/// stream::encrypt(&v1, Default::default(), &ctx, &b"payload"[..], &mut file)?;
+/// let header = stream::rewrap_in_place(&mut file, &v1, &v2, &ctx)?;
+/// assert_eq!(header.key_version(), 2);
+/// let mut plain = Vec::new();
+/// stream::decrypt(&v2, &ctx, &file.get_ref()[..], &mut plain)?;
+/// assert_eq!(plain, b"payload");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// As [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place),
+/// and [`Error::Io`]. On an error before the write, `object` is unchanged.
+pub fn rewrap_in_place<F: Read + Write + Seek>(
+    object: &mut F,
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<StreamHeader, Error> {
+    object.seek(SeekFrom::Start(0))?;
+    let header = StreamHeader::read(object)?;
+    let mut bytes = *header.as_bytes();
+    crate::record::rewrap_header_in_place(&mut bytes, from, to, context)?;
+    object.seek(SeekFrom::Start(0))?;
+    object.write_all(&bytes)?;
+    object.flush()?;
+    StreamHeader::parse(&bytes)
+}
+
+/// Bytes a stream of `plaintext_len` bytes takes with segments of
+/// `segment_size` plaintext bytes: the 123-byte header plus a 16-byte tag
+/// per segment (`plaintext_len / segment_size + 1` segments).
+///
+/// ```
+/// # use keyfold_core::stream::ciphertext_len;
+/// assert_eq!(ciphertext_len(0, 65536), Some(123 + 16));
+/// assert_eq!(ciphertext_len(65536, 65536), Some(123 + 65536 + 2 * 16));
+/// ```
+pub fn ciphertext_len(plaintext_len: u64, segment_size: u32) -> Option<u64> {
+    let segments = plaintext_len
+        .checked_div(u64::from(segment_size))?
+        .checked_add(1)?;
+    if segments > MAX_SEGMENTS {
+        return None;
+    }
+    plaintext_len
+        .checked_add(STREAM_HEADER_LEN as u64)?
+        .checked_add(segments.checked_mul(TAG_LEN as u64)?)
+}
+
+/// Hooks for the fuzz targets under `fuzz/`: they must never panic.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz_hooks {
+    use super::*;
+
+    /// Decrypts arbitrary bytes as a stream under a fixed key, through the
+    /// `Read` adapter and the random-access reader.
+    pub fn decrypt(data: &[u8]) {
+        let master = MasterKey::new(
+            u32::from(data.first().copied().unwrap_or(0)),
+            crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
+        );
+        let ctx = EncryptionContext::new().with("fuzz", data.get(1..3).unwrap_or_default());
+        let object = data.get(3..).unwrap_or_default();
+        let _ = super::decrypt(&master, &ctx, object, io::sink());
+        if let Ok(header) = StreamHeader::parse(object) {
+            if let Ok(mut seek) = SeekDecryptor::new(header, &master, &ctx, io::Cursor::new(object))
+            {
+                let len = seek.plaintext_len();
+                let _ = seek.read_range(len / 3..len);
+            }
+        }
+    }
+}

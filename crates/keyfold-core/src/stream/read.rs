@@ -1,0 +1,284 @@
+//! The decrypting side: a segment decoder shared by the sync and async
+//! adapters, and the `std::io::Read` adapter.
+
+use std::io::{self, Read};
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::{Segments, StreamHeader, split_tag};
+use crate::context::EncryptionContext;
+use crate::error::{Error, StreamError};
+use crate::secret::MasterKey;
+use crate::suite::TAG_LEN;
+
+enum State {
+    /// Filling the ciphertext buffer / draining plaintext.
+    Running,
+    /// The final segment authenticated and was fully handed out or is
+    /// being handed out.
+    Done,
+    /// A segment failed; every later read fails the same way.
+    Failed(StreamError),
+}
+
+/// Reads segments into a ciphertext buffer and opens each into a plaintext
+/// buffer. Sans-I/O: the adapters read into [`spare`](Self::spare) and
+/// report with [`filled`](Self::filled).
+///
+/// A segment is final exactly when it is shorter than a full segment
+/// (`segment_size + 16` bytes): every full segment is opened as non-final,
+/// and the short piece at the end of the input as final. So a stream cut at
+/// a segment boundary ends with no final segment ([`StreamError::Truncated`]),
+/// and a stream cut inside, reordered, duplicated or extended fails a
+/// segment's authentication ([`StreamError::Segment`]).
+pub(crate) struct DecodeCore {
+    header: StreamHeader,
+    segments: Segments,
+    /// One full sealed segment's worth of ciphertext.
+    cbuf: Vec<u8>,
+    filled: usize,
+    /// The current segment's plaintext, released only after it authenticated.
+    plain: Zeroizing<Vec<u8>>,
+    pos: usize,
+    /// Index of the next segment to open.
+    index: u64,
+    state: State,
+}
+
+impl DecodeCore {
+    pub(crate) fn new(
+        header: StreamHeader,
+        master: &MasterKey,
+        context: &EncryptionContext,
+    ) -> Result<Self, Error> {
+        let segments = header.open(master, context)?;
+        let size = segments.segment_size();
+        Ok(DecodeCore {
+            header,
+            segments,
+            cbuf: vec![0; size + TAG_LEN],
+            filled: 0,
+            plain: Zeroizing::new(Vec::with_capacity(size)),
+            pos: 0,
+            index: 0,
+            state: State::Running,
+        })
+    }
+
+    pub(crate) fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Authenticated plaintext not yet handed out.
+    pub(crate) fn available(&self) -> &[u8] {
+        self.plain.get(self.pos..).unwrap_or_default()
+    }
+
+    /// `n` bytes of [`available`](Self::available) were handed out.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n).min(self.plain.len());
+    }
+
+    /// Copies available plaintext into `out`.
+    pub(crate) fn copy_out(&mut self, out: &mut [u8]) -> usize {
+        let available = self.available();
+        let n = available.len().min(out.len());
+        if let (Some(dst), Some(src)) = (out.get_mut(..n), available.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.consume(n);
+        n
+    }
+
+    /// `Some(Ok(()))` at the clean end of the stream, `Some(Err)` after a
+    /// failure, `None` while more input is needed.
+    pub(crate) fn status(&self) -> Option<Result<(), StreamError>> {
+        match &self.state {
+            State::Running => None,
+            State::Done => Some(Ok(())),
+            State::Failed(e) => Some(Err(e.clone())),
+        }
+    }
+
+    /// Where the adapter reads the next ciphertext bytes into.
+    pub(crate) fn spare(&mut self) -> &mut [u8] {
+        self.cbuf.get_mut(self.filled..).unwrap_or_default()
+    }
+
+    /// The adapter read `n` bytes into [`spare`](Self::spare); `n == 0`
+    /// means end of input.
+    pub(crate) fn filled(&mut self, n: usize) -> Result<(), StreamError> {
+        if !matches!(self.state, State::Running) || !self.available().is_empty() {
+            return self.status().unwrap_or(Ok(()));
+        }
+        if n == 0 {
+            return self.open_segment(true);
+        }
+        self.filled = self.filled.saturating_add(n).min(self.cbuf.len());
+        if self.filled == self.cbuf.len() {
+            self.open_segment(false)?;
+        }
+        Ok(())
+    }
+
+    fn open_segment(&mut self, last: bool) -> Result<(), StreamError> {
+        let index = self.index;
+        let result = self.try_open(index, last);
+        self.filled = 0;
+        self.pos = 0;
+        match result {
+            Ok(()) => {
+                self.index = index.saturating_add(1);
+                if last {
+                    self.state = State::Done;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.plain.zeroize();
+                self.state = State::Failed(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn try_open(&mut self, index: u64, last: bool) -> Result<(), StreamError> {
+        let segment = self.cbuf.get(..self.filled).unwrap_or_default();
+        let Some((ciphertext, tag)) = split_tag(segment) else {
+            // The input ended at a segment boundary or inside a tag: the
+            // final segment is missing.
+            return Err(StreamError::Truncated { segments: index });
+        };
+        self.plain.clear();
+        // Within capacity: no reallocation.
+        self.plain.resize(ciphertext.len(), 0);
+        self.segments
+            .open(index, last, ciphertext, tag, &mut self.plain)
+    }
+
+    /// Bytes of memory the decoder holds for data: one sealed segment, one
+    /// plaintext segment, the header.
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.cbuf.capacity() + self.plain.capacity() + self.header.as_bytes().len()
+    }
+}
+
+/// Decrypts a stream from any [`Read`]: reads return plaintext segment by
+/// segment, each only after it authenticated. At the end of the input a
+/// missing final segment is an error, never a clean end of file.
+///
+/// Errors come as `io::Error` carrying a keyfold [`Error`]
+/// (`keyfold_core::Error::from(io_error)` gets it back): a truncation has
+/// kind `UnexpectedEof`, a failed segment `InvalidData`.
+///
+/// **Do not act on plaintext from a stream that later fails**: read it to
+/// the end first (or use [`stream::decrypt`](super::decrypt) into a
+/// staging area).
+///
+/// ```
+/// use std::io::Read;
+/// use keyfold_core::{stream, EncryptionContext, Error, MasterKey, SecretKey};
+/// use keyfold_core::error::StreamError;
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new();
+/// let options = stream::StreamOptions::default().segment_size(64);
+/// let mut object = Vec::new();
+/// stream::encrypt(&master, options, &ctx, &[1u8; 200][..], &mut object)?;
+///
+/// // The header names the version; a keyring would look it up.
+/// let header = stream::StreamHeader::read(&mut &object[..])?;
+/// assert_eq!(header.key_version(), master.version());
+///
+/// // Cut at a segment boundary: the final segment is missing.
+/// let cut = &object[..123 + 2 * (64 + 16)];
+/// let mut dec = stream::Decryptor::open(&master, &ctx, cut)?;
+/// let err = dec.read_to_end(&mut Vec::new()).unwrap_err();
+/// assert!(matches!(Error::from(err), Error::Stream(StreamError::Truncated { segments: 2 })));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Decryptor<R: Read> {
+    inner: R,
+    core: DecodeCore,
+}
+
+impl<R: Read> std::fmt::Debug for Decryptor<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decryptor")
+            .field("header", self.core.header())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> Decryptor<R> {
+    /// Decrypts the segments that follow `header` in `inner` (positioned
+    /// just after the header). Opens the data key with `master` and checks
+    /// the commitment before reading any segment.
+    ///
+    /// # Errors
+    /// [`Error::VersionMismatch`] when `master` is not the header's
+    /// version, [`Error::Decrypt`] for a wrong key or context or a modified
+    /// header, [`Error::Context`].
+    pub fn new(
+        header: StreamHeader,
+        master: &MasterKey,
+        context: &EncryptionContext,
+        inner: R,
+    ) -> Result<Self, Error> {
+        Ok(Decryptor {
+            inner,
+            core: DecodeCore::new(header, master, context)?,
+        })
+    }
+
+    /// Reads the header from `inner`, then as [`new`](Self::new).
+    ///
+    /// # Errors
+    /// As [`StreamHeader::read`] and [`new`](Self::new).
+    pub fn open(
+        master: &MasterKey,
+        context: &EncryptionContext,
+        mut inner: R,
+    ) -> Result<Self, Error> {
+        let header = StreamHeader::read(&mut inner)?;
+        Self::new(header, master, context, inner)
+    }
+
+    /// The stream's header.
+    pub fn header(&self) -> &StreamHeader {
+        self.core.header()
+    }
+
+    /// Bytes of buffer this decryptor holds (about two segments), constant
+    /// for the stream's life whatever its size.
+    pub fn buffered_capacity(&self) -> usize {
+        self.core.buffered_capacity()
+    }
+
+    /// The inner reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for Decryptor<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if !self.core.available().is_empty() || out.is_empty() {
+                return Ok(self.core.copy_out(out));
+            }
+            match self.core.status() {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(e)) => return Err(Error::Stream(e).into()),
+                None => {}
+            }
+            match self.inner.read(self.core.spare()) {
+                Ok(n) => self
+                    .core
+                    .filled(n)
+                    .map_err(|e| io::Error::from(Error::Stream(e)))?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The encrypting side: a segment encoder shared by the sync and async
+//! adapters, and the `std::io::Write` adapter.
+
+use std::io::{self, Write};
+
+use zeroize::Zeroizing;
+
+use super::{Segments, StreamHeader, StreamOptions, fresh_header};
+use crate::context::EncryptionContext;
+use crate::error::{Error, StreamError};
+use crate::secret::MasterKey;
+use crate::suite::TAG_LEN;
+
+/// Collects plaintext into one segment buffer, seals it in place when it is
+/// full, and hands out the bytes to write (header first). Sans-I/O: the
+/// adapters drive it.
+///
+/// A segment is sealed as soon as it holds `segment_size` bytes, so the
+/// final segment always holds fewer (0 to `segment_size - 1`): a reader
+/// knows a segment is final from its length alone (docs/FORMAT.md,
+/// "Streaming").
+pub(crate) struct EncodeCore {
+    header: StreamHeader,
+    header_pos: usize,
+    segments: Segments,
+    /// Plaintext being collected, or a sealed segment (ciphertext ‖ tag)
+    /// being written out. Never grows past its initial capacity, so no
+    /// copy of plaintext is left behind by a reallocation.
+    buf: Zeroizing<Vec<u8>>,
+    /// `buf` holds a sealed segment; `out_pos` of it are written.
+    sealed: bool,
+    out_pos: usize,
+    /// Index of the segment being collected.
+    index: u64,
+    /// The final segment was sealed.
+    finished: bool,
+    plaintext_len: u64,
+}
+
+impl EncodeCore {
+    pub(crate) fn new(
+        master: &MasterKey,
+        options: StreamOptions,
+        context: &EncryptionContext,
+    ) -> Result<Self, Error> {
+        let (header, segments) = fresh_header(master, options, context)?;
+        Ok(Self::from_parts(header, segments))
+    }
+
+    pub(crate) fn from_parts(header: StreamHeader, segments: Segments) -> Self {
+        let capacity = segments.segment_size() + TAG_LEN;
+        EncodeCore {
+            header,
+            header_pos: 0,
+            segments,
+            buf: Zeroizing::new(Vec::with_capacity(capacity)),
+            sealed: false,
+            out_pos: 0,
+            index: 0,
+            finished: false,
+            plaintext_len: 0,
+        }
+    }
+
+    pub(crate) fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Bytes waiting to be written to the inner writer.
+    pub(crate) fn pending(&self) -> &[u8] {
+        if let Some(rest) = self.header.as_bytes().get(self.header_pos..)
+            && !rest.is_empty()
+        {
+            return rest;
+        }
+        if self.sealed {
+            self.buf.get(self.out_pos..).unwrap_or_default()
+        } else {
+            &[]
+        }
+    }
+
+    /// `n` bytes of [`pending`](Self::pending) were written.
+    pub(crate) fn advance(&mut self, n: usize) {
+        if self.header_pos < self.header.as_bytes().len() {
+            self.header_pos = self.header_pos.saturating_add(n);
+            return;
+        }
+        self.out_pos = self.out_pos.saturating_add(n);
+        if self.sealed && self.out_pos >= self.buf.len() {
+            self.buf.clear();
+            self.sealed = false;
+            self.out_pos = 0;
+        }
+    }
+
+    /// Takes plaintext from `data` into the segment buffer; seals the
+    /// segment when it is full. Returns how many bytes were taken: 0 only
+    /// when output is pending (drain it first) or `data` is empty.
+    pub(crate) fn accept(&mut self, data: &[u8]) -> Result<usize, Error> {
+        if self.finished {
+            return Err(StreamError::Finished.into());
+        }
+        // Plaintext may be collected while the header is still pending.
+        if self.sealed {
+            return Ok(0);
+        }
+        let room = self.segments.segment_size().saturating_sub(self.buf.len());
+        let take = room.min(data.len());
+        self.buf
+            .extend_from_slice(data.get(..take).unwrap_or_default());
+        self.plaintext_len = self.plaintext_len.saturating_add(take as u64);
+        if self.buf.len() == self.segments.segment_size() {
+            self.seal(false)?;
+        }
+        Ok(take)
+    }
+
+    /// Seals the collected plaintext as the final segment.
+    pub(crate) fn finish(&mut self) -> Result<(), Error> {
+        if self.finished {
+            return Ok(());
+        }
+        if self.sealed {
+            // Cannot happen: a full segment is sealed, and the adapters
+            // drain it before finishing.
+            return Err(StreamError::Finished.into());
+        }
+        self.seal(true)
+    }
+
+    fn seal(&mut self, last: bool) -> Result<(), Error> {
+        if !last && self.index >= super::MAX_SEGMENTS - 1 {
+            // The final segment would have no counter left.
+            return Err(StreamError::TooLong {
+                max: super::MAX_SEGMENTS,
+            }
+            .into());
+        }
+        let tag = self.segments.seal(self.index, last, &mut self.buf)?;
+        self.buf.extend_from_slice(&tag);
+        self.sealed = true;
+        self.out_pos = 0;
+        self.index = self.index.saturating_add(1);
+        self.finished = last;
+        Ok(())
+    }
+
+    /// The final segment was sealed (it may still be pending output).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub(crate) fn plaintext_len(&self) -> u64 {
+        self.plaintext_len
+    }
+
+    /// Bytes of memory the encoder holds for data (buffer capacity and header).
+    pub(crate) fn buffered_capacity(&self) -> usize {
+        self.buf.capacity() + self.header.as_bytes().len()
+    }
+}
+
+/// Encrypts a stream into any [`Write`]: write plaintext to it, then call
+/// [`finish`](Self::finish). Holds one segment (plus its tag) in memory.
+///
+/// Dropping it without `finish` leaves a stream without its final segment,
+/// which every reader rejects as truncated.
+///
+/// ```
+/// use std::io::Write;
+/// use keyfold_core::{stream, EncryptionContext, MasterKey, SecretKey};
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("object", "log-2026-11");
+/// let options = stream::StreamOptions::default().segment_size(1024);
+/// let mut enc = stream::Encryptor::new(&master, options, &ctx, Vec::new())?;
+/// for line in 0..100 {
+///     writeln!(enc, "line {line}")?;
+/// }
+/// let object: Vec<u8> = enc.finish()?;
+/// assert_eq!(stream::StreamHeader::parse(&object)?.key_version(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Encryptor<W: Write> {
+    inner: W,
+    core: EncodeCore,
+}
+
+impl<W: Write> std::fmt::Debug for Encryptor<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encryptor")
+            .field("header", self.core.header())
+            .field("plaintext_len", &self.core.plaintext_len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Write> Encryptor<W> {
+    /// Starts a stream under `master`, bound to `context`, with a fresh data
+    /// key. The header is written with the first segment (or by
+    /// [`finish`](Self::finish)).
+    ///
+    /// # Errors
+    /// [`StreamError::SegmentSize`], [`Error::Context`], [`Error::Rng`].
+    pub fn new(
+        master: &MasterKey,
+        options: StreamOptions,
+        context: &EncryptionContext,
+        inner: W,
+    ) -> Result<Self, Error> {
+        Ok(Encryptor {
+            inner,
+            core: EncodeCore::new(master, options, context)?,
+        })
+    }
+
+    /// The stream's header (it names the master key version).
+    pub fn header(&self) -> &StreamHeader {
+        self.core.header()
+    }
+
+    /// Bytes of buffer this encryptor holds: one segment plus its tag, and
+    /// the header. Constant for the stream's life, whatever its size.
+    pub fn buffered_capacity(&self) -> usize {
+        self.core.buffered_capacity()
+    }
+
+    /// Seals the final segment, writes everything out, flushes and returns
+    /// the inner writer.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails (the stream is then incomplete).
+    pub fn finish(mut self) -> Result<W, Error> {
+        self.drain()?;
+        if !self.core.is_finished() {
+            self.core.finish()?;
+        }
+        self.drain()?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        loop {
+            let pending = self.core.pending();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            match self.inner.write(pending) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.core.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for Encryptor<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            self.drain()?;
+            let n = self.core.accept(data)?;
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Writes out sealed segments and flushes the inner writer. A partial
+    /// segment stays buffered until it is full or the stream is finished.
+    fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
+        self.inner.flush()
+    }
+}
