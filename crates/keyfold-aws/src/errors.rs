@@ -311,6 +311,52 @@ mod tests {
         assert_eq!(err.kind, WrapErrorKind::Unavailable);
     }
 
+    fn credentials_failure_error(
+        source: aws_credential_types::provider::error::CredentialsError,
+    ) -> WrapError {
+        classify_sdk_error::<DecryptError>(
+            SdkError::dispatch_failure(ConnectorError::other(Box::new(source), None)),
+            KEY,
+            WrapOperation::Unwrap,
+        )
+    }
+
+    #[test]
+    fn role_assumption_failures_are_classified() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+
+        let sts = |code: &str, status: u16| {
+            let e = AssumeRoleError::generic(
+                ErrorMetadata::builder()
+                    .code(code)
+                    .message("not authorized to perform sts:AssumeRole")
+                    .build(),
+            );
+            CredentialsError::provider_error(
+                SdkError::<AssumeRoleError, HttpResponse>::service_error(e, response(status, None)),
+            )
+        };
+        let err = credentials_failure_error(sts("AccessDenied", 403));
+        assert_eq!(err.kind, WrapErrorKind::AccessDenied, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("trust policy") && text.contains(KEY),
+            "{text}"
+        );
+        assert_eq!(
+            credentials_failure_error(sts("Throttling", 400)).kind,
+            WrapErrorKind::Throttled
+        );
+        assert_eq!(
+            credentials_failure_error(sts("InternalFailure", 500)).kind,
+            WrapErrorKind::Unavailable
+        );
+        let err = credentials_failure_error(CredentialsError::not_loaded("no env, no profile"));
+        assert_eq!(err.kind, WrapErrorKind::Misconfigured, "{err}");
+        assert!(err.to_string().contains("no base credentials"), "{err}");
+    }
+
     #[test]
     fn response_errors_carry_no_body() {
         let body = SdkBody::from(r#"{"Plaintext":"c2VjcmV0LWtleS1tYXRlcmlhbA=="}"#);

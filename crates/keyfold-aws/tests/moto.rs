@@ -7,8 +7,12 @@
 //!   the mapping function (`src/errors.rs`).
 //! - `Decrypt` with another key's `KeyId` answers `AccessDeniedException`
 //!   (real KMS: `IncorrectKeyException`, mapped to `KeyMismatch`).
-//! - Key policies are not enforced, so a denied key is shown with a missing
-//!   key (`NotFound`) and a refused role (STS unreachable).
+//! - Key policies are enforced only for `DescribeKey` (a Deny statement), not
+//!   for `Encrypt`/`Decrypt`, and STS grants every `AssumeRole`: so the probe's
+//!   "denied key" is shown with a missing key (`NotFound`) and a role that
+//!   cannot be assumed (STS unreachable); STS `AccessDenied` is unit-tested
+//!   on the mapping (`src/errors.rs`). moto does answer `AccessDeniedException`
+//!   for a blob from another key (below).
 //! - Throttling and 5xx never happen: they are injected with an SDK
 //!   interceptor below and unit-tested on the mapping function.
 #![allow(
