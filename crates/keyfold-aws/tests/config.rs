@@ -174,3 +174,54 @@ async fn a_valid_config_builds_offline_and_debug_hides_the_external_id() {
     assert!(!shown.contains("tenant-a\""), "{shown}");
     assert!(shown.contains("******"), "{shown}");
 }
+
+#[tokio::test]
+async fn wrapped_keys_naming_another_key_are_refused_before_any_kms_call() {
+    use keyfold_core::{WrapContext, WrappedKey};
+    // No endpoint is reachable here: every case must be refused locally.
+    let mut cfg = config("arn:aws:kms:eu-west-1:111122223333:alias/tenant-a", ROLE);
+    cfg.endpoint_url = Some("http://127.0.0.1:9".into());
+    let alias_arn = AwsKmsWrapper::builder(cfg.clone())
+        .retry_policy(keyfold_core::retry::RetryPolicy::none())
+        .build()
+        .await
+        .unwrap();
+    cfg.kms_key_ref = "alias/tenant-a".into();
+    let alias = AwsKmsWrapper::builder(cfg.clone())
+        .retry_policy(keyfold_core::retry::RetryPolicy::none())
+        .build()
+        .await
+        .unwrap();
+    cfg.kms_key_ref = KEY_ARN.into();
+    let key_arn = AwsKmsWrapper::builder(cfg)
+        .retry_policy(keyfold_core::retry::RetryPolicy::none())
+        .build()
+        .await
+        .unwrap();
+    let blob = |key_ref: &str| WrappedKey {
+        provider: "aws".into(),
+        key_ref: key_ref.into(),
+        kms_key_version: None,
+        bytes: vec![1; 64],
+    };
+    let ctx = WrapContext::new("tenant-a", 1);
+    let other_account =
+        "arn:aws:kms:eu-west-1:999999999999:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let other_region =
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let other_key = "arn:aws:kms:eu-west-1:111122223333:key/ffffffff-12ab-34cd-56ef-1234567890ab";
+    for (wrapper, key_ref) in [
+        (&alias_arn, other_account),
+        (&alias_arn, other_region),
+        (&alias, other_region),
+        (&key_arn, other_key),
+        (&key_arn, other_account),
+        (&key_arn, "alias/tenant-a"),
+        (&alias, "not-an-arn"),
+    ] {
+        let err = wrapper.unwrap(&blob(key_ref), &ctx).await.unwrap_err();
+        assert_eq!(err.kind, WrapErrorKind::KeyMismatch, "{key_ref}: {err}");
+        assert_eq!(err.operation, WrapOperation::Unwrap);
+        assert!(err.to_string().contains(key_ref), "{err}");
+    }
+}
