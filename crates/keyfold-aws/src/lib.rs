@@ -205,9 +205,12 @@ impl AwsKmsWrapperBuilder {
         self
     }
 
-    /// How throttling and unavailability are retried (default
-    /// [`RetryPolicy::default`]). The SDK's own retries are turned off, so
-    /// this is the only retry layer.
+    /// Retries of throttling and unavailability inside each `wrap` /
+    /// `unwrap` (default [`RetryPolicy::none`]: the
+    /// [`Keyring`](keyfold_core::keyring::Keyring) already retries around
+    /// every KMS call with `keyfold_core::retry`, and retrying in both places
+    /// multiplies the attempts). Set one when using the wrapper on its own.
+    /// The SDK's own retries are always off.
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -309,7 +312,7 @@ impl AwsKmsWrapper {
             sts_endpoint_url: None,
             base_credentials: None,
             session_name: DEFAULT_SESSION_NAME.to_owned(),
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::none(),
             interceptors: Vec::new(),
             connect_timeout: CONNECT_TIMEOUT,
             attempt_timeout: ATTEMPT_TIMEOUT,

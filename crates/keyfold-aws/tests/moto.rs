@@ -397,6 +397,36 @@ async fn throttling_is_retried_then_succeeds() {
     );
 }
 
+#[tokio::test]
+async fn the_keyring_retries_a_throttled_kms() {
+    let moto = Moto::shared();
+    let arn = moto.create_key().await;
+    let seen = Arc::new(AtomicU32::new(0));
+    // The wrapper itself does not retry (its default); the keyring does.
+    let wrapper = moto
+        .builder(&arn)
+        .interceptor(Throttle {
+            operation: "Encrypt",
+            remaining: AtomicU32::new(2),
+            seen: Arc::clone(&seen),
+        })
+        .build()
+        .await
+        .unwrap();
+    let ring = Keyring::builder(
+        unique("tenant"),
+        Arc::new(wrapper),
+        Arc::new(MemoryStore::new()),
+    )
+    .retry_policy(fast_retries(5))
+    .create()
+    .await
+    .unwrap();
+    let r = ring.rotate(&Actor::new("admin")).await.unwrap();
+    assert_eq!(r.version, 1);
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "2 throttled + 1 ok");
+}
+
 /// Records the access key id each KMS request was signed with.
 #[derive(Debug, Default, Clone)]
 struct RecordSigner(Arc<Mutex<Vec<String>>>);
