@@ -101,8 +101,8 @@ impl Moto {
     pub fn start() -> Moto {
         let bin = moto_binary();
         let port = free_port();
-        let log =
-            std::env::temp_dir().join(format!("keyfold-moto-{}-{port}.log", std::process::id()));
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("keyfold-moto-{}-{port}.log", std::process::id()));
         let log_file = File::create(&log).unwrap();
         let mut child = Command::new("sh")
             .arg("-c")
