@@ -603,6 +603,26 @@ fn io_errors_of_the_inner_writer_surface_and_can_be_retried() {
     assert_eq!(open(&master, &object).unwrap(), pt);
 }
 
+#[test]
+fn backends_read_each_other() {
+    use keyfold_core::suite::Backend;
+    let master = key(1);
+    let pt = plain(3 * SEG + 7);
+    for suite in Suite::ALL {
+        for &sealer in Backend::all() {
+            let object = seal(&master, small(suite).backend(sealer), &pt, 50);
+            for &opener in Backend::all() {
+                let mut dec = Decryptor::open(&master, &ctx(), &object[..])
+                    .unwrap()
+                    .with_backend(opener);
+                let mut out = Vec::new();
+                dec.read_to_end(&mut out).unwrap();
+                assert_eq!(out, pt, "{suite} {sealer:?} -> {opener:?}");
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -27,8 +27,8 @@
 //! or the object cut short): **a caller must not act on data read from a
 //! stream until the stream has been read to its end without error.** A
 //! truncated stream is reported at its end as
-//! [`StreamError::Truncated`](crate::error::StreamError::Truncated) or
-//! [`StreamError::Segment`](crate::error::StreamError::Segment), never as a
+//! [`StreamError::Truncated`] or
+//! [`StreamError::Segment`], never as a
 //! clean end of file.
 //!
 //! ```
@@ -65,7 +65,7 @@ use crate::kdf::Prf;
 use crate::record::{commitment, open_wrap, with_context, write_wrap};
 use crate::rng;
 use crate::secret::{KEY_LEN, MasterKey};
-use crate::suite::{self, Suite, TAG_LEN};
+use crate::suite::{self, Backend, Suite, TAG_LEN};
 
 mod read;
 mod seek;
@@ -103,6 +103,7 @@ pub const SEGMENT_OVERHEAD: usize = TAG_LEN;
 pub struct StreamOptions {
     suite: Suite,
     segment_size: u32,
+    backend: Backend,
 }
 
 impl Default for StreamOptions {
@@ -111,6 +112,7 @@ impl Default for StreamOptions {
         StreamOptions {
             suite: Suite::default(),
             segment_size: DEFAULT_SEGMENT_SIZE,
+            backend: Backend::default(),
         }
     }
 }
@@ -124,12 +126,20 @@ impl StreamOptions {
     }
 
     /// Plaintext bytes per segment, from
-    /// [`MIN_SEGMENT_SIZE`](crate::format::MIN_SEGMENT_SIZE) to
-    /// [`MAX_SEGMENT_SIZE`](crate::format::MAX_SEGMENT_SIZE) (checked when
+    /// [`MIN_SEGMENT_SIZE`] to
+    /// [`MAX_SEGMENT_SIZE`] (checked when
     /// the stream is created). Memory use is about twice this.
     #[must_use]
     pub fn segment_size(mut self, segment_size: u32) -> Self {
         self.segment_size = segment_size;
+        self
+    }
+
+    /// Which AEAD implementation seals the segments (the output is the
+    /// same whichever runs; default [`Backend::default`]).
+    #[must_use]
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
         self
     }
 
@@ -337,7 +347,7 @@ fn fresh_header(
     rng::fill(&mut salt)?;
     let mut prefix = [0u8; NONCE_PREFIX_LEN];
     rng::fill(&mut prefix)?;
-    seal_header(
+    let (header, mut segments) = seal_header(
         master,
         options.suite,
         options.segment_size,
@@ -345,13 +355,16 @@ fn fresh_header(
         &data_key,
         &salt,
         &prefix,
-    )
+    )?;
+    segments.set_backend(options.backend);
+    Ok((header, segments))
 }
 
 /// The per-object segment AEAD: segment key, nonce prefix and the AAD
 /// (immutable header ‖ context) shared by every segment
 /// (docs/FORMAT.md, "Streaming").
 pub(crate) struct Segments {
+    backend: Backend,
     suite: Suite,
     key: Zeroizing<[u8; KEY_LEN]>,
     prefix: [u8; NONCE_PREFIX_LEN],
@@ -365,12 +378,17 @@ impl Segments {
         let key = Prf::new(data_key).expand(&[LABEL_STREAM_KEY, &[suite_id], &header.nonce_prefix]);
         let immutable = header.bytes.get(..STREAM_IMMUTABLE_END).unwrap_or_default();
         Segments {
+            backend: Backend::default(),
             suite: header.suite,
             key,
             prefix: header.nonce_prefix,
             aad: with_context(immutable, context),
             segment_size: header.segment_size as usize,
         }
+    }
+
+    pub(crate) fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
     }
 
     /// Plaintext bytes per segment.
@@ -399,15 +417,8 @@ impl Segments {
         buf: &mut [u8],
     ) -> Result<[u8; TAG_LEN], Error> {
         let nonce = self.nonce(index, last)?;
-        suite::seal(
-            suite::Backend::default(),
-            self.suite,
-            &self.key,
-            &nonce,
-            &self.aad,
-            buf,
-        )
-        .map_err(|_| Error::Encrypt)
+        suite::seal(self.backend, self.suite, &self.key, &nonce, &self.aad, buf)
+            .map_err(|_| Error::Encrypt)
     }
 
     /// Opens segment `index` (`ciphertext ‖ tag`) into `out`. On failure
@@ -422,7 +433,7 @@ impl Segments {
     ) -> Result<(), StreamError> {
         let nonce = self.nonce(index, last)?;
         let opened = suite::open(
-            suite::Backend::default(),
+            self.backend,
             self.suite,
             &self.key,
             &nonce,
@@ -591,28 +602,82 @@ pub fn ciphertext_len(plaintext_len: u64, segment_size: u32) -> Option<u64> {
         .checked_add(segments.checked_mul(TAG_LEN as u64)?)
 }
 
-/// Hooks for the fuzz targets under `fuzz/`: they must never panic.
+/// Hooks for the fuzz targets under `fuzz/`: they must never panic except
+/// on a broken property (the panic is the finding).
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzz_hooks {
     use super::*;
 
-    /// Decrypts arbitrary bytes as a stream under a fixed key, through the
-    /// `Read` adapter and the random-access reader.
+    /// Odd first byte: arbitrary bytes decrypted as a stream under a fixed
+    /// key, through the `Read` adapter and the random-access reader.
+    /// Even first byte: the rest of the input is encrypted (segment size
+    /// from the input), then optionally cut and bit-flipped as the input
+    /// says, then decrypted both ways: an untouched object must give back
+    /// its plaintext, a changed one must be rejected.
+    #[allow(clippy::panic, reason = "a broken property must crash the fuzzer")]
     pub fn decrypt(data: &[u8]) {
-        let master = MasterKey::new(
-            u32::from(data.first().copied().unwrap_or(0)),
-            crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
-        );
+        let master = MasterKey::new(1, crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]));
         let ctx = EncryptionContext::new().with("fuzz", data.get(1..3).unwrap_or_default());
-        let object = data.get(3..).unwrap_or_default();
-        let _ = super::decrypt(&master, &ctx, object, io::sink());
-        if let Ok(header) = StreamHeader::parse(object) {
-            if let Ok(mut seek) = SeekDecryptor::new(header, &master, &ctx, io::Cursor::new(object))
-            {
-                let len = seek.plaintext_len();
-                let _ = seek.read_range(len / 3..len);
+        let Some((&mode, rest)) = data.split_first() else {
+            return;
+        };
+        if mode & 1 == 1 {
+            let _ = open_both(&master, &ctx, rest);
+            return;
+        }
+        let Some((ops, plaintext)) = rest.split_at_checked(8) else {
+            return;
+        };
+        let byte = |i: usize| usize::from(ops.get(i).copied().unwrap_or(0));
+        let options = StreamOptions::default()
+            .segment_size(MIN_SEGMENT_SIZE + ops.first().copied().map_or(0, u32::from));
+        let mut object = Vec::new();
+        if encrypt(&master, options, &ctx, plaintext, &mut object).is_err() {
+            panic!("encrypt failed");
+        }
+        let original = object.clone();
+        let cut = byte(1) << 8 | byte(2);
+        if cut > 0 {
+            object.truncate(object.len().saturating_sub(cut));
+        }
+        if let Some(len) = std::num::NonZeroUsize::new(object.len()) {
+            let at = (byte(3) << 8 | byte(4)) % len.get();
+            if let Some(b) = object.get_mut(at) {
+                *b ^= ops.get(5).copied().unwrap_or(0);
             }
         }
+        let opened = open_both(&master, &ctx, &object);
+        if object == original {
+            match opened {
+                Ok(plain) if plain == plaintext => {}
+                _ => panic!("an untouched stream did not decrypt to its plaintext"),
+            }
+        } else if opened.is_ok() {
+            panic!("a modified stream was accepted");
+        }
+    }
+
+    /// Decrypts with the `Read` adapter and reads the whole range with the
+    /// random-access reader; both must agree.
+    #[allow(clippy::panic, reason = "a broken property must crash the fuzzer")]
+    fn open_both(
+        master: &MasterKey,
+        ctx: &EncryptionContext,
+        object: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let mut plain = Vec::new();
+        let streamed = super::decrypt(master, ctx, object, &mut plain).map(|_| plain);
+        let seeked = StreamHeader::parse(object).and_then(|header| {
+            let mut seek = SeekDecryptor::new(header, master, ctx, io::Cursor::new(object))?;
+            let len = seek.plaintext_len();
+            seek.read_range(0..len)
+        });
+        match (&streamed, &seeked) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Err(_), Err(_)) => {}
+            _ => panic!("the Read adapter and the random-access reader disagree"),
+        }
+        streamed
     }
 }

@@ -156,6 +156,10 @@ impl DecodeCore {
             .open(index, last, ciphertext, tag, &mut self.plain)
     }
 
+    pub(crate) fn set_backend(&mut self, backend: crate::suite::Backend) {
+        self.segments.set_backend(backend);
+    }
+
     /// Bytes of memory the decoder holds for data: one sealed segment, one
     /// plaintext segment, the header.
     pub(crate) fn buffered_capacity(&self) -> usize {
@@ -241,6 +245,14 @@ impl<R: Read> Decryptor<R> {
     ) -> Result<Self, Error> {
         let header = StreamHeader::read(&mut inner)?;
         Self::new(header, master, context, inner)
+    }
+
+    /// Opens the segments with `backend` (the result is the same whichever
+    /// runs; default [`Backend::default`](crate::suite::Backend::default)).
+    #[must_use]
+    pub fn with_backend(mut self, backend: crate::suite::Backend) -> Self {
+        self.core.set_backend(backend);
+        self
     }
 
     /// The stream's header.

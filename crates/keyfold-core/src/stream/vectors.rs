@@ -19,7 +19,7 @@ use crate::context::EncryptionContext;
 use crate::error::{Error, FormatError, StreamError};
 use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_SALT_LEN};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
-use crate::suite::{Suite, TAG_LEN};
+use crate::suite::{Backend, Suite, TAG_LEN};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/stream")
@@ -70,6 +70,7 @@ impl Vector {
 /// chosen secrets.
 #[allow(clippy::too_many_arguments, reason = "the vector's inputs")]
 fn encode(
+    backend: Backend,
     master: &MasterKey,
     suite: Suite,
     segment_size: u32,
@@ -80,8 +81,9 @@ fn encode(
     plaintext: &[u8],
 ) -> Vec<u8> {
     let ctx = context.encode().unwrap();
-    let (header, segments) =
+    let (header, mut segments) =
         seal_header(master, suite, segment_size, &ctx, data_key, salt, prefix).unwrap();
+    segments.set_backend(backend);
     let mut core = EncodeCore::from_parts(header, segments);
     let mut out = Vec::new();
     let mut rest = plaintext;
@@ -166,17 +168,21 @@ fn stream_vectors() {
         match v.get("expect") {
             "success" => {
                 assert_eq!(result.unwrap(), v.hex("plaintext"), "{name}");
-                let ours = encode(
-                    &v.master(),
-                    v.suite(),
-                    v.get("segment_size").parse().unwrap(),
-                    &v.context(),
-                    &v.hex("data_key").try_into().unwrap(),
-                    &v.hex("wrap_salt").try_into().unwrap(),
-                    &v.hex("nonce_prefix").try_into().unwrap(),
-                    &v.hex("plaintext"),
-                );
-                assert_eq!(hex::encode(ours), v.get("object"), "{name}");
+                // Every backend writes the same bytes.
+                for &backend in Backend::all() {
+                    let ours = encode(
+                        backend,
+                        &v.master(),
+                        v.suite(),
+                        v.get("segment_size").parse().unwrap(),
+                        &v.context(),
+                        &v.hex("data_key").try_into().unwrap(),
+                        &v.hex("wrap_salt").try_into().unwrap(),
+                        &v.hex("nonce_prefix").try_into().unwrap(),
+                        &v.hex("plaintext"),
+                    );
+                    assert_eq!(hex::encode(ours), v.get("object"), "{name} {backend:?}");
+                }
             }
             want => {
                 let err = result.expect_err(&name);
@@ -280,6 +286,7 @@ fn generate() {
         let master = MasterKey::new(c.version, SecretKey::try_from_slice(&mk).unwrap());
         let ctx: EncryptionContext = c.ctx.iter().map(|(k, v)| (*k, *v)).collect();
         let object = encode(
+            Backend::default(),
             &master,
             c.suite,
             c.segment_size,
