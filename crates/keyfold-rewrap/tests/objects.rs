@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyfold_core::format::{self, HeaderKind, STREAM_HEADER_LEN};
-use keyfold_core::keyring::Keyring;
+use keyfold_core::keyring::{DestroyAuthorization, Keyring};
 use keyfold_core::stream::{self, StreamOptions};
 use keyfold_core::{Suite, record};
 use keyfold_rewrap::{JobOptions, Mode, RewrapJob, Row, RowSource};
@@ -76,6 +76,18 @@ async fn objects_and_header_only_rows_are_rewrapped_without_their_payload() {
     assert!(report.completed, "{report:?}");
     assert_eq!(report.totals.rewrapped, 4, "{:?}", report.failures);
     assert_eq!(report.totals.failed, 0);
+
+    // Version 1 is destroyed (cryptographic erasure): every object still
+    // decrypts under version 2.
+    let evidence = job.completion().unwrap().evidence(1).unwrap();
+    ring.disable(1, &admin()).await.unwrap();
+    ring.destroy(1, DestroyAuthorization::Evidence(evidence), &admin())
+        .await
+        .unwrap();
+    assert!(matches!(
+        ring.master_key(1).await,
+        Err(keyfold_core::Error::KeyDestroyed { version: 1 })
+    ));
 
     let v2 = ring.master_key(2).await.unwrap();
     for (id, stored) in table.snapshot() {
