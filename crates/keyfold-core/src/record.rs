@@ -193,12 +193,13 @@ pub fn encrypt_with(
         });
     }
     let context = context.encode()?;
-    let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
-    rng::fill(&mut *data_key)?;
-    let salt = fresh_salt()?;
-    seal_with(
-        backend, master, suite, &context, &data_key, &salt, plaintext,
-    )
+    // One generator call for both: each call pays the fork check.
+    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_SALT_LEN]);
+    rng::fill(&mut *fresh)?;
+    let (data_key, salt) = fresh.split_at(KEY_LEN);
+    let data_key: &[u8; KEY_LEN] = data_key.try_into().map_err(|_| Error::Encrypt)?;
+    let salt: &[u8; WRAP_SALT_LEN] = salt.try_into().map_err(|_| Error::Encrypt)?;
+    seal_with(backend, master, suite, &context, data_key, salt, plaintext)
 }
 
 fn fresh_salt() -> Result<[u8; WRAP_SALT_LEN], Error> {
