@@ -37,9 +37,11 @@ pub(crate) struct DecodeCore {
     /// One full sealed segment's worth of ciphertext.
     cbuf: Vec<u8>,
     filled: usize,
-    /// The current segment's plaintext, released only after it authenticated.
+    /// The current segment's plaintext (`plain[pos..end]` not yet handed
+    /// out), released only after it authenticated. Fixed length.
     plain: Zeroizing<Vec<u8>>,
     pos: usize,
+    end: usize,
     /// Index of the next segment to open.
     index: u64,
     state: State,
@@ -58,8 +60,9 @@ impl DecodeCore {
             segments,
             cbuf: vec![0; size + TAG_LEN],
             filled: 0,
-            plain: Zeroizing::new(Vec::with_capacity(size)),
+            plain: Zeroizing::new(vec![0; size]),
             pos: 0,
+            end: 0,
             index: 0,
             state: State::Running,
         })
@@ -71,12 +74,12 @@ impl DecodeCore {
 
     /// Authenticated plaintext not yet handed out.
     pub(crate) fn available(&self) -> &[u8] {
-        self.plain.get(self.pos..).unwrap_or_default()
+        self.plain.get(self.pos..self.end).unwrap_or_default()
     }
 
     /// `n` bytes of [`available`](Self::available) were handed out.
     pub(crate) fn consume(&mut self, n: usize) {
-        self.pos = self.pos.saturating_add(n).min(self.plain.len());
+        self.pos = self.pos.saturating_add(n).min(self.end);
     }
 
     /// Copies available plaintext into `out`.
@@ -106,35 +109,48 @@ impl DecodeCore {
     }
 
     /// The adapter read `n` bytes into [`spare`](Self::spare); `n == 0`
-    /// means end of input.
-    pub(crate) fn filled(&mut self, n: usize) -> Result<(), StreamError> {
+    /// means end of input. When this completes a segment, it is opened into
+    /// `direct` if that is given and large enough (returning how many
+    /// plaintext bytes went there: the caller's buffer, saving a copy), else
+    /// into the decoder's own buffer ([`available`](Self::available)).
+    pub(crate) fn filled(
+        &mut self,
+        n: usize,
+        direct: Option<&mut [u8]>,
+    ) -> Result<usize, StreamError> {
         if !matches!(self.state, State::Running) || !self.available().is_empty() {
-            return self.status().unwrap_or(Ok(()));
+            return self.status().unwrap_or(Ok(())).map(|()| 0);
         }
         if n == 0 {
-            return self.open_segment(true);
+            return self.open_segment(true, direct);
         }
         self.filled = self.filled.saturating_add(n).min(self.cbuf.len());
         if self.filled == self.cbuf.len() {
-            self.open_segment(false)?;
+            return self.open_segment(false, direct);
         }
-        Ok(())
+        Ok(0)
     }
 
-    fn open_segment(&mut self, last: bool) -> Result<(), StreamError> {
+    fn open_segment(
+        &mut self,
+        last: bool,
+        direct: Option<&mut [u8]>,
+    ) -> Result<usize, StreamError> {
         let index = self.index;
-        let result = self.try_open(index, last);
+        let result = self.try_open(index, last, direct);
         self.filled = 0;
         self.pos = 0;
         match result {
-            Ok(()) => {
+            Ok((direct, len)) => {
+                self.end = if direct { 0 } else { len };
                 self.index = index.saturating_add(1);
                 if last {
                     self.state = State::Done;
                 }
-                Ok(())
+                Ok(if direct { len } else { 0 })
             }
             Err(e) => {
+                self.end = 0;
                 self.plain.zeroize();
                 self.state = State::Failed(e.clone());
                 Err(e)
@@ -142,18 +158,31 @@ impl DecodeCore {
         }
     }
 
-    fn try_open(&mut self, index: u64, last: bool) -> Result<(), StreamError> {
+    /// Opens the buffered segment; returns (opened into `direct`, length).
+    /// On failure the target was zeroized by `Segments::open`.
+    fn try_open(
+        &mut self,
+        index: u64,
+        last: bool,
+        direct: Option<&mut [u8]>,
+    ) -> Result<(bool, usize), StreamError> {
         let segment = self.cbuf.get(..self.filled).unwrap_or_default();
         let Some((ciphertext, tag)) = split_tag(segment) else {
             // The input ended at a segment boundary or inside a tag: the
             // final segment is missing.
             return Err(StreamError::Truncated { segments: index });
         };
-        self.plain.clear();
-        // Within capacity: no reallocation.
-        self.plain.resize(ciphertext.len(), 0);
-        self.segments
-            .open(index, last, ciphertext, tag, &mut self.plain)
+        let len = ciphertext.len();
+        if let Some(out) = direct.and_then(|d| d.get_mut(..len)) {
+            self.segments.open(index, last, ciphertext, tag, out)?;
+            return Ok((true, len));
+        }
+        let out = self
+            .plain
+            .get_mut(..len)
+            .ok_or(StreamError::Segment { index })?;
+        self.segments.open(index, last, ciphertext, tag, out)?;
+        Ok((false, len))
     }
 
     pub(crate) fn set_backend(&mut self, backend: crate::suite::Backend) {
@@ -284,10 +313,17 @@ impl<R: Read> Read for Decryptor<R> {
                 None => {}
             }
             match self.inner.read(self.core.spare()) {
-                Ok(n) => self
-                    .core
-                    .filled(n)
-                    .map_err(|e| io::Error::from(Error::Stream(e)))?,
+                Ok(n) => {
+                    // A caller's buffer that holds a whole segment receives
+                    // it directly, after it authenticated (no extra copy).
+                    let direct = self
+                        .core
+                        .filled(n, Some(out))
+                        .map_err(|e| io::Error::from(Error::Stream(e)))?;
+                    if direct > 0 {
+                        return Ok(direct);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }

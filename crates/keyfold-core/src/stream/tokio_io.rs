@@ -254,7 +254,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for AsyncDecryptor<R> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut spare))?;
             let n = spare.filled().len();
             this.core
-                .filled(n)
+                .filled(n, None)
                 .map_err(|e| io::Error::from(Error::Stream(e)))?;
         }
     }
