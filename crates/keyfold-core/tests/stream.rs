@@ -344,6 +344,16 @@ fn no_plaintext_of_a_failing_segment_is_released() {
     // Later reads fail the same way; nothing more comes out.
     assert!(dec.read(&mut buf).is_err());
 
+    // A buffer large enough for a whole segment is opened into directly:
+    // on failure nothing of the segment is left in it.
+    let mut bad = object.clone();
+    bad[STREAM_HEADER_LEN + 5] ^= 1;
+    let mut dec = Decryptor::open(&master, &ctx(), &bad[..]).unwrap();
+    let mut big = [0xAAu8; 1000];
+    assert!(dec.read(&mut big).is_err());
+    assert!(big[..SEG].iter().all(|&b| b == 0));
+    assert!(big[SEG..].iter().all(|&b| b == 0xAA));
+
     // A truncated stream reports UnexpectedEof, never a clean end.
     let cut = &object[..STREAM_HEADER_LEN + 2 * FULL];
     let mut dec = Decryptor::open(&master, &ctx(), cut).unwrap();

@@ -197,7 +197,7 @@ impl<W: Write> std::fmt::Debug for Encryptor<W> {
 
 impl<W: Write> Encryptor<W> {
     /// Starts a stream under `master`, bound to `context`, with a fresh data
-    /// key. The header is written with the first segment (or by
+    /// key. The header goes out on the first write (or in
     /// [`finish`](Self::finish)).
     ///
     /// # Errors
