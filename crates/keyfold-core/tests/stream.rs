@@ -106,6 +106,48 @@ fn round_trips_around_segment_boundaries_for_both_suites() {
     }
 }
 
+/// A reader that hands out at most `max` bytes per read.
+struct Trickle<'a>(&'a [u8], usize);
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.1).min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn encrypt_and_decrypt_functions_round_trip_from_any_reader() {
+    let master = key(1);
+    for suite in Suite::ALL {
+        for n in [0, 1, SEG - 1, SEG, SEG + 1, 4 * SEG, 4 * SEG + 33] {
+            let pt = plain(n);
+            for max in [1, 5, SEG, 10_000] {
+                let mut object = Vec::new();
+                let len = stream::encrypt(
+                    &master,
+                    small(suite),
+                    &ctx(),
+                    Trickle(&pt, max),
+                    &mut object,
+                )
+                .unwrap();
+                assert_eq!(len, n as u64);
+                assert_eq!(
+                    object.len() as u64,
+                    ciphertext_len(n as u64, SEG as u32).unwrap()
+                );
+                let mut out = Vec::new();
+                let len =
+                    stream::decrypt(&master, &ctx(), Trickle(&object, max), &mut out).unwrap();
+                assert_eq!((len, out), (n as u64, pt.clone()), "{suite} {n} {max}");
+            }
+        }
+    }
+}
+
 #[test]
 fn overhead_is_the_header_and_a_tag_per_segment() {
     assert_eq!(STREAM_HEADER_LEN, 123);

@@ -485,9 +485,9 @@ pub fn encrypt<R: Read, W: Write>(
     writer: W,
 ) -> Result<u64, Error> {
     let mut enc = Encryptor::new(master, options, context, writer)?;
-    let n = io::copy(&mut reader, &mut enc)?;
-    enc.finish()?;
-    Ok(n)
+    // Reads straight into the segment buffer: no intermediate copy.
+    while enc.fill_from(&mut reader)? > 0 {}
+    enc.finish_len()
 }
 
 /// Decrypts a whole stream from `reader` into `writer`; `master` must be

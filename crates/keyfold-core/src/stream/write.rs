@@ -1,7 +1,7 @@
 //! The encrypting side: a segment encoder shared by the sync and async
 //! adapters, and the `std::io::Write` adapter.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use zeroize::Zeroizing;
 
@@ -23,11 +23,12 @@ pub(crate) struct EncodeCore {
     header: StreamHeader,
     header_pos: usize,
     segments: Segments,
-    /// Plaintext being collected, or a sealed segment (ciphertext ‖ tag)
-    /// being written out. Never grows past its initial capacity, so no
-    /// copy of plaintext is left behind by a reallocation.
+    /// `buf[..len]`: plaintext being collected, or a sealed segment
+    /// (ciphertext ‖ tag) being written out. Fixed length (one segment and
+    /// its tag): never reallocated, so no copy of plaintext is left behind.
     buf: Zeroizing<Vec<u8>>,
-    /// `buf` holds a sealed segment; `out_pos` of it are written.
+    len: usize,
+    /// `buf[..len]` is a sealed segment; `out_pos` of it are written.
     sealed: bool,
     out_pos: usize,
     /// Index of the segment being collected.
@@ -53,7 +54,8 @@ impl EncodeCore {
             header,
             header_pos: 0,
             segments,
-            buf: Zeroizing::new(Vec::with_capacity(capacity)),
+            buf: Zeroizing::new(vec![0; capacity]),
+            len: 0,
             sealed: false,
             out_pos: 0,
             index: 0,
@@ -74,7 +76,7 @@ impl EncodeCore {
             return rest;
         }
         if self.sealed {
-            self.buf.get(self.out_pos..).unwrap_or_default()
+            self.buf.get(self.out_pos..self.len).unwrap_or_default()
         } else {
             &[]
         }
@@ -87,8 +89,8 @@ impl EncodeCore {
             return;
         }
         self.out_pos = self.out_pos.saturating_add(n);
-        if self.sealed && self.out_pos >= self.buf.len() {
-            self.buf.clear();
+        if self.sealed && self.out_pos >= self.len {
+            self.len = 0;
             self.sealed = false;
             self.out_pos = 0;
         }
@@ -102,18 +104,37 @@ impl EncodeCore {
             return Err(StreamError::Finished.into());
         }
         // Plaintext may be collected while the header is still pending.
-        if self.sealed {
-            return Ok(0);
+        let room = self.room();
+        let take = room.len().min(data.len());
+        if let (Some(dst), Some(src)) = (room.get_mut(..take), data.get(..take)) {
+            dst.copy_from_slice(src);
         }
-        let room = self.segments.segment_size().saturating_sub(self.buf.len());
-        let take = room.min(data.len());
-        self.buf
-            .extend_from_slice(data.get(..take).unwrap_or_default());
-        self.plaintext_len = self.plaintext_len.saturating_add(take as u64);
-        if self.buf.len() == self.segments.segment_size() {
+        self.filled(take)?;
+        Ok(take)
+    }
+
+    /// Where plaintext can be put directly (e.g. read from a source): the
+    /// free part of the segment buffer; empty while output is pending.
+    pub(crate) fn room(&mut self) -> &mut [u8] {
+        if self.sealed || self.finished {
+            return &mut [];
+        }
+        let end = self.segments.segment_size();
+        self.buf.get_mut(self.len..end).unwrap_or_default()
+    }
+
+    /// `n` bytes were put into [`room`](Self::room); seals the segment
+    /// when it is full.
+    pub(crate) fn filled(&mut self, n: usize) -> Result<(), Error> {
+        if self.sealed {
+            return Ok(());
+        }
+        self.len = self.len.saturating_add(n).min(self.segments.segment_size());
+        self.plaintext_len = self.plaintext_len.saturating_add(n as u64);
+        if self.len == self.segments.segment_size() {
             self.seal(false)?;
         }
-        Ok(take)
+        Ok(())
     }
 
     /// Seals the collected plaintext as the final segment.
@@ -137,8 +158,15 @@ impl EncodeCore {
             }
             .into());
         }
-        let tag = self.segments.seal(self.index, last, &mut self.buf)?;
-        self.buf.extend_from_slice(&tag);
+        let (plaintext, rest) = self
+            .buf
+            .split_at_mut_checked(self.len)
+            .ok_or(Error::Encrypt)?;
+        let tag = self.segments.seal(self.index, last, plaintext)?;
+        rest.get_mut(..TAG_LEN)
+            .ok_or(Error::Encrypt)?
+            .copy_from_slice(&tag);
+        self.len += TAG_LEN;
         self.sealed = true;
         self.out_pos = 0;
         self.index = self.index.saturating_add(1);
@@ -157,7 +185,7 @@ impl EncodeCore {
 
     /// Bytes of memory the encoder holds for data (buffer capacity and header).
     pub(crate) fn buffered_capacity(&self) -> usize {
-        self.buf.capacity() + self.header.as_bytes().len()
+        self.buf.len() + self.header.as_bytes().len()
     }
 }
 
@@ -238,6 +266,29 @@ impl<W: Write> Encryptor<W> {
         self.drain()?;
         self.inner.flush()?;
         Ok(self.inner)
+    }
+
+    /// Reads plaintext from `reader` straight into the segment buffer;
+    /// returns the bytes read (0 at the end of `reader`).
+    pub(crate) fn fill_from<R: Read>(&mut self, reader: &mut R) -> Result<usize, Error> {
+        loop {
+            self.drain()?;
+            match reader.read(self.core.room()) {
+                Ok(n) => {
+                    self.core.filled(n)?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// [`finish`](Self::finish), returning the plaintext length instead.
+    pub(crate) fn finish_len(self) -> Result<u64, Error> {
+        let len = self.core.plaintext_len();
+        self.finish()?;
+        Ok(len)
     }
 
     fn drain(&mut self) -> io::Result<()> {
