@@ -507,7 +507,7 @@ pub fn decrypt<R: Read, W: Write>(
     mut writer: W,
 ) -> Result<u64, Error> {
     let mut dec = Decryptor::open(master, context, reader)?;
-    Ok(io::copy(&mut dec, &mut writer)?)
+    dec.write_to(&mut writer)
 }
 
 /// Re-encrypts a stream under `to` with a fresh data key (for a suspected
@@ -532,9 +532,8 @@ pub fn reencrypt<R: Read, W: Write>(
         .suite(dec.header().suite())
         .segment_size(dec.header().segment_size());
     let mut enc = Encryptor::new(to, options, context, writer)?;
-    let n = io::copy(&mut dec, &mut enc)?;
-    enc.finish()?;
-    Ok(n)
+    dec.write_to(&mut enc)?;
+    enc.finish_len()
 }
 
 /// Header-only rewrap of a stored stream: reads its 123-byte header from

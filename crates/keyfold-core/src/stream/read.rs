@@ -299,6 +299,35 @@ impl<R: Read> Decryptor<R> {
     pub fn into_inner(self) -> R {
         self.inner
     }
+
+    /// Decrypts the rest of the stream into `writer`, handing it each
+    /// segment's plaintext as soon as it authenticated (no intermediate
+    /// copy). Returns the plaintext bytes written.
+    pub(crate) fn write_to<W: io::Write>(&mut self, writer: &mut W) -> Result<u64, Error> {
+        let mut total = 0u64;
+        loop {
+            let available = self.core.available();
+            if !available.is_empty() {
+                writer.write_all(available)?;
+                let n = available.len();
+                self.core.consume(n);
+                total = total.saturating_add(n as u64);
+                continue;
+            }
+            match self.core.status() {
+                Some(Ok(())) => return Ok(total),
+                Some(Err(e)) => return Err(Error::Stream(e)),
+                None => {}
+            }
+            match self.inner.read(self.core.spare()) {
+                Ok(n) => {
+                    self.core.filled(n, None)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 impl<R: Read> Read for Decryptor<R> {
