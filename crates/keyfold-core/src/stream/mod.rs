@@ -48,6 +48,31 @@
 //! assert_eq!(plain, b"gigabytes, in principle");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! With a keyring, the header names the master key version to fetch:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use keyfold_core::{stream, Actor, EncryptionContext, Keyring, LocalKek, MemoryStore, SecretKey};
+//! let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate()?));
+//! let ring = Keyring::builder("tenant-1", kek, Arc::new(MemoryStore::new())).create().await?;
+//! ring.rotate(&Actor::new("admin")).await?;
+//! let ctx = EncryptionContext::new().with("object", "export.csv");
+//!
+//! let active = ring.master_key(ring.active_version().unwrap_or_default()).await?;
+//! let mut object = Vec::new();
+//! stream::encrypt(&active, Default::default(), &ctx, &b"rows..."[..], &mut object)?;
+//!
+//! let mut source = &object[..];
+//! let header = stream::StreamHeader::read(&mut source)?;
+//! let key = ring.master_key(header.key_version()).await?;
+//! let mut plain = Vec::new();
+//! std::io::copy(&mut stream::Decryptor::new(header, &key, &ctx, source)?, &mut plain)?;
+//! assert_eq!(plain, b"rows...");
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
