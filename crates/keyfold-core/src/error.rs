@@ -372,16 +372,16 @@ impl From<std::io::Error> for Error {
     /// Recovers a keyfold [`Error`] carried through an `io::Error` by the
     /// stream adapters; any other I/O error becomes [`Error::Io`].
     fn from(e: std::io::Error) -> Self {
-        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-            if let Some(inner) = e.into_inner() {
-                return match inner.downcast::<Error>() {
-                    Ok(err) => *err,
-                    Err(other) => Error::Io(std::io::Error::other(other)),
-                };
-            }
-            return Error::Io(std::io::Error::other("unreachable: checked inner error"));
+        if !e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            return Error::Io(e);
         }
-        Error::Io(e)
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+            Some(Ok(err)) => *err,
+            Some(Err(other)) => Error::Io(std::io::Error::new(kind, other)),
+            // Checked above: there is an inner error.
+            None => Error::Io(kind.into()),
+        }
     }
 }
 
