@@ -150,7 +150,10 @@ mod tests {
         let mut out = [0u8; 100];
         g.fill(&mut out);
         assert_ne!(*g.key, first_key, "key not erased after refill");
-        assert!(g.buf[..g.pos].iter().all(|&b| b == 0), "output left in buffer");
+        assert!(
+            g.buf[..g.pos].iter().all(|&b| b == 0),
+            "output left in buffer"
+        );
     }
 
     #[test]
