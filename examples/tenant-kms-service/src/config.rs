@@ -1,0 +1,280 @@
+//! The service's configuration: a JSON file (`--config PATH` or
+//! `TENANT_KMS_CONFIG`), or, with neither, a development setup made on first
+//! start in `./tenant-kms-data` (a fresh local KEK and a random admin token
+//! per demo tenant, written to `dev-tokens.env`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the service needs to start.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Where to listen (loopback by default; port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// The SQLite file.
+    pub database: PathBuf,
+    /// Local KEKs tenants may onboard with `{"provider": "local", "kms_key_ref": ID}`:
+    /// id → the KEK's source. The service owns them; a request never names a file.
+    pub local_keks: BTreeMap<String, KekSource>,
+    /// The tenants and their admins' bearer tokens.
+    pub tenants: Vec<TenantConfig>,
+    /// The background rewrap task.
+    pub rewrap: RewrapConfig,
+    /// How long a step-up token stays valid (default 5 minutes).
+    pub step_up_ttl: Duration,
+}
+
+/// Where a local KEK comes from (hex or base64, 32 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KekSource {
+    /// A file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+/// One tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantConfig {
+    /// Tenant id (also its keyring id).
+    pub id: String,
+    /// The admin's name, recorded as the actor of their changes.
+    pub admin: String,
+    /// The admin's bearer token.
+    pub token: String,
+}
+
+/// The background rewrap task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapConfig {
+    /// Rows per batch, interleaved across the two secret tables (default 100).
+    pub batch_size: usize,
+    /// Pause between batches (default 5 s).
+    pub interval: Duration,
+    /// Stop driving jobs after this many batches in this process (`None`:
+    /// never). For draining an instance before shutdown, and for tests; the
+    /// job resumes from its checkpoint on the next start.
+    pub max_batches: Option<u64>,
+}
+
+impl Default for RewrapConfig {
+    fn default() -> Self {
+        RewrapConfig {
+            batch_size: 100,
+            interval: Duration::from_secs(5),
+            max_batches: None,
+        }
+    }
+}
+
+/// The config file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    database: PathBuf,
+    #[serde(default)]
+    local_keks: BTreeMap<String, KekSource>,
+    tenants: Vec<FileTenant>,
+    #[serde(default)]
+    rewrap: FileRewrap,
+    #[serde(default = "default_step_up_secs")]
+    step_up_ttl_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTenant {
+    id: String,
+    admin: String,
+    /// Name of the environment variable holding the admin's token.
+    token_env: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRewrap {
+    batch_size: Option<usize>,
+    interval_secs: Option<u64>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_step_up_secs() -> u64 {
+    300
+}
+
+/// A config could not be loaded.
+pub type ConfigResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+impl ServiceConfig {
+    /// Reads a config file. Tokens come from the environment variables it names.
+    ///
+    /// # Errors
+    /// Unreadable or invalid file, a missing token variable.
+    pub fn from_file(path: &Path) -> ConfigResult<ServiceConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let file: FileConfig =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut tenants = Vec::new();
+        for t in file.tenants {
+            let token = std::env::var(&t.token_env).map_err(|_| {
+                format!(
+                    "tenant {}: environment variable {} (its admin token) is not set",
+                    t.id, t.token_env
+                )
+            })?;
+            tenants.push(TenantConfig {
+                id: t.id,
+                admin: t.admin,
+                token,
+            });
+        }
+        let config = ServiceConfig {
+            listen: file.listen,
+            database: base.join(file.database),
+            local_keks: file
+                .local_keks
+                .into_iter()
+                .map(|(id, src)| match src {
+                    KekSource::File(p) => (id, KekSource::File(base.join(p))),
+                    env => (id, env),
+                })
+                .collect(),
+            tenants,
+            rewrap: RewrapConfig {
+                batch_size: file.rewrap.batch_size.unwrap_or(100),
+                interval: Duration::from_secs(file.rewrap.interval_secs.unwrap_or(5)),
+                max_batches: None,
+            },
+            step_up_ttl: Duration::from_secs(file.step_up_ttl_secs),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The development setup in `dir`: created on first start (a local KEK
+    /// `dev-kek` in `kek.hex`, tenants `acme` and `globex` with random tokens
+    /// in `dev-tokens.env`), reused afterwards.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn dev(dir: &Path, listen: SocketAddr) -> ConfigResult<ServiceConfig> {
+        std::fs::create_dir_all(dir)?;
+        let kek = dir.join("kek.hex");
+        if !kek.exists() {
+            let hex = keyfold::LocalKek::generate_hex()?;
+            write_private(&kek, hex.as_bytes())?;
+        }
+        let tokens_file = dir.join("dev-tokens.env");
+        if !tokens_file.exists() {
+            let mut text = String::new();
+            for name in ["ACME", "GLOBEX"] {
+                text.push_str(&format!("export {name}_TOKEN={}\n", random_hex(24)?));
+            }
+            write_private(&tokens_file, text.as_bytes())?;
+        }
+        let tokens = std::fs::read_to_string(&tokens_file)?;
+        let token = |name: &str| -> ConfigResult<String> {
+            tokens
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("export {name}_TOKEN=")))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{} has no {name}_TOKEN", tokens_file.display()).into())
+        };
+        let config = ServiceConfig {
+            listen,
+            database: dir.join("service.sqlite3"),
+            local_keks: BTreeMap::from([("dev-kek".to_owned(), KekSource::File(kek))]),
+            tenants: vec![
+                TenantConfig {
+                    id: "acme".into(),
+                    admin: "admin@acme.example".into(),
+                    token: token("ACME")?,
+                },
+                TenantConfig {
+                    id: "globex".into(),
+                    admin: "admin@globex.example".into(),
+                    token: token("GLOBEX")?,
+                },
+            ],
+            rewrap: RewrapConfig::default(),
+            step_up_ttl: Duration::from_secs(300),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks tenants and tokens.
+    ///
+    /// # Errors
+    /// Duplicate or invalid tenant ids, short or duplicate tokens, no tenants.
+    pub fn validate(&self) -> ConfigResult<()> {
+        if self.tenants.is_empty() {
+            return Err("no tenants configured".into());
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            if !valid_name(&t.id) {
+                return Err(format!("tenant id {:?}: use 1..=128 of [A-Za-z0-9._-]", t.id).into());
+            }
+            if t.token.len() < 16 {
+                return Err(
+                    format!("tenant {}: admin token shorter than 16 characters", t.id).into(),
+                );
+            }
+            if self
+                .tenants
+                .iter()
+                .skip(i + 1)
+                .any(|o| o.id == t.id || o.token == t.token)
+            {
+                return Err(format!("tenant {}: duplicate id or token", t.id).into());
+            }
+        }
+        if self.rewrap.batch_size == 0 {
+            return Err("rewrap batch_size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A secret or tenant name: 1..=128 of `[A-Za-z0-9._-]`.
+pub fn valid_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `n` random bytes, hex.
+///
+/// # Errors
+/// The system RNG failed.
+pub fn random_hex(n: usize) -> Result<String, keyfold::rng::RngError> {
+    let mut bytes = vec![0u8; n];
+    keyfold::rng::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}

@@ -1,0 +1,657 @@
+//! SQLite: the keyring store, tenant KMS configs, the two secret tables (the
+//! rewrap job's sources), rewrap checkpoints and the append-only audit log.
+//!
+//! `rusqlite` is synchronous: every call is short and made under one mutex
+//! (an example's simplicity; a production service would use a pool or an
+//! async driver). Never hold the lock across an `.await`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use keyfold::EncryptionContext;
+use keyfold::keyring::StoredKeyring;
+use keyfold::rewrap::{CasOutcome, Row, RowSource, SourceError};
+use keyfold::store::{self, KeyringStore, Revision, StoreError};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keyrings (
+    id TEXT PRIMARY KEY, revision INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tenant_kms (
+    tenant TEXT PRIMARY KEY, config TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS secrets (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+    ciphertext BLOB NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, name));
+CREATE TABLE IF NOT EXISTS secret_versions (
+    tenant TEXT NOT NULL, row_key TEXT NOT NULL, name TEXT NOT NULL,
+    version INTEGER NOT NULL, ciphertext BLOB NOT NULL, created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, row_key));
+CREATE TABLE IF NOT EXISTS rewrap_jobs (
+    tenant TEXT PRIMARY KEY, job_id TEXT NOT NULL, status TEXT NOT NULL,
+    error TEXT, checkpoint TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rewrap_leases (
+    lease_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, version INTEGER NOT NULL,
+    issued_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, at INTEGER NOT NULL,
+    event TEXT NOT NULL, actor TEXT NOT NULL, client_ip TEXT, detail TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+";
+
+/// The table of current secret values (one row per name).
+pub const SECRETS: &str = "secrets";
+/// The table of earlier secret versions, kept for rollback.
+pub const SECRET_VERSIONS: &str = "secret_versions";
+
+/// The shared database handle.
+#[derive(Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Db")
+    }
+}
+
+/// A stored secret value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRow {
+    /// Secret name.
+    pub name: String,
+    /// Secret version (1, 2, ...).
+    pub version: u32,
+    /// The keyfold record.
+    pub ciphertext: Vec<u8>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditRow {
+    /// Sequence number (append order).
+    pub seq: i64,
+    /// Unix seconds.
+    pub at: u64,
+    /// Event name (`kms.rotate`, ...).
+    pub event: String,
+    /// Who.
+    pub actor: String,
+    /// The client's address, for events caused by a request.
+    pub client_ip: Option<String>,
+    /// The event's fields.
+    pub detail: serde_json::Value,
+}
+
+/// The encryption context of a secret version: both tables use it, so a
+/// version can move between them without being re-encrypted.
+pub fn secret_context(tenant: &str, name: &str, version: u32) -> EncryptionContext {
+    EncryptionContext::new()
+        .with("tenant", tenant)
+        .with("kind", "secret")
+        .with("name", name)
+        .with("version", version.to_string())
+}
+
+fn row_key(name: &str, version: u32) -> String {
+    // '#' sorts before every character allowed in a name.
+    format!("{name}#{version:010}")
+}
+
+fn to_u32(v: i64) -> rusqlite::Result<u32> {
+    u32::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, v))
+}
+
+impl Db {
+    /// Opens (or creates) the database file and its schema.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn open(path: &Path) -> rusqlite::Result<Db> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The connection, locked.
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    // ----- tenant configs ------------------------------------------------
+
+    /// The tenant's stored provider config (JSON).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn tenant_config(&self, tenant: &str) -> rusqlite::Result<Option<String>> {
+        self.lock()
+            .query_row(
+                "SELECT config FROM tenant_kms WHERE tenant = ?1",
+                params![tenant],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
+    /// Stores the tenant's provider config (JSON).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_tenant_config(&self, tenant: &str, config: &str, now: u64) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO tenant_kms (tenant, config, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant) DO UPDATE SET config = ?2, updated_at = ?3",
+            params![tenant, config, now as i64],
+        )?;
+        Ok(())
+    }
+
+    // ----- secrets -------------------------------------------------------
+
+    /// The current value of secret `name`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn current_secret(&self, tenant: &str, name: &str) -> rusqlite::Result<Option<SecretRow>> {
+        self.lock()
+            .query_row(
+                "SELECT version, ciphertext FROM secrets WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+                |r| {
+                    Ok(SecretRow {
+                        name: name.to_owned(),
+                        version: to_u32(r.get(0)?)?,
+                        ciphertext: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// The next version number of secret `name`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn next_secret_version(&self, tenant: &str, name: &str) -> rusqlite::Result<u32> {
+        let max: i64 = self.lock().query_row(
+            "SELECT MAX(v) FROM (
+                 SELECT COALESCE(MAX(version), 0) AS v FROM secrets WHERE tenant = ?1 AND name = ?2
+                 UNION ALL
+                 SELECT COALESCE(MAX(version), 0) FROM secret_versions WHERE tenant = ?1 AND name = ?2)",
+            params![tenant, name],
+            |r| r.get(0),
+        )?;
+        to_u32(max + 1)
+    }
+
+    /// Makes `new` the current value of its secret, moving the current one
+    /// (if it is still `previous`) to the history table, atomically.
+    /// `previous` is the current row as the caller read (and possibly
+    /// upgraded) it; `false` when another write got there first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn replace_secret(
+        &self,
+        tenant: &str,
+        previous: Option<&SecretRow>,
+        new: &SecretRow,
+        history: Option<&SecretRow>,
+        now: u64,
+    ) -> rusqlite::Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let current: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT version, ciphertext FROM secrets WHERE tenant = ?1 AND name = ?2",
+                params![tenant, new.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let matches = match (previous, &current) {
+            (None, None) => true,
+            (Some(p), Some((v, ct))) => i64::from(p.version) == *v && &p.ciphertext == ct,
+            _ => false,
+        };
+        if !matches {
+            return Ok(false);
+        }
+        if let Some(h) = history {
+            tx.execute(
+                "INSERT OR REPLACE INTO secret_versions
+                     (tenant, row_key, name, version, ciphertext, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    tenant,
+                    row_key(&h.name, h.version),
+                    h.name,
+                    i64::from(h.version),
+                    h.ciphertext,
+                    now as i64
+                ],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM secret_versions WHERE tenant = ?1 AND row_key = ?2",
+            params![tenant, row_key(&new.name, new.version)],
+        )?;
+        tx.execute(
+            "INSERT INTO secrets (tenant, name, version, ciphertext, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (tenant, name) DO UPDATE SET version = ?3, ciphertext = ?4, created_at = ?5",
+            params![
+                tenant,
+                new.name,
+                i64::from(new.version),
+                new.ciphertext,
+                now as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The newest earlier version of secret `name` below `below`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn previous_secret(
+        &self,
+        tenant: &str,
+        name: &str,
+        below: u32,
+    ) -> rusqlite::Result<Option<SecretRow>> {
+        self.lock()
+            .query_row(
+                "SELECT version, ciphertext FROM secret_versions
+                 WHERE tenant = ?1 AND name = ?2 AND version < ?3
+                 ORDER BY version DESC LIMIT 1",
+                params![tenant, name, i64::from(below)],
+                |r| {
+                    Ok(SecretRow {
+                        name: name.to_owned(),
+                        version: to_u32(r.get(0)?)?,
+                        ciphertext: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// Writes `new` over the current value of `name` only if it still holds
+    /// `expected` (lazy rewrap write-back).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn cas_secret(
+        &self,
+        tenant: &str,
+        name: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> rusqlite::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE secrets SET ciphertext = ?1 WHERE tenant = ?2 AND name = ?3 AND ciphertext = ?4",
+            params![new, tenant, name, expected],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every ciphertext of the tenant, in both tables (for the destroy check).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn all_ciphertexts(&self, tenant: &str) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let conn = self.lock();
+        let mut out = Vec::new();
+        for table in [SECRETS, SECRET_VERSIONS] {
+            let mut stmt =
+                conn.prepare(&format!("SELECT ciphertext FROM {table} WHERE tenant = ?1"))?;
+            for ct in stmt.query_map(params![tenant], |r| r.get::<_, Vec<u8>>(0))? {
+                out.push(ct?);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- rewrap jobs -----------------------------------------------------
+
+    /// Records a rewrap lease.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn insert_lease(
+        &self,
+        lease_id: &str,
+        tenant: &str,
+        version: u32,
+        now: u64,
+    ) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO rewrap_leases (lease_id, tenant, version, issued_at) VALUES (?1, ?2, ?3, ?4)",
+            params![lease_id, tenant, i64::from(version), now as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The tenant's rewrap job row: (job id, status, error, checkpoint JSON).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn job(&self, tenant: &str) -> rusqlite::Result<Option<JobRow>> {
+        self.lock()
+            .query_row(
+                "SELECT job_id, status, error, checkpoint FROM rewrap_jobs WHERE tenant = ?1",
+                params![tenant],
+                |r| {
+                    Ok(JobRow {
+                        job_id: r.get(0)?,
+                        status: r.get(1)?,
+                        error: r.get(2)?,
+                        checkpoint: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// Stores the tenant's rewrap job row.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn save_job(&self, tenant: &str, job: &JobRow, now: u64) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO rewrap_jobs (tenant, job_id, status, error, checkpoint, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant) DO UPDATE SET
+                 job_id = ?2, status = ?3, error = ?4, checkpoint = ?5, updated_at = ?6",
+            params![
+                tenant,
+                job.job_id,
+                job.status,
+                job.error,
+                job.checkpoint,
+                now as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    // ----- audit -----------------------------------------------------------
+
+    /// Appends an audit entry.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn append_audit(
+        &self,
+        tenant: &str,
+        at: u64,
+        event: &str,
+        actor: &str,
+        client_ip: Option<&str>,
+        detail: &str,
+    ) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO audit_log (tenant, at, event, actor, client_ip, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![tenant, at as i64, event, actor, client_ip, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The tenant's audit log, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn audit(&self, tenant: &str) -> rusqlite::Result<Vec<AuditRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at, event, actor, client_ip, detail FROM audit_log
+             WHERE tenant = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![tenant], |r| {
+            let detail: String = r.get(5)?;
+            Ok(AuditRow {
+                seq: r.get(0)?,
+                at: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                event: r.get(2)?,
+                actor: r.get(3)?,
+                client_ip: r.get(4)?,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+/// A stored rewrap job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    /// The job id (the rotation's lease id when there was one).
+    pub job_id: String,
+    /// `running`, `completed` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The checkpoint, JSON.
+    pub checkpoint: String,
+}
+
+// ----- the keyring store -------------------------------------------------
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+#[async_trait]
+impl KeyringStore for Db {
+    async fn load(
+        &self,
+        keyring_id: &str,
+    ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        let body: Option<Vec<u8>> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM keyrings WHERE id = ?1",
+                params![keyring_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        body.map(|b| store::from_bytes(keyring_id, &b)).transpose()
+    }
+
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        let next = Revision(expected.map_or(1, |r| r.0 + 1));
+        let body = store::to_bytes(next, keyring)?;
+        let conn = self.lock();
+        let written = match expected {
+            None => conn.execute(
+                "INSERT INTO keyrings (id, revision, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO NOTHING",
+                params![keyring_id, next.0 as i64, body],
+            ),
+            Some(r) => conn.execute(
+                "UPDATE keyrings SET revision = ?2, body = ?3 WHERE id = ?1 AND revision = ?4",
+                params![keyring_id, next.0 as i64, body, r.0 as i64],
+            ),
+        }
+        .map_err(backend)?;
+        if written == 1 {
+            return Ok(next);
+        }
+        let found: Option<i64> = conn
+            .query_row(
+                "SELECT revision FROM keyrings WHERE id = ?1",
+                params![keyring_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        Err(StoreError::Conflict {
+            keyring_id: keyring_id.to_owned(),
+            expected,
+            found: found.and_then(|f| u64::try_from(f).ok()).map(Revision),
+        })
+    }
+}
+
+// ----- the rewrap job's sources ------------------------------------------
+
+fn source_err(e: rusqlite::Error) -> SourceError {
+    match e {
+        rusqlite::Error::SqliteFailure(code, _)
+            if matches!(
+                code.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            SourceError::transient(e.to_string())
+        }
+        e => SourceError::permanent(e.to_string()),
+    }
+}
+
+/// One of the tenant's two secret tables as a rewrap source.
+#[derive(Debug, Clone)]
+pub struct SecretTable {
+    db: Db,
+    tenant: String,
+    table: &'static str,
+}
+
+impl SecretTable {
+    /// The tenant's rows of `table` ([`SECRETS`] or [`SECRET_VERSIONS`]).
+    pub fn new(db: Db, tenant: &str, table: &'static str) -> Self {
+        SecretTable {
+            db,
+            tenant: tenant.to_owned(),
+            table,
+        }
+    }
+
+    /// The key column: the name in `secrets`, `name#version` in `secret_versions`.
+    fn key(&self) -> &'static str {
+        if self.table == SECRETS {
+            "name"
+        } else {
+            "row_key"
+        }
+    }
+
+    fn row(&self, key: String, name: &str, version: i64, ciphertext: Vec<u8>) -> Row {
+        let version = u32::try_from(version).unwrap_or(0);
+        Row {
+            context: secret_context(&self.tenant, name, version),
+            cursor: key.clone(),
+            id: key,
+            ciphertext,
+        }
+    }
+}
+
+#[async_trait]
+impl RowSource for SecretTable {
+    fn name(&self) -> &str {
+        self.table
+    }
+
+    async fn fetch(&self, after: Option<&str>, limit: usize) -> Result<Vec<Row>, SourceError> {
+        let conn = self.db.lock();
+        let key = self.key();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {key}, name, version, ciphertext FROM {} WHERE tenant = ?1 AND {key} > ?2
+                 ORDER BY {key} LIMIT ?3",
+                self.table
+            ))
+            .map_err(source_err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    self.tenant,
+                    after.unwrap_or(""),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| Ok((r.get(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(source_err)?;
+        rows.map(|r| {
+            r.map(|(k, name, v, ct)| self.row(k, &name, v, ct))
+                .map_err(source_err)
+        })
+        .collect()
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Row>, SourceError> {
+        let conn = self.db.lock();
+        conn.query_row(
+            &format!(
+                "SELECT name, version, ciphertext FROM {} WHERE tenant = ?1 AND {} = ?2",
+                self.table,
+                self.key()
+            ),
+            params![self.tenant, id],
+            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(source_err)
+        .map(|found| found.map(|(name, v, ct)| self.row(id.to_owned(), &name, v, ct)))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        id: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<CasOutcome, SourceError> {
+        let changed = self
+            .db
+            .lock()
+            .execute(
+                &format!(
+                    "UPDATE {} SET ciphertext = ?1 WHERE tenant = ?2 AND {} = ?3 AND ciphertext = ?4",
+                    self.table,
+                    self.key()
+                ),
+                params![new, self.tenant, id, expected],
+            )
+            .map_err(source_err)?;
+        Ok(if changed == 1 {
+            CasOutcome::Swapped
+        } else {
+            CasOutcome::Conflict
+        })
+    }
+
+    async fn count_after(&self, after: Option<&str>) -> Option<u64> {
+        let conn = self.db.lock();
+        conn.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM {} WHERE tenant = ?1 AND {} > ?2",
+                self.table,
+                self.key()
+            ),
+            params![self.tenant, after.unwrap_or("")],
+            |r| r.get::<_, i64>(0),
+        )
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
+    }
+}

@@ -1,0 +1,158 @@
+//! A multi-tenant secrets service that keeps each tenant's secrets under the
+//! tenant's own KMS key, built on `keyfold`: the example a backend engineer
+//! copies. See the repository README, "Run the example service".
+//!
+//! - [`config`]: the JSON config, or a development setup on the local KEK;
+//! - [`db`]: SQLite (keyring store, secrets, rewrap checkpoints, audit log);
+//! - [`tenants`]: onboarding with a live probe, the rewrap job per tenant;
+//! - [`api`]: the HTTP API (axum), bearer tokens, step-up tokens.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod tenants;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::App;
+use crate::config::ServiceConfig;
+use crate::db::Db;
+use crate::tenants::{DbAudit, Providers, Shared, Tenant};
+
+/// The service, running.
+#[derive(Debug)]
+pub struct RunningService {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    worker: JoinHandle<()>,
+}
+
+impl RunningService {
+    /// Stops accepting requests, finishes those in flight, stops the rewrap
+    /// task between batches (its checkpoint is stored) and waits for both.
+    ///
+    /// # Errors
+    /// The server's I/O error, if it failed.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Waits until the service stops (after [`stop`](Self::stop) or a
+    /// server failure).
+    ///
+    /// # Errors
+    /// The server's I/O error, if it failed.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let served = self
+            .server
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let _ = self.shutdown.send(true);
+        let _ = self.worker.await;
+        served
+    }
+
+    /// A handle that stops the service from elsewhere (a signal handler).
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens the database, reopens every onboarded tenant's keyring (resuming
+/// its rewrap job from the stored checkpoint), binds the listener and
+/// starts the server and the background rewrap task.
+///
+/// # Errors
+/// Database, keyring or bind failures.
+pub async fn start(
+    config: ServiceConfig,
+    providers: Providers,
+) -> Result<RunningService, Box<dyn std::error::Error + Send + Sync>> {
+    config.validate()?;
+    let db = Db::open(&config.database)
+        .map_err(|e| format!("cannot open {}: {e}", config.database.display()))?;
+    let shared = Arc::new(Shared {
+        audit: Arc::new(DbAudit::new(db.clone())),
+        db,
+        providers,
+        rewrap: config.rewrap.clone(),
+    });
+    let mut tenants = Vec::new();
+    for t in &config.tenants {
+        let tenant = Arc::new(Tenant {
+            config: t.clone(),
+            kms: tokio::sync::RwLock::new(None),
+            job: tokio::sync::Mutex::new(None),
+        });
+        if let Some(onboarded) = shared
+            .reopen(&t.id)
+            .await
+            .map_err(|e| format!("tenant {}: {e}", t.id))?
+        {
+            shared.resume_job(&tenant, &onboarded.keyring).await;
+            *tenant.kms.write().await = Some(onboarded);
+        }
+        tenants.push(tenant);
+    }
+    let tenants = Arc::new(tenants);
+    let app = App {
+        shared: Arc::clone(&shared),
+        tenants: Arc::clone(&tenants),
+        step_ups: Arc::new(Mutex::new(HashMap::new())),
+        step_up_ttl: config.step_up_ttl,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown, mut stop_server) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            api::router(app).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_server.wait_for(|stop| *stop).await;
+        })
+        .await
+    });
+    let worker = tokio::spawn(rewrap_worker(shared, tenants, shutdown.subscribe()));
+    Ok(RunningService {
+        addr,
+        shutdown,
+        server,
+        worker,
+    })
+}
+
+/// Every `interval`, one batch of each tenant's rewrap job (batches of
+/// `batch_size` rows interleaved across the two secret tables), the
+/// checkpoint stored after each.
+async fn rewrap_worker(
+    shared: Arc<Shared>,
+    tenants: Arc<Vec<Arc<Tenant>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batches = 0u64;
+    loop {
+        for tenant in tenants.iter() {
+            if *stop.borrow() || shared.rewrap.max_batches.is_some_and(|max| batches >= max) {
+                break;
+            }
+            if shared.drive(tenant).await {
+                batches += 1;
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            () = tokio::time::sleep(shared.rewrap.interval) => {}
+        }
+    }
+}

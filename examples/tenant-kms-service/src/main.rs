@@ -1,0 +1,76 @@
+//! `tenant-kms-service [--config FILE]`: see the README, "Run the example service".
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tenant_kms_service::config::ServiceConfig;
+use tenant_kms_service::tenants::Providers;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn config() -> Result<ServiceConfig, BoxError> {
+    let mut args = std::env::args().skip(1);
+    let mut file = std::env::var_os("TENANT_KMS_CONFIG").map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => file = Some(args.next().ok_or("--config needs a file")?.into()),
+            "-h" | "--help" => {
+                println!(
+                    "usage: tenant-kms-service [--config FILE]\n\
+                     Without a config file: a development setup in $TENANT_KMS_DATA \
+                     (default ./tenant-kms-data) on the local KEK, listening on \
+                     $TENANT_KMS_LISTEN (default 127.0.0.1:8080)."
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
+        }
+    }
+    match file {
+        Some(f) => ServiceConfig::from_file(&f),
+        None => {
+            let dir = std::env::var_os("TENANT_KMS_DATA")
+                .map_or_else(|| PathBuf::from("tenant-kms-data"), PathBuf::from);
+            let listen: SocketAddr = std::env::var("TENANT_KMS_LISTEN")
+                .unwrap_or_else(|_| "127.0.0.1:8080".into())
+                .parse()?;
+            let config = ServiceConfig::dev(&dir, listen)?;
+            eprintln!(
+                "development setup in {}: local KEK `dev-kek`, tenants acme and globex; \
+                 their admin tokens: `source {}`",
+                dir.display(),
+                dir.join("dev-tokens.env").display()
+            );
+            Ok(config)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let config = config()?;
+    let providers = Providers::local(config.local_keks.clone());
+    #[cfg(feature = "aws")]
+    let providers = {
+        // Role-based only: the base credentials come from the default chain
+        // (environment, instance or pod role); every tenant's role is assumed
+        // on top of them. AWS_ENDPOINT_URL_STS points STS at an emulator.
+        let mut aws = keyfold::aws::AwsWrapperFactory::new();
+        if let Ok(url) = std::env::var("AWS_ENDPOINT_URL_STS") {
+            aws = aws.sts_endpoint_url(url);
+        }
+        providers.with("aws", std::sync::Arc::new(aws))
+    };
+    let service = tenant_kms_service::start(config, providers).await?;
+    eprintln!("tenant-kms-service listening on http://{}", service.addr);
+    let stopper = service.stopper();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("shutting down");
+            let _ = stopper.send(true);
+        }
+    });
+    service.wait().await?;
+    Ok(())
+}

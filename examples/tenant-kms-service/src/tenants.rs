@@ -1,0 +1,504 @@
+//! Per-tenant state: the KMS config and keyring, onboarding, the audit
+//! sink that writes the append-only table, and the rewrap job.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyfold::audit::{Actor, AuditEvent, AuditKind, AuditSink};
+use keyfold::config::{LocalConfig, ProviderConfig};
+use keyfold::keyring::{Keyring, LeaseIssuer};
+use keyfold::probe::{self, ProbeFailure, ProbeStep, WrapperFactory};
+use keyfold::rewrap::{Checkpoint, JobOptions, RewrapJob, RowSource};
+use keyfold::time::Timestamp;
+use keyfold::{KeyWrapper, LocalKek, WrapError, WrapErrorKind, WrapOperation};
+
+use crate::config::{KekSource, RewrapConfig, TenantConfig};
+use crate::db::{Db, JobRow, SECRET_VERSIONS, SECRETS, SecretTable};
+
+tokio::task_local! {
+    /// The client address of the request being served, for audit entries.
+    pub static CLIENT_IP: String;
+}
+
+/// Writes every keyfold audit event to the `audit_log` table, with the
+/// client address of the request that caused it (when there is one).
+#[derive(Debug, Clone)]
+pub struct DbAudit {
+    db: Db,
+}
+
+impl DbAudit {
+    /// A sink over `db`.
+    pub fn new(db: Db) -> Self {
+        DbAudit { db }
+    }
+}
+
+impl AuditSink for DbAudit {
+    fn record(&self, event: AuditEvent) {
+        let ip = CLIENT_IP.try_with(Clone::clone).ok();
+        let detail = serde_json::to_string(&event.kind).unwrap_or_else(|_| "{}".into());
+        if let Err(e) = self.db.append_audit(
+            &event.keyring_id,
+            event.at.as_secs(),
+            event.name(),
+            &event.actor.0,
+            ip.as_deref(),
+            &detail,
+        ) {
+            // The change is committed already; an audit write failure must be
+            // loud. A production host would queue and retry.
+            eprintln!(
+                "AUDIT WRITE FAILED for {} {}: {e}",
+                event.keyring_id,
+                event.name()
+            );
+        }
+    }
+}
+
+/// Issues rewrap leases on rotation, recorded in `rewrap_leases`.
+#[derive(Debug)]
+struct DbLeases {
+    db: Db,
+}
+
+#[async_trait]
+impl LeaseIssuer for DbLeases {
+    async fn issue(
+        &self,
+        keyring_id: &str,
+        version: u32,
+    ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        let id = format!("lease-{}", crate::config::random_hex(16)?);
+        self.db
+            .insert_lease(&id, keyring_id, version, Timestamp::now().as_secs())?;
+        Ok(id)
+    }
+}
+
+/// Builds wrappers for tenant configs: `local` from the service's own KEKs,
+/// other providers from the factories the service was started with.
+pub struct Providers {
+    local_keks: HashMap<String, KekSource>,
+    cloud: HashMap<&'static str, Arc<dyn WrapperFactory>>,
+}
+
+impl fmt::Debug for Providers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Providers")
+            .field("local_keks", &self.local_keks.keys().collect::<Vec<_>>())
+            .field("cloud", &self.cloud.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Providers {
+    /// Local KEKs only.
+    pub fn local(local_keks: impl IntoIterator<Item = (String, KekSource)>) -> Self {
+        Providers {
+            local_keks: local_keks.into_iter().collect(),
+            cloud: HashMap::new(),
+        }
+    }
+
+    /// Also serve `provider` (`aws`, `gcp`, `azure`) configs with `factory`.
+    #[must_use]
+    pub fn with(mut self, provider: &'static str, factory: Arc<dyn WrapperFactory>) -> Self {
+        self.cloud.insert(provider, factory);
+        self
+    }
+
+    /// Whether configs of `provider` can be served.
+    pub fn supports(&self, provider: &str) -> bool {
+        provider == "local" || self.cloud.contains_key(provider)
+    }
+
+    /// Whether `id` is one of the service's local KEKs.
+    pub fn has_local_kek(&self, id: &str) -> bool {
+        self.local_keks.contains_key(id)
+    }
+
+    /// The full local config for KEK `id` (the request names only the id).
+    pub fn local_config(&self, id: &str) -> Option<LocalConfig> {
+        self.local_keks.get(id).map(|src| LocalConfig {
+            kms_key_ref: id.to_owned(),
+            kek_env_var: match src {
+                KekSource::Env(v) => Some(v.clone()),
+                KekSource::File(_) => None,
+            },
+            kek_file: match src {
+                KekSource::File(p) => Some(p.display().to_string()),
+                KekSource::Env(_) => None,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl WrapperFactory for Providers {
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError> {
+        let misconfigured = |m: String| {
+            WrapError::new(
+                WrapErrorKind::Misconfigured,
+                config.provider(),
+                config.kms_key_ref(),
+                WrapOperation::Configure,
+            )
+            .with_message(m)
+        };
+        match config {
+            ProviderConfig::Local(c) => {
+                let kek = match self.local_keks.get(&c.kms_key_ref) {
+                    Some(KekSource::File(p)) => LocalKek::from_file(c.kms_key_ref.clone(), p),
+                    Some(KekSource::Env(v)) => LocalKek::from_env(c.kms_key_ref.clone(), v),
+                    None => {
+                        return Err(misconfigured(format!(
+                            "no local KEK {:?} on this service",
+                            c.kms_key_ref
+                        )));
+                    }
+                }
+                .map_err(|e| misconfigured(e.to_string()))?;
+                Ok(Arc::new(kek))
+            }
+            other => match self.cloud.get(other.provider()) {
+                Some(f) => f.build(other).await,
+                None => Err(misconfigured(format!(
+                    "this service was built without {} support",
+                    other.provider()
+                ))),
+            },
+        }
+    }
+}
+
+/// A tenant whose KMS config was accepted.
+#[derive(Debug, Clone)]
+pub struct Onboarded {
+    /// The config (for `local`, with the service's KEK source filled in).
+    pub config: ProviderConfig,
+    /// The tenant's keyring.
+    pub keyring: Arc<Keyring>,
+}
+
+/// One tenant.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Its configuration.
+    pub config: TenantConfig,
+    /// Set once onboarded. Onboarding and rotation take it for writing.
+    pub kms: tokio::sync::RwLock<Option<Onboarded>>,
+    /// The running rewrap job, if any.
+    pub job: tokio::sync::Mutex<Option<RewrapJob>>,
+}
+
+/// What onboarding produced.
+#[derive(Debug)]
+pub struct OnboardResult {
+    /// The keyring, now under the new config's wrapper.
+    pub keyring: Arc<Keyring>,
+    /// The new active version.
+    pub version: u32,
+    /// Its id.
+    pub version_id: String,
+    /// The rotation's rewrap lease.
+    pub lease_id: Option<String>,
+}
+
+/// Why onboarding failed; nothing was changed.
+#[derive(Debug)]
+pub enum OnboardError {
+    /// The probe (or building the wrapper) failed.
+    Probe(ProbeFailure),
+    /// Moving the keyring to the new wrapper failed.
+    Keyring(keyfold::Error),
+    /// The database failed.
+    Db(String),
+}
+
+/// Shared by every tenant.
+#[derive(Debug)]
+pub struct Shared {
+    /// The database.
+    pub db: Db,
+    /// The audit sink.
+    pub audit: Arc<DbAudit>,
+    /// Wrapper factories.
+    pub providers: Providers,
+    /// Rewrap settings.
+    pub rewrap: RewrapConfig,
+}
+
+impl Shared {
+    fn keyring_builder(
+        &self,
+        tenant: &str,
+        wrapper: Arc<dyn KeyWrapper>,
+    ) -> keyfold::keyring::KeyringBuilder {
+        Keyring::builder(tenant, wrapper, Arc::new(self.db.clone()))
+            .audit(self.audit.clone())
+            .lease_issuer(Arc::new(DbLeases {
+                db: self.db.clone(),
+            }))
+    }
+
+    /// Reopens an onboarded tenant's keyring at startup.
+    ///
+    /// # Errors
+    /// When the stored config cannot be built into a wrapper or the keyring is missing.
+    pub async fn reopen(&self, tenant: &str) -> Result<Option<Onboarded>, String> {
+        let Some(json) = self.db.tenant_config(tenant).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let config: ProviderConfig = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+        let wrapper = self
+            .providers
+            .build(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let keyring = self
+            .keyring_builder(tenant, wrapper)
+            .open()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(Onboarded {
+            config,
+            keyring: Arc::new(keyring),
+        }))
+    }
+
+    /// Probes `config`; on success moves the tenant's keyring (creating it
+    /// on first onboarding) to the new wrapper, stores the config and
+    /// rotates so new records use a version under the new KMS key. On a
+    /// probe failure nothing changes (a `kms.probe.failed` entry is written).
+    ///
+    /// # Errors
+    /// [`OnboardError`].
+    pub async fn onboard(
+        &self,
+        tenant: &Tenant,
+        config: ProviderConfig,
+        actor: &Actor,
+    ) -> Result<OnboardResult, OnboardError> {
+        let mut slot = tenant.kms.write().await;
+        let id = tenant.config.id.as_str();
+        let emit = |kind| {
+            self.audit.record(AuditEvent {
+                keyring_id: id.to_owned(),
+                actor: actor.clone(),
+                at: Timestamp::now(),
+                kind,
+            });
+        };
+        let fail = |step, kind, message: String| ProbeFailure {
+            step,
+            kind,
+            provider: config.provider().to_owned(),
+            key_ref: config.kms_key_ref().to_owned(),
+            message,
+        };
+        let probed = match self.providers.build(&config).await {
+            Ok(wrapper) => match probe::probe(wrapper.as_ref()).await {
+                Ok(_) => Ok(wrapper),
+                Err(f) => Err(f),
+            },
+            Err(e) => Err(fail(ProbeStep::Build, Some(e.kind), e.to_string())),
+        };
+        let wrapper = match probed {
+            Ok(w) => w,
+            Err(f) => {
+                emit(AuditKind::ProbeFailed {
+                    provider: f.provider.clone(),
+                    key_ref: f.key_ref.clone(),
+                    step: f.step,
+                    error_kind: f.kind,
+                    message: f.message.clone(),
+                });
+                return Err(OnboardError::Probe(f));
+            }
+        };
+        let previous_key_ref = slot.as_ref().map(|o| o.config.kms_key_ref().to_owned());
+        let keyring = match slot.as_ref() {
+            Some(o) => {
+                o.keyring
+                    .rewrap_master_keys(Arc::clone(&wrapper), actor)
+                    .await
+                    .map_err(OnboardError::Keyring)?;
+                Arc::clone(&o.keyring)
+            }
+            None => Arc::new(
+                self.keyring_builder(id, Arc::clone(&wrapper))
+                    .open_or_create()
+                    .await
+                    .map_err(OnboardError::Keyring)?,
+            ),
+        };
+        let json = serde_json::to_string(&config).map_err(|e| OnboardError::Db(e.to_string()))?;
+        self.db
+            .set_tenant_config(id, &json, Timestamp::now().as_secs())
+            .map_err(|e| OnboardError::Db(e.to_string()))?;
+        emit(AuditKind::ConfigUpdated {
+            provider: config.provider().to_owned(),
+            key_ref: config.kms_key_ref().to_owned(),
+            previous_key_ref,
+        });
+        *slot = Some(Onboarded {
+            config,
+            keyring: Arc::clone(&keyring),
+        });
+        let rotation = keyring.rotate(actor).await.map_err(OnboardError::Keyring)?;
+        drop(slot);
+        self.start_job(tenant, &keyring, rotation.lease_id.clone())
+            .await;
+        Ok(OnboardResult {
+            keyring,
+            version: rotation.version,
+            version_id: rotation.version_id,
+            lease_id: rotation.lease_id,
+        })
+    }
+
+    fn sources(&self, tenant: &str) -> Vec<Arc<dyn RowSource>> {
+        vec![
+            Arc::new(SecretTable::new(self.db.clone(), tenant, SECRETS)),
+            Arc::new(SecretTable::new(self.db.clone(), tenant, SECRET_VERSIONS)),
+        ]
+    }
+
+    fn job_builder(
+        &self,
+        tenant: &str,
+        keyring: &Arc<Keyring>,
+    ) -> keyfold::rewrap::job::RewrapJobBuilder {
+        RewrapJob::builder(Arc::clone(keyring), self.sources(tenant))
+            .options(JobOptions {
+                batch_size: self.rewrap.batch_size,
+                ..JobOptions::default()
+            })
+            .audit(self.audit.clone(), Actor::new("tenant-kms-service/rewrap"))
+    }
+
+    /// Replaces the tenant's rewrap job with a new one targeting the active
+    /// version (id: the rotation's lease id when there is one).
+    pub async fn start_job(&self, tenant: &Tenant, keyring: &Arc<Keyring>, lease: Option<String>) {
+        let id = tenant.config.id.as_str();
+        let mut builder = self.job_builder(id, keyring);
+        if let Some(lease) = lease {
+            builder = builder.job_id(lease);
+        }
+        let mut slot = tenant.job.lock().await;
+        match builder.create() {
+            Ok(job) => {
+                self.persist(id, &job, None);
+                *slot = Some(job);
+            }
+            Err(e) => eprintln!("tenant {id}: cannot create a rewrap job: {e}"),
+        }
+    }
+
+    /// Resumes the tenant's stored job at startup, if it is unfinished.
+    pub async fn resume_job(&self, tenant: &Tenant, keyring: &Arc<Keyring>) {
+        let id = tenant.config.id.as_str();
+        let Ok(Some(row)) = self.db.job(id) else {
+            return;
+        };
+        if row.status != "running" {
+            return;
+        }
+        let resumed = serde_json::from_str::<Checkpoint>(&row.checkpoint)
+            .map_err(|e| e.to_string())
+            .and_then(|cp| {
+                self.job_builder(id, keyring)
+                    .resume(cp)
+                    .map_err(|e| e.to_string())
+            });
+        match resumed {
+            Ok(job) => *tenant.job.lock().await = Some(job),
+            Err(e) => eprintln!("tenant {id}: cannot resume rewrap job {}: {e}", row.job_id),
+        }
+    }
+
+    fn persist(&self, tenant: &str, job: &RewrapJob, error: Option<String>) {
+        let cp = job.checkpoint();
+        let status = match (&error, cp.completed) {
+            (Some(_), _) => "failed",
+            (None, true) => "completed",
+            (None, false) => "running",
+        };
+        let row = JobRow {
+            job_id: cp.job_id.clone(),
+            status: status.to_owned(),
+            error,
+            checkpoint: serde_json::to_string(cp).unwrap_or_default(),
+        };
+        if let Err(e) = self.db.save_job(tenant, &row, Timestamp::now().as_secs()) {
+            eprintln!("tenant {tenant}: cannot persist the rewrap checkpoint: {e}");
+        }
+    }
+
+    /// Runs one batch of the tenant's job, if it has one to run. Creates a
+    /// new job when the active version moved past the job's target (a
+    /// rotation whose job could not be created, or a rollback). Returns
+    /// whether a batch ran.
+    pub async fn drive(&self, tenant: &Tenant) -> bool {
+        let Some(keyring) = tenant
+            .kms
+            .read()
+            .await
+            .as_ref()
+            .map(|o| Arc::clone(&o.keyring))
+        else {
+            return false;
+        };
+        let id = tenant.config.id.as_str();
+        let active = keyring.active_version();
+        let stale = {
+            let slot = tenant.job.lock().await;
+            match slot.as_ref() {
+                Some(job) => Some(job.target_version()) != active && !job.checkpoint().completed,
+                None => false,
+            }
+        };
+        let needs_new = stale || {
+            let slot = tenant.job.lock().await;
+            slot.is_none()
+                && active.is_some()
+                && self
+                    .db
+                    .job(id)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| serde_json::from_str::<Checkpoint>(&r.checkpoint).ok())
+                    .is_none_or(|cp| Some(cp.target_version) != active)
+        };
+        if needs_new {
+            self.start_job(tenant, &keyring, None).await;
+        }
+        let mut slot = tenant.job.lock().await;
+        let Some(job) = slot.as_mut() else {
+            return false;
+        };
+        match job.next_batch().await {
+            Ok(Some(report)) => {
+                self.persist(id, job, None);
+                if report.completed {
+                    *slot = None;
+                }
+                true
+            }
+            Ok(None) => {
+                *slot = None;
+                false
+            }
+            Err(e) => {
+                eprintln!("tenant {id}: rewrap job stopped: {e}");
+                self.persist(id, job, Some(e.to_string()));
+                *slot = None;
+                false
+            }
+        }
+    }
+}

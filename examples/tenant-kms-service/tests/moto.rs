@@ -1,0 +1,299 @@
+//! Onboarding a tenant on AWS KMS (moto's server, started by this test on a
+//! free loopback port): the probe, a failed probe changing nothing, moving a
+//! tenant from the local KEK to its AWS key, rotation and rewrap under it.
+#![cfg(feature = "aws")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failed check is a test failure"
+)]
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use common::{ACME, GLOBEX, Service, TempDir, config, local_providers, names};
+use keyfold::aws::AwsWrapperFactory;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const REGION: &str = "eu-west-1";
+const ACCOUNT: &str = "123456789012";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/tenant-kms";
+
+const SETUP_HINT: &str = "moto's server is needed for this test: run \
+`eval \"$(scripts/setup-emulators)\"` from the workspace root (it installs moto[server] \
+into a venv and exports KEYFOLD_MOTO_SERVER), or put `moto_server` on PATH";
+
+/// moto's server; stopped on drop (and when this process exits: the shell
+/// around it kills it when its stdin closes).
+struct Moto {
+    port: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KEYFOLD_MOTO_SERVER") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "KEYFOLD_MOTO_SERVER={} does not exist. {SETUP_HINT}",
+            path.display()
+        );
+        return path;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("moto_server"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!("KEYFOLD_MOTO_SERVER is not set and no moto_server on PATH. {SETUP_HINT}")
+        })
+}
+
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let mut out = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut out).is_ok()
+        && out.contains(" 200 ")
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let bin = moto_binary();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log =
+            std::env::temp_dir().join(format!("tenant-kms-moto-{}-{port}.log", std::process::id()));
+        let log_file = File::create(&log).unwrap();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" -H 127.0.0.1 -p "$1" & pid=$!; trap 'kill $pid 2>/dev/null' EXIT; read -r _; exit 0"#)
+            .arg(&bin)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}. {SETUP_HINT}", bin.display()));
+        let stdin = child.stdin.take();
+        let mut moto = Moto { port, child, stdin };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !answers(port) {
+            let exited = moto.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "moto_server ({}) did not come up on port {port}: {exited:?}\n{}",
+                    bin.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A new symmetric KMS key; its ARN.
+    async fn create_key(&self) -> String {
+        let conf = aws_sdk_kms::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .endpoint_url(self.url())
+            .credentials_provider(Credentials::new(
+                "AKIATENANTKMSADMIN00",
+                "admin",
+                None,
+                None,
+                "test",
+            ))
+            .build();
+        let out = aws_sdk_kms::Client::from_conf(conf)
+            .create_key()
+            .description("tenant-kms-service test key")
+            .send()
+            .await
+            .unwrap();
+        out.key_metadata().unwrap().arn().unwrap().to_owned()
+    }
+
+    /// The service's AWS factory: tenant roles assumed through moto's STS
+    /// with base credentials that only moto accepts.
+    fn factory(&self) -> AwsWrapperFactory {
+        AwsWrapperFactory::new()
+            .sts_endpoint_url(self.url())
+            .base_credentials(Credentials::new(
+                "AKIATENANTKMSBASE000",
+                "base-secret",
+                None,
+                None,
+                "test-base",
+            ))
+    }
+
+    fn config(&self, key_ref: &str, external_id: &str) -> Value {
+        json!({
+            "provider": "aws",
+            "kms_key_ref": key_ref,
+            "region": REGION,
+            "role_arn": ROLE_ARN,
+            "external_id": external_id,
+            "endpoint_url": self.url(),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_on_aws_kms_in_moto() {
+    let moto = Moto::start();
+    let dir = TempDir::new("moto");
+    let cfg = config(&dir, 10, None);
+    let providers = local_providers(&cfg).with("aws", Arc::new(moto.factory()));
+    let svc = Service::start(cfg.clone(), providers).await;
+
+    // A key that does not exist: the probe fails with AWS's answer, nothing stored.
+    let missing =
+        format!("arn:aws:kms:{REGION}:{ACCOUNT}:key/00000000-0000-0000-0000-000000000000");
+    let (s, v) = svc
+        .post(
+            "/admin/tenant-kms",
+            GLOBEX,
+            moto.config(&missing, "tenant-globex"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"], "kms_probe_failed");
+    assert_eq!(v["step"], "wrap");
+    assert_eq!(v["kind"], "not_found", "{v}");
+    assert_eq!(v["provider"], "aws");
+    let (s, _) = svc.get("/admin/tenant-kms", GLOBEX).await;
+    assert_eq!(s, StatusCode::CONFLICT, "nothing stored");
+    assert_eq!(names(&svc.audit(GLOBEX).await), ["kms.probe.failed"]);
+
+    // Globex onboards straight onto its AWS key.
+    let globex_key = moto.create_key().await;
+    let (s, v) = svc
+        .post(
+            "/admin/tenant-kms",
+            GLOBEX,
+            moto.config(&globex_key, "tenant-globex"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["provider"], "aws");
+    assert_eq!(v["kms_key_ref"], globex_key.as_str());
+    assert_eq!(v["new_key_version"], 1);
+    assert_eq!(v["rewrap_status"], "enqueued");
+    svc.put_secret(GLOBEX, "token", "g-1").await;
+    assert_eq!(svc.get_secret(GLOBEX, "token").await["value"], "g-1");
+
+    // Acme starts on the local KEK, then moves to its AWS key: the keyring is
+    // re-wrapped under it, a new version is made there, and the secrets move.
+    svc.onboard_local(ACME).await;
+    for i in 0..15 {
+        svc.put_secret(ACME, &format!("a{i}"), &format!("local-{i}"))
+            .await;
+    }
+    let acme_key = moto.create_key().await;
+    let (s, v) = svc
+        .post(
+            "/admin/tenant-kms",
+            ACME,
+            moto.config(&acme_key, "tenant-acme"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["new_key_version"], 2);
+    let lease = v["rewrap_lease_id"].as_str().unwrap().to_owned();
+    let done = svc
+        .wait_rewrap(ACME, |v| {
+            v["job_id"] == lease.as_str() && v["status"] == "completed"
+        })
+        .await;
+    assert_eq!(done["totals"]["seen"], 15);
+    assert_eq!(done["totals"]["failed"], 0);
+    let meta = svc.get("/admin/tenant-kms", ACME).await.1;
+    assert_eq!(meta["provider"], "aws");
+    assert_eq!(meta["kms_key_ref"], acme_key.as_str());
+    for k in meta["keys"].as_array().unwrap() {
+        assert_eq!(
+            k["wrap_key_ref"],
+            acme_key.as_str(),
+            "every version under the AWS key: {meta}"
+        );
+    }
+    for i in 0..15 {
+        let v = svc.get_secret(ACME, &format!("a{i}")).await;
+        assert_eq!(
+            (v["value"].clone(), v["key_version"].clone()),
+            (json!(format!("local-{i}")), json!(2))
+        );
+    }
+
+    // Rotation under AWS, and the audit entry names the wrap method.
+    let rot = svc.rotate(ACME).await;
+    assert_eq!(rot["version"], 3);
+    let events = svc.audit(ACME).await;
+    let rotate = events
+        .iter()
+        .find(|e| e["event"] == "kms.rotate" && e["detail"]["new_version"] == 3)
+        .unwrap();
+    assert_eq!(rotate["detail"]["wrap_provider"], "aws");
+    assert_eq!(rotate["detail"]["wrap_key_ref"], acme_key.as_str());
+    assert_eq!(rotate["detail"]["lease_id"], rot["rewrap_lease_id"]);
+    assert!(
+        names(&events).contains(&"kms.rekey"),
+        "{:?}",
+        names(&events)
+    );
+    let updated: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "kms.config.updated")
+        .collect();
+    assert_eq!(
+        updated.last().unwrap()["detail"]["previous_key_ref"],
+        "dev-kek"
+    );
+    svc.wait_rewrap(ACME, |v| {
+        v["target_version"] == 3 && v["status"] == "completed"
+    })
+    .await;
+    assert_eq!(svc.get_secret(ACME, "a0").await["key_version"], 3);
+
+    // Restart: the keyrings reopen on their AWS wrappers.
+    svc.stop().await;
+    let providers = local_providers(&cfg).with("aws", Arc::new(moto.factory()));
+    let svc = Service::start(cfg, providers).await;
+    assert_eq!(svc.get_secret(GLOBEX, "token").await["value"], "g-1");
+    assert_eq!(svc.get_secret(ACME, "a14").await["value"], "local-14");
+    svc.stop().await;
+}
