@@ -45,9 +45,21 @@ fn valid_forms_are_accepted() {
         c.validate().unwrap();
     }
     let mut v = valid();
-    v.as_object_mut().unwrap().remove("external_id");
     v["endpoint_url"] = json!("https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com");
     serde_json::from_value::<ProviderConfig>(v).unwrap();
+}
+
+#[test]
+fn the_external_id_is_required() {
+    let mut v = valid();
+    v.as_object_mut().unwrap().remove("external_id");
+    let err = serde_json::from_value::<ProviderConfig>(v)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("external_id") && err.contains("confused-deputy"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -110,7 +122,8 @@ fn bad_values_are_refused_with_the_reason() {
             "arn:aws:iam::ACCOUNT:role/NAME",
         ),
         ("external_id", json!("x"), "2..=1224"),
-        ("endpoint_url", json!("kms.internal:443"), "http(s) URL"),
+        ("endpoint_url", json!("kms.internal:443"), "https:// URL"),
+        ("endpoint_url", json!("http://kms.internal"), "loopback"),
     ] {
         let msg = refused(with(field, value.clone()));
         assert!(msg.contains(expect), "{field}={value}: {msg}");

@@ -101,8 +101,8 @@ pub struct LocalConfig {
     pub kek_file: Option<String>,
 }
 
-/// AWS KMS, reached by assuming a role.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// AWS KMS, reached by assuming a role. `Debug` hides the external id.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Key ARN, alias ARN or `alias/NAME`.
@@ -111,12 +111,25 @@ pub struct AwsConfig {
     pub region: String,
     /// Role assumed through STS on top of the default credential chain.
     pub role_arn: String,
-    /// External id required by the role's trust policy.
+    /// External id the role's trust policy demands. Required (validation
+    /// refuses a config without one): it stops a confused deputy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
     /// Endpoint override (VPC endpoint, or a local emulator in tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+}
+
+impl fmt::Debug for AwsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsConfig")
+            .field("kms_key_ref", &self.kms_key_ref)
+            .field("region", &self.region)
+            .field("role_arn", &self.role_arn)
+            .field("external_id", &self.external_id.as_ref().map(|_| "******"))
+            .field("endpoint_url", &self.endpoint_url)
+            .finish()
+    }
 }
 
 /// Google Cloud KMS, reached by impersonating a service account.
@@ -276,13 +289,37 @@ fn field(provider: &'static str, field: &'static str, reason: impl Into<String>)
     }
 }
 
-fn check_endpoint(provider: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
-    match url {
-        Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) => {
-            Err(field(provider, "endpoint_url", "must be an http(s) URL"))
-        }
-        _ => Ok(()),
+/// An endpoint override is `https://`, or `http://` only to a loopback host
+/// (a local emulator): KMS requests and responses carry master keys.
+pub fn check_endpoint_url(provider: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("https://") {
+        return Ok(());
     }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(field(provider, "endpoint_url", "must be an https:// URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(field(
+            provider,
+            "endpoint_url",
+            "plain http:// is allowed only to a loopback host (a local emulator); use https://",
+        ))
+    }
+}
+
+fn check_endpoint(provider: &'static str, url: Option<&str>) -> Result<(), ConfigError> {
+    url.map_or(Ok(()), |u| check_endpoint_url(provider, u))
 }
 
 impl LocalConfig {
@@ -339,12 +376,20 @@ impl AwsConfig {
                 "expected arn:aws:iam::ACCOUNT:role/NAME",
             ));
         }
-        if self
-            .external_id
-            .as_deref()
-            .is_some_and(|e| e.len() < 2 || e.len() > 1224)
-        {
-            return Err(field("aws", "external_id", "must be 2..=1224 characters"));
+        // The external id is what stops a confused deputy: another tenant's
+        // config naming this role cannot assume it without the id.
+        match self.external_id.as_deref() {
+            None => {
+                return Err(field(
+                    "aws",
+                    "external_id",
+                    "required: the role's trust policy must demand an external id (confused-deputy protection)",
+                ));
+            }
+            Some(e) if e.len() < 2 || e.len() > 1224 => {
+                return Err(field("aws", "external_id", "must be 2..=1224 characters"));
+            }
+            Some(_) => {}
         }
         check_endpoint("aws", self.endpoint_url.as_deref())
     }

@@ -161,3 +161,49 @@ fn mismatched_fields_are_refused() {
         .is_err()
     );
 }
+
+#[test]
+fn plain_http_endpoints_only_to_loopback() {
+    use keyfold_core::config::check_endpoint_url;
+    for ok in [
+        "https://kms.eu-west-1.amazonaws.com",
+        "http://127.0.0.1:5000",
+        "http://localhost:4566/",
+        "http://[::1]:8443",
+        "http://127.0.0.2",
+    ] {
+        assert!(check_endpoint_url("aws", ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "http://10.0.0.1:5000",
+        "http://kms.internal",
+        "http://localhost.evil.com",
+        "http://[2001:db8::1]:80",
+        "ftp://127.0.0.1",
+        "127.0.0.1:5000",
+    ] {
+        let err = check_endpoint_url("aws", bad).unwrap_err().to_string();
+        assert!(err.contains("endpoint_url"), "{bad}: {err}");
+    }
+    let err = parse(
+        json!({"provider": "aws", "kms_key_ref": "alias/k", "region": "eu-west-1",
+        "role_arn": "arn:aws:iam::111122223333:role/r", "external_id": "xid",
+        "endpoint_url": "http://kms.example.com"}),
+    )
+    .unwrap_err();
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn aws_config_debug_hides_the_external_id() {
+    let cfg = parse(
+        json!({"provider": "aws", "kms_key_ref": "alias/k", "region": "eu-west-1",
+        "role_arn": "arn:aws:iam::111122223333:role/r", "external_id": "tenant-secret-xid"}),
+    )
+    .unwrap();
+    let shown = format!("{cfg:?}");
+    assert!(
+        shown.contains("******") && !shown.contains("tenant-secret-xid"),
+        "{shown}"
+    );
+}
