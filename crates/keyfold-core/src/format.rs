@@ -205,7 +205,6 @@ impl<'a> Reader<'a> {
     }
 
     /// Succeeds only if nothing is left (rustls' `Reader::all`).
-    #[allow(dead_code, reason = "used by formats that must end exactly")]
     pub(crate) fn finish(self) -> Result<(), FormatError> {
         match self.rest.len() {
             0 => Ok(()),

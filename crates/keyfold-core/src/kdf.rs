@@ -5,6 +5,7 @@
 //! RFC 5869 section 3.3 allows. Every derived key is for one purpose, named by
 //! a distinct `info` label (docs/FORMAT.md, "Key derivation").
 
+use hmac::digest::FixedOutput;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
@@ -33,9 +34,9 @@ impl Prf {
             mac.update(part);
         }
         mac.update(&[1u8]);
-        let out = mac.finalize().into_bytes();
+        // Finalize straight into the zeroizing buffer: no stray copy of the key.
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(&out);
+        FixedOutput::finalize_into(mac, (&mut *key).into());
         key
     }
 }

@@ -502,3 +502,74 @@ pub mod fuzz_hooks {
         let _ = super::decrypt(&master, &ctx, data.get(3..).unwrap_or_default());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretKey;
+
+    /// A record whose wrap opens to a data key other than the one its
+    /// commitment names, with a payload that opens under that other key:
+    /// only the commitment check stands between it and a successful decrypt.
+    fn forged(master: &MasterKey, suite: Suite, ctx: &[u8]) -> Vec<u8> {
+        let (committed, actual) = ([1u8; KEY_LEN], [2u8; KEY_LEN]);
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&[MAGIC[0], MAGIC[1], FORMAT_V1, suite.id()]);
+        header[4..IMMUTABLE_END].copy_from_slice(&*payload_keys(&committed, suite).commitment);
+        write_wrap(
+            &mut header,
+            master,
+            suite.id(),
+            suite,
+            &actual,
+            &[3; WRAP_SALT_LEN],
+            ctx,
+        )
+        .unwrap();
+        let aad = with_context(&header[..IMMUTABLE_END], ctx);
+        let mut payload = b"forged".to_vec();
+        let key = payload_keys(&actual, suite).key;
+        let tag = seal_single_use(Backend::default(), suite, &key, &aad, &mut payload).unwrap();
+        [&header[..], &payload, &tag].concat()
+    }
+
+    #[test]
+    fn the_commitment_is_checked_before_the_payload_is_opened() {
+        let master = MasterKey::new(1, SecretKey::generate().unwrap());
+        let ctx = EncryptionContext::new().with("row", "1");
+        for suite in Suite::ALL {
+            let record = forged(&master, suite, &ctx.encode().unwrap());
+            // Everything but the commitment is consistent...
+            let view = RecordView::parse(&record).unwrap();
+            let header = view.header();
+            let wrap_key = wrap_key(&master, suite.id(), header.wrap_salt);
+            let aad = with_context(header.wrap_aad(), &ctx.encode().unwrap());
+            let (sealed, tag) = header.wrapped_data_key.split_at(KEY_LEN);
+            let mut dk = [0u8; KEY_LEN];
+            open_single_use(
+                Backend::default(),
+                suite,
+                &wrap_key,
+                &aad,
+                sealed,
+                tag.try_into().unwrap(),
+                &mut dk,
+            )
+            .unwrap();
+            assert_eq!(dk, [2u8; KEY_LEN], "the wrap opens");
+            // ...and yet the record is refused.
+            for &backend in Backend::all() {
+                assert!(matches!(
+                    decrypt_with(backend, &master, &ctx, &record),
+                    Err(Error::Decrypt)
+                ));
+            }
+            assert!(check_header(&record, &master, &ctx).is_err());
+            let other = MasterKey::new(2, SecretKey::generate().unwrap());
+            assert!(
+                rewrap(&record, &master, &other, &ctx).is_err(),
+                "rewrap must not launder it"
+            );
+        }
+    }
+}

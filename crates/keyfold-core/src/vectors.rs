@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use crate::context::EncryptionContext;
 use crate::error::{Error, FormatError};
 use crate::format::WRAP_SALT_LEN;
-use crate::record::{decrypt, seal_with};
+use crate::record::{decrypt_with, seal_with};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
 use crate::suite::Suite;
 
@@ -93,35 +93,42 @@ fn vectors() {
     files.sort();
     assert!(files.len() >= 10, "vectors missing from {:?}", dir());
     for path in files {
-        let name = path.display().to_string();
-        let v = Vector::parse(&std::fs::read_to_string(&path).unwrap());
-        let record = v.hex("record");
-        let result = decrypt(&v.master(), &v.context(), &record);
-        match v.get("expect") {
-            "success" => {
-                assert_eq!(result.unwrap(), v.hex("plaintext"), "{name}");
-                // The other direction: same inputs, same bytes.
-                let ctx = v.context().encode().unwrap();
-                let salt: [u8; WRAP_SALT_LEN] = v.hex("wrap_salt").try_into().unwrap();
-                let ours = seal_with(
-                    crate::suite::Backend::default(),
-                    &v.master(),
-                    v.suite(),
-                    &ctx,
-                    &v.key("data_key"),
-                    &salt,
-                    &v.hex("plaintext"),
-                )
-                .unwrap();
-                assert_eq!(hex::encode(ours), v.get("record"), "{name}");
-            }
-            "decrypt-error" => assert!(matches!(result, Err(Error::Decrypt)), "{name}: {result:?}"),
-            other => {
-                let want = other.strip_prefix("format-error ").expect("known expect");
-                match result {
-                    Err(Error::Format(e)) => assert_eq!(format_error_name(&e), want, "{name}"),
-                    r => panic!("{name}: expected format error {want}, got {r:?}"),
-                }
+        // Every vector on every backend: their output must be byte-identical.
+        for &backend in crate::suite::Backend::all() {
+            let name = format!("{} ({backend:?})", path.display());
+            let v = Vector::parse(&std::fs::read_to_string(&path).unwrap());
+            check(&v, backend, &name);
+        }
+    }
+}
+
+fn check(v: &Vector, backend: crate::suite::Backend, name: &str) {
+    let record = v.hex("record");
+    let result = decrypt_with(backend, &v.master(), &v.context(), &record);
+    match v.get("expect") {
+        "success" => {
+            assert_eq!(result.unwrap(), v.hex("plaintext"), "{name}");
+            // The other direction: same inputs, same bytes.
+            let ctx = v.context().encode().unwrap();
+            let salt: [u8; WRAP_SALT_LEN] = v.hex("wrap_salt").try_into().unwrap();
+            let ours = seal_with(
+                backend,
+                &v.master(),
+                v.suite(),
+                &ctx,
+                &v.key("data_key"),
+                &salt,
+                &v.hex("plaintext"),
+            )
+            .unwrap();
+            assert_eq!(hex::encode(ours), v.get("record"), "{name}");
+        }
+        "decrypt-error" => assert!(matches!(result, Err(Error::Decrypt)), "{name}: {result:?}"),
+        other => {
+            let want = other.strip_prefix("format-error ").expect("known expect");
+            match result {
+                Err(Error::Format(e)) => assert_eq!(format_error_name(&e), want, "{name}"),
+                r => panic!("{name}: expected format error {want}, got {r:?}"),
             }
         }
     }
