@@ -262,7 +262,7 @@ impl KeyringBuilder {
     /// [`Error::KeyringNotFound`], or [`Error::Store`] when the stored form
     /// is invalid or unreadable.
     pub async fn open(self) -> Result<Keyring, Error> {
-        match self.store.load(&self.id).await? {
+        match load_checked(self.store.as_ref(), &self.id).await? {
             Some((revision, stored)) => Ok(self.build(revision, stored)),
             None => Err(Error::KeyringNotFound(self.id)),
         }
@@ -273,7 +273,7 @@ impl KeyringBuilder {
     /// # Errors
     /// As [`open`](Self::open) and [`create`](Self::create).
     pub async fn open_or_create(self) -> Result<Keyring, Error> {
-        match self.store.load(&self.id).await? {
+        match load_checked(self.store.as_ref(), &self.id).await? {
             Some((revision, stored)) => Ok(self.build(revision, stored)),
             None => self.create().await,
         }
@@ -326,6 +326,28 @@ impl fmt::Debug for Keyring {
             .field("cached_versions", &self.cache.cached_versions())
             .finish_non_exhaustive()
     }
+}
+
+/// Loads keyring `id` from the host's store and refuses what the keyring
+/// must not run on: a keyring breaking an invariant, or another keyring
+/// (a store handing back tenant B's keyring for tenant A).
+async fn load_checked(
+    store: &dyn KeyringStore,
+    id: &str,
+) -> Result<Option<(Revision, StoredKeyring)>, Error> {
+    let Some((revision, stored)) = store.load(id).await? else {
+        return Ok(None);
+    };
+    if stored.keyring_id != id {
+        return Err(Error::Store(StoreError::Corrupt {
+            keyring_id: id.to_owned(),
+            reason: format!("the store returned keyring {:?}", stored.keyring_id),
+        }));
+    }
+    stored
+        .validate()
+        .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+    Ok(Some((revision, stored)))
 }
 
 fn seals(kind: WrapErrorKind) -> bool {
@@ -700,9 +722,7 @@ impl Keyring {
     }
 
     async fn reload(&self) -> Result<Revision, Error> {
-        let (revision, stored) = self
-            .store
-            .load(&self.id)
+        let (revision, stored) = load_checked(self.store.as_ref(), &self.id)
             .await?
             .ok_or_else(|| Error::KeyringNotFound(self.id.clone()))?;
         for v in &stored.versions {
