@@ -43,7 +43,18 @@ impl RetryPolicy {
     /// The wait before retry number `retry` (0-based) after `error`, or `None`
     /// when the error must not be retried.
     pub fn delay_for(&self, retry: u32, error: &WrapError) -> Option<Duration> {
-        if !error.is_transient() || retry.saturating_add(1) >= self.max_attempts {
+        if !error.is_transient() {
+            return None;
+        }
+        self.backoff(retry, error.retry_after)
+    }
+
+    /// The wait before retry number `retry` (0-based) of a transient failure
+    /// of any kind (a KMS, a host's store), honouring the `retry_after` the
+    /// other side asked for; `None` once attempts run out or the requested
+    /// wait exceeds [`max_retry_after`](Self::max_retry_after).
+    pub fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Option<Duration> {
+        if retry.saturating_add(1) >= self.max_attempts {
             return None;
         }
         let cap = self
@@ -51,7 +62,7 @@ impl RetryPolicy {
             .saturating_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX))
             .min(self.max_delay);
         let jittered = jitter(cap);
-        match error.retry_after {
+        match retry_after {
             Some(wait) if wait > self.max_retry_after => None,
             Some(wait) => Some(wait.max(jittered)),
             None => Some(jittered),

@@ -36,12 +36,13 @@ pub struct Counters {
 
 impl Counters {
     pub(crate) fn add(&mut self, other: &Counters) {
-        self.seen += other.seen;
-        self.rewrapped += other.rewrapped;
-        self.skipped += other.skipped;
-        self.conflicts += other.conflicts;
-        self.failed += other.failed;
-        self.unresolved += other.unresolved;
+        // Saturating: a checkpoint comes back from the host's storage.
+        self.seen = self.seen.saturating_add(other.seen);
+        self.rewrapped = self.rewrapped.saturating_add(other.rewrapped);
+        self.skipped = self.skipped.saturating_add(other.skipped);
+        self.conflicts = self.conflicts.saturating_add(other.conflicts);
+        self.failed = self.failed.saturating_add(other.failed);
+        self.unresolved = self.unresolved.saturating_add(other.unresolved);
     }
 }
 

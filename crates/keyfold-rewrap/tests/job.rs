@@ -295,7 +295,9 @@ async fn a_flaky_kms_is_retried_and_a_broken_one_leaves_rows_unchanged() {
     assert_eq!((totals.rewrapped, totals.failed), (60, 0));
     wrapper.fail_every.store(0, Ordering::SeqCst);
 
-    // Broken for the old version: rows fail, are reported, and stay as they were.
+    // The KMS is out of reach for the old version: the keyring seals, the
+    // job stops without writing or skipping past anything, and goes on from
+    // the same row once the KMS is back.
     let wrapper = Arc::new(Switchable::new());
     let ring = keyring(wrapper.clone(), LONG).await;
     let b = Table::new("b");
@@ -308,17 +310,56 @@ async fn a_flaky_kms_is_retried_and_a_broken_one_leaves_rows_unchanged() {
     let mut job = RewrapJob::builder(ring.clone(), sources(&[&b]))
         .create()
         .unwrap();
-    let r = job.next_batch().await.unwrap().unwrap();
-    assert_eq!((r.totals.failed, r.totals.rewrapped), (20, 0));
-    assert_eq!(r.failures.len(), 20);
+    let err = job.next_batch().await.unwrap_err();
     assert!(
-        r.failures[0].error.contains("unavailable"),
+        matches!(err, JobError::Keyring(keyfold_core::Error::Sealed { .. })),
+        "{err}"
+    );
+    assert_eq!(b.snapshot(), before, "nothing written");
+    assert_eq!(
+        job.checkpoint().totals().seen,
+        0,
+        "cursor moved past unprocessed rows"
+    );
+    assert_eq!(job.checkpoint().sources[0].cursor, None);
+    wrapper.broken.store(false, Ordering::SeqCst);
+    ring.unseal().await.unwrap();
+    while job.next_batch().await.unwrap().is_some() {}
+    let done = job.completion().unwrap();
+    assert_eq!((done.totals.rewrapped, done.totals.failed), (20, 0));
+    assert_eq!(b.versions(), [(2, 20)].into());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_row_that_cannot_be_moved_is_reported_and_left_as_it_was() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let b = Table::new("b");
+    b.fill(&ring, 10).await;
+    // Row 3 is bound to another context than the one the table reports.
+    let stray = ring
+        .encrypt(&ctx("elsewhere", "x"), b"stray")
+        .await
+        .unwrap();
+    b.rows
+        .lock()
+        .unwrap()
+        .insert("000003".into(), stray.clone());
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&b]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!((r.totals.rewrapped, r.totals.failed), (9, 1));
+    assert_eq!(r.failures[0].row_id, "000003");
+    assert!(
+        r.failures[0].error.contains("decryption failed"),
         "{}",
         r.failures[0].error
     );
-    assert_eq!(b.snapshot(), before);
-    assert!(!job.completion().unwrap().is_clean());
-    assert!(job.completion().unwrap().evidence(1).is_none());
+    assert_eq!(b.snapshot()["000003"], stray, "the failed row was changed");
+    let done = job.completion().unwrap();
+    assert!(!done.is_clean());
+    assert!(done.evidence(1).is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -461,10 +502,16 @@ async fn lazy_reads_hand_back_an_upgraded_record() {
     ring.rotate(&admin()).await.unwrap();
     let read = decrypt_and_upgrade(&ring, &c, &old).await.unwrap();
     assert_eq!(read.plaintext, b"value");
-    let upgraded = read.upgraded.unwrap();
+    let upgraded = read.upgraded.clone().unwrap();
     assert_eq!(format::inspect(&upgraded).unwrap().key_version, 2);
     assert_eq!(old[112..], upgraded[112..], "header-only");
     assert_eq!(ring.decrypt(&c, &upgraded).await.unwrap(), b"value");
+    assert!(read.upgrade_error.is_none());
+    let shown = format!("{read:?}");
+    assert!(
+        shown.contains("<5 bytes>") && !shown.contains("value"),
+        "{shown}"
+    );
 }
 
 #[derive(Debug)]
