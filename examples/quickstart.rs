@@ -198,6 +198,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     step(9, "Destroy v1, with evidence that no record is left on it");
     // In production this evidence comes from the rewrap job's report.
     let evidence = NoRecordsLeft {
+        keyring_id: ring.id().to_owned(),
         version: 1,
         source: "quickstart: the only v1 record was rewrapped in step 6".into(),
         checked_at: Timestamp::now(),

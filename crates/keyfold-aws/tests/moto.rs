@@ -707,6 +707,7 @@ async fn keyring_end_to_end_on_a_kms_key() {
     ring.disable(1, &admin).await.unwrap();
     clock.advance(Duration::from_secs(60));
     let evidence = DestroyAuthorization::Evidence(NoRecordsLeft {
+        keyring_id: id.clone(),
         version: 1,
         source: "rewrap-job-1".into(),
         checked_at: clock.now(),

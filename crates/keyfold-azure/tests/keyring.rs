@@ -178,6 +178,7 @@ async fn keyring_lifecycle_across_key_vault_rotation() {
     clock.advance(std::time::Duration::from_secs(60));
     for version in [1, 2] {
         let evidence = NoRecordsLeft {
+            keyring_id: "acme".into(),
             version,
             source: "azure-e2e-scan".into(),
             checked_at: clock.now(),

@@ -64,6 +64,7 @@ async fn fixture() -> Fixture {
 
 fn evidence(version: u32, clock: &ManualClock) -> DestroyAuthorization {
     DestroyAuthorization::Evidence(NoRecordsLeft {
+        keyring_id: "acme".into(),
         version,
         source: format!("rewrap-job-{version}"),
         checked_at: clock.now(),
@@ -337,6 +338,7 @@ async fn destroy_checks_its_evidence_and_records_a_forced_destroy() {
     let rev = f.ring.snapshot().0;
     let n = f.sink.events().len();
     let wrong_version = DestroyAuthorization::Evidence(NoRecordsLeft {
+        keyring_id: "acme".into(),
         version: 2,
         source: "job".into(),
         checked_at: f.clock.now(),
@@ -345,7 +347,20 @@ async fn destroy_checks_its_evidence_and_records_a_forced_destroy() {
         f.ring.destroy(1, wrong_version, &a).await,
         Err(Error::DestroyRefused { version: 1, .. })
     ));
+    let other_tenant = DestroyAuthorization::Evidence(NoRecordsLeft {
+        keyring_id: "other-tenant".into(),
+        version: 1,
+        source: "job".into(),
+        checked_at: f.clock.now(),
+    });
+    match f.ring.destroy(1, other_tenant, &a).await {
+        Err(Error::DestroyRefused { version: 1, reason }) => {
+            assert!(reason.contains("other-tenant"), "{reason}");
+        }
+        other => panic!("evidence from another keyring must be refused: {other:?}"),
+    }
     let stale = DestroyAuthorization::Evidence(NoRecordsLeft {
+        keyring_id: "acme".into(),
         version: 1,
         source: "job".into(),
         checked_at: early,

@@ -289,6 +289,7 @@ async fn run(ops: Vec<Op>) {
                     }
                 } else {
                     DestroyAuthorization::Evidence(NoRecordsLeft {
+                        keyring_id: "tenant".into(),
                         version: v,
                         source: "model".into(),
                         checked_at: w.clock.now(),

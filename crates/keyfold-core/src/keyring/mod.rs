@@ -84,6 +84,9 @@ pub trait LeaseIssuer: Send + Sync + fmt::Debug {
 /// has moved every record off the version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NoRecordsLeft {
+    /// The keyring the check was made on: evidence about one tenant's
+    /// records never authorizes destroying another tenant's version.
+    pub keyring_id: String,
     /// The version that has no records left.
     pub version: u32,
     /// Where the evidence comes from (a rewrap job id, a scan id).
@@ -899,7 +902,7 @@ impl Keyring {
         let changes = next.apply(version, transition, now)?;
         let (forced, detail) = match destroy {
             Some(DestroyAuthorization::Evidence(e)) => {
-                check_evidence(&stored, version, e)?;
+                check_evidence(&self.id, &stored, version, e)?;
                 (false, Some(e.source.clone()))
             }
             Some(DestroyAuthorization::Forced { reason }) => (true, Some(reason.clone())),
@@ -1100,7 +1103,18 @@ impl Keyring {
     }
 }
 
-fn check_evidence(stored: &StoredKeyring, version: u32, e: &NoRecordsLeft) -> Result<(), Error> {
+fn check_evidence(
+    keyring_id: &str,
+    stored: &StoredKeyring,
+    version: u32,
+    e: &NoRecordsLeft,
+) -> Result<(), Error> {
+    if e.keyring_id != keyring_id {
+        return Err(Error::DestroyRefused {
+            version,
+            reason: format!("the evidence is about keyring {:?}", e.keyring_id),
+        });
+    }
     if e.version != version {
         return Err(Error::DestroyRefused {
             version,
