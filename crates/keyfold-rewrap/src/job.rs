@@ -336,6 +336,8 @@ enum RowOutcome {
     Skipped,
     Unresolved,
     Failed(String),
+    /// Stop the batch: the row is untouched and not counted.
+    Abort(CoreError),
 }
 
 impl RewrapJob {
@@ -522,50 +524,30 @@ impl RewrapJob {
         if active.is_none_or(|a| a < target) {
             return Err(JobError::TargetRolledBack { target, active });
         }
-        self.with_retry(|| self.keyring.master_key(target))
+        // The keyring retries transient KMS errors itself (and seals when
+        // they persist); nothing to add here.
+        self.keyring
+            .master_key(target)
             .await
             .map_err(JobError::Keyring)
     }
 
-    async fn with_retry<T, F, Fut>(&self, mut op: F) -> Result<T, CoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, CoreError>>,
-    {
-        let mut retries = 0;
-        loop {
-            match op().await {
-                Ok(v) => return Ok(v),
-                Err(CoreError::Wrap(e)) => match self.options.retry.delay_for(retries, &e) {
-                    Some(delay) => {
-                        tokio::time::sleep(delay).await;
-                        retries += 1;
-                    }
-                    None => return Err(CoreError::Wrap(e)),
-                },
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
+    /// Retries a transient store error with the job's backoff and jitter.
     async fn source_retry<T, F, Fut>(&self, mut op: F) -> Result<T, SourceError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, SourceError>>,
     {
-        let mut attempt = 1;
+        let mut retries = 0;
         loop {
             match op().await {
-                Err(e) if e.transient && attempt < self.options.retry.max_attempts => {
-                    let backoff = self
-                        .options
-                        .retry
-                        .base_delay
-                        .saturating_mul(1u32 << attempt.min(16))
-                        .min(self.options.retry.max_delay);
-                    tokio::time::sleep(backoff).await;
-                    attempt += 1;
-                }
+                Err(e) if e.transient => match self.options.retry.backoff(retries, None) {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        retries += 1;
+                    }
+                    None => return Err(e),
+                },
                 other => return other,
             }
         }
@@ -599,12 +581,13 @@ impl RewrapJob {
         let fetched = rows.len();
         let mut counters = Counters::default();
         let mut last_cursor = None;
+        let mut aborted = None;
         for row in rows {
-            last_cursor = Some(row.cursor.clone());
             if !self.checkpoint.shard.owns(&row.id) {
+                last_cursor = Some(row.cursor.clone());
                 continue;
             }
-            counters.seen += 1;
+            let cursor = row.cursor.clone();
             match self
                 .process_row(&*source, row.clone(), target_key, &mut counters)
                 .await
@@ -620,7 +603,13 @@ impl RewrapJob {
                         error,
                     });
                 }
+                RowOutcome::Abort(error) => {
+                    aborted = Some(error);
+                    break;
+                }
             }
+            counters.seen += 1;
+            last_cursor = Some(cursor);
         }
         if let Some(slot) = per_source.get_mut(i) {
             slot.add(&counters);
@@ -630,11 +619,16 @@ impl RewrapJob {
             if last_cursor.is_some() {
                 cp.cursor = last_cursor;
             }
-            if fetched < quota {
+            if fetched < quota && aborted.is_none() {
                 cp.exhausted = true;
             }
         }
-        Ok(fetched)
+        match aborted {
+            // Rows before this one are recorded; it and the rest are
+            // fetched again by the next batch.
+            Some(error) => Err(JobError::Keyring(error)),
+            None => Ok(fetched),
+        }
     }
 
     async fn process_row(
@@ -658,6 +652,9 @@ impl RewrapJob {
             }
             let new = match self.move_record(&row, info, target_key).await {
                 Ok(new) => new,
+                // The KMS is out of reach: every row would fail the same
+                // way. Stop without moving the cursor past this row.
+                Err(e @ CoreError::Sealed { .. }) => return RowOutcome::Abort(e),
                 Err(e) => return RowOutcome::Failed(e.to_string()),
             };
             match self
@@ -697,9 +694,7 @@ impl RewrapJob {
             // Re-encryption needs the payload; checked before any KMS call.
             return Err(StreamError::HeaderOnly.into());
         }
-        let from = self
-            .with_retry(|| self.keyring.master_key(info.key_version))
-            .await?;
+        let from = self.keyring.master_key(info.key_version).await?;
         let ctx = &row.context;
         let new = match (info.kind, self.checkpoint.mode) {
             (HeaderKind::Record, Mode::Rewrap) if !header_only => {
@@ -742,7 +737,7 @@ impl RewrapJob {
             if cp.exhausted {
                 continue;
             }
-            total += source.count_after(cp.cursor.as_deref()).await?;
+            total = total.saturating_add(source.count_after(cp.cursor.as_deref()).await?);
         }
         Some(total)
     }
