@@ -452,6 +452,7 @@ async fn version_op(
                 .with("records", remaining));
             }
             let evidence = NoRecordsLeft {
+                keyring_id: admin.id().to_owned(),
                 version,
                 source: format!("scan of {SECRETS} and {SECRET_VERSIONS}"),
                 checked_at,
@@ -619,6 +620,9 @@ async fn get_secret(State(app): State<App>, admin: Admin, Path(name): Path<Strin
     })?;
     let ctx = secret_context(tenant, &name, row.version);
     let read = decrypt_and_upgrade(&keyring, &ctx, &row.ciphertext).await?;
+    if let Some(e) = &read.upgrade_error {
+        eprintln!("tenant {tenant}: lazy rewrap of secret {name} skipped: {e}");
+    }
     let mut on = key_version(&row.ciphertext);
     if let Some(new) = &read.upgraded {
         // Lazy rewrap: write back only if nobody changed the row meanwhile.

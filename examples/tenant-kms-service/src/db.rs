@@ -655,3 +655,46 @@ impl RowSource for SecretTable {
         .and_then(|n| u64::try_from(n).ok())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn temp_db(name: &str) -> (Db, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tenant-kms-db-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        (Db::open(&dir.join("db.sqlite3")).unwrap(), dir)
+    }
+
+    use std::path::PathBuf;
+
+    #[tokio::test]
+    async fn the_sqlite_keyring_store_passes_the_store_conformance_suite() {
+        let (db, dir) = temp_db("conformance");
+        keyfold::testkit::store_conformance(&db, "tenant").await;
+        drop(db);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let (db, dir) = temp_db("audit");
+        db.append_audit("acme", 1, "kms.rotate", "admin", Some("127.0.0.1"), "{}")
+            .unwrap();
+        let conn = db.lock();
+        for sql in [
+            "UPDATE audit_log SET actor = 'someone else'",
+            "DELETE FROM audit_log",
+        ] {
+            let err = conn.execute(sql, []).unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
+        drop(conn);
+        assert_eq!(db.audit("acme").unwrap().len(), 1);
+        assert_eq!(db.audit("acme").unwrap()[0].actor, "admin");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
