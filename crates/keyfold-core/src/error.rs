@@ -243,6 +243,17 @@ pub enum Error {
         /// The version.
         version: u32,
     },
+    /// The key unwrapped for a master key version does not match the key
+    /// check value stored when the version was created: the stored wrapped
+    /// key belongs to another version or keyring (a tampered store, with a
+    /// KMS that does not bind the wrap context). The key is not used.
+    #[error(
+        "master key version {version} failed its key check: the wrapped key stored for it is not this keyring's version {version}"
+    )]
+    KeyCheckFailed {
+        /// The version.
+        version: u32,
+    },
     /// The keyring has no such version.
     #[error("the keyring has no master key version {version}")]
     UnknownVersion {

@@ -440,7 +440,7 @@ async fn stored_form_holds_no_key_material() {
             None => std::fs::read(file_store.path_of("tenant-1")).unwrap(),
         };
         let text = String::from_utf8(raw.clone()).unwrap();
-        assert!(text.contains("\"schema\": 1"), "{text}");
+        assert!(text.contains("\"schema\": 2"), "{text}");
         for v in [1, 3, 4, 5] {
             let key = ring.master_key(v).await.unwrap();
             assert_no_key(&raw, key.secret().expose());

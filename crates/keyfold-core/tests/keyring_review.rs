@@ -9,7 +9,14 @@ use keyfold_core::keyring::{KeyState, Keyring, StoredKeyring};
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::store::{KeyringStore, MemoryStore, Revision, StoreError};
 use keyfold_core::time::{ManualClock, Timestamp};
-use keyfold_core::{Error, LocalKek, SecretKey};
+use keyfold_core::{
+    EncryptionContext, Error, KeyWrapper, LocalKek, SecretKey, WrapContext, WrapError,
+    WrapErrorKind, WrapOperation, WrappedKey,
+};
+
+fn ctx() -> EncryptionContext {
+    EncryptionContext::new().with("row", "1")
+}
 
 fn admin() -> Actor {
     Actor::new("admin@example.com")
@@ -120,4 +127,230 @@ async fn open_and_refresh_refuse_a_foreign_or_invalid_keyring_from_the_store() {
     }
     store.replace_with(None);
     a.refresh().await.unwrap();
+}
+
+// ----- key check values (finding 1) -----------------------------------------
+
+/// A KMS that, like Azure Key Vault, ignores the wrap context: a blob
+/// unwraps whatever keyring entry it is copied into. It can also be made
+/// unreachable, to seal a keyring.
+#[derive(Debug)]
+struct ContextBlind {
+    inner: LocalKek,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl ContextBlind {
+    fn new() -> Arc<Self> {
+        Arc::new(ContextBlind {
+            inner: LocalKek::from_bytes("blind", SecretKey::generate().unwrap()),
+            down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn fixed() -> WrapContext {
+    WrapContext::new("ignored", 0)
+}
+
+#[async_trait]
+impl KeyWrapper for ContextBlind {
+    fn provider(&self) -> &str {
+        "local"
+    }
+    fn key_ref(&self) -> &str {
+        "blind"
+    }
+    async fn wrap(&self, key: &SecretKey, _: &WrapContext) -> Result<WrappedKey, WrapError> {
+        self.inner.wrap(key, &fixed()).await
+    }
+    async fn unwrap(&self, w: &WrappedKey, _: &WrapContext) -> Result<SecretKey, WrapError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(WrapError::new(
+                WrapErrorKind::Unavailable,
+                "local",
+                "blind",
+                WrapOperation::Unwrap,
+            ));
+        }
+        self.inner.unwrap(w, &fixed()).await
+    }
+}
+
+async fn blind_ring(id: &str, kms: &Arc<ContextBlind>, store: &Arc<MemoryStore>) -> Keyring {
+    Keyring::builder(id, kms.clone(), store.clone())
+        .retry_policy(RetryPolicy::none())
+        .open_or_create()
+        .await
+        .unwrap()
+}
+
+/// Rewrites the stored keyring `id` with `f` (an attacker with write access
+/// to the keyring table).
+async fn tamper(store: &MemoryStore, id: &str, f: impl FnOnce(&mut StoredKeyring)) {
+    let (rev, mut k) = store.load(id).await.unwrap().unwrap();
+    f(&mut k);
+    store.save(id, Some(rev), &k).await.unwrap();
+}
+
+fn is_key_check(r: Result<impl std::fmt::Debug, Error>, version: u32) {
+    match r {
+        Err(Error::KeyCheckFailed { version: v }) => assert_eq!(v, version),
+        other => panic!("expected KeyCheckFailed for v{version}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_key_check_value_is_the_documented_hmac() {
+    use hmac::{KeyInit, Mac};
+    let kms = ContextBlind::new();
+    let store = Arc::new(MemoryStore::new());
+    let ring = blind_ring("tenant-a", &kms, &store).await;
+    ring.rotate(&admin()).await.unwrap();
+    let key = ring.master_key(1).await.unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.secret().expose()).unwrap();
+    mac.update(b"keyfold/v1/key-check");
+    mac.update(&WrapContext::new("tenant-a", 1).to_aad());
+    let expected = hex::encode(mac.finalize().into_bytes());
+    let stored = store.load("tenant-a").await.unwrap().unwrap().1;
+    assert_eq!(stored.schema, 2);
+    assert_eq!(
+        stored.get(1).unwrap().key_check.as_deref(),
+        Some(&*expected)
+    );
+}
+
+#[tokio::test]
+async fn a_wrapped_key_swapped_between_versions_is_refused_on_every_unwrap() {
+    let kms = ContextBlind::new();
+    let store = Arc::new(MemoryStore::new());
+    let ring = blind_ring("tenant-a", &kms, &store).await;
+    ring.rotate(&admin()).await.unwrap();
+    let v1_record = ring.encrypt(&ctx(), b"on v1").await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+
+    // The blob alone, then the blob with v1's key check value.
+    for with_kcv in [false, true] {
+        tamper(&store, "tenant-a", |k| {
+            let v1 = k.get(1).unwrap().clone();
+            let v2 = k.versions.iter_mut().find(|v| v.version == 2).unwrap();
+            v2.wrapped = v1.wrapped;
+            if with_kcv {
+                v2.key_check = v1.key_check;
+            }
+        })
+        .await;
+        // A fresh process: nothing cached.
+        let other = blind_ring("tenant-a", &kms, &store).await;
+        is_key_check(other.encrypt(&ctx(), b"new").await, 2);
+        is_key_check(other.active_key().await, 2);
+        is_key_check(other.master_key(2).await, 2);
+        assert_eq!(other.decrypt(&ctx(), &v1_record).await.unwrap(), b"on v1");
+        assert!(!other.metadata().cached_versions.contains(&2));
+        assert!(other.sealed().is_none(), "a bad blob does not seal");
+        // KMS re-wrap refuses it too, and changes nothing.
+        let before = store.load("tenant-a").await.unwrap().unwrap();
+        let again = LocalKek::from_bytes("next", SecretKey::generate().unwrap());
+        is_key_check(other.rewrap_master_keys(Arc::new(again), &admin()).await, 2);
+        assert_eq!(store.load("tenant-a").await.unwrap().unwrap(), before);
+    }
+
+    // The same instance after a refresh, its cache dropped.
+    ring.refresh().await.unwrap();
+    ring.clear_cache();
+    is_key_check(ring.encrypt(&ctx(), b"new").await, 2);
+}
+
+#[tokio::test]
+async fn a_wrapped_key_copied_from_another_keyring_is_refused() {
+    let kms = ContextBlind::new();
+    let store = Arc::new(MemoryStore::new());
+    let a = blind_ring("tenant-a", &kms, &store).await;
+    let b = blind_ring("tenant-b", &kms, &store).await;
+    a.rotate(&admin()).await.unwrap();
+    b.rotate(&admin()).await.unwrap();
+    let b_record = b.encrypt(&ctx(), b"tenant b").await.unwrap();
+    let (_, a_stored) = a.snapshot();
+    let a1 = a_stored.get(1).unwrap().clone();
+    tamper(&store, "tenant-b", |k| {
+        let v1 = k.versions.iter_mut().find(|v| v.version == 1).unwrap();
+        v1.wrapped = a1.wrapped.clone();
+        v1.key_check = a1.key_check.clone();
+    })
+    .await;
+    let b2 = blind_ring("tenant-b", &kms, &store).await;
+    is_key_check(b2.encrypt(&ctx(), b"new").await, 1);
+    is_key_check(b2.decrypt(&ctx(), &b_record).await, 1);
+}
+
+#[tokio::test]
+async fn unseal_refuses_a_swapped_key_and_stays_sealed() {
+    let kms = ContextBlind::new();
+    let store = Arc::new(MemoryStore::new());
+    let ring = blind_ring("tenant-a", &kms, &store).await;
+    ring.rotate(&admin()).await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    tamper(&store, "tenant-a", |k| {
+        let v1 = k.get(1).unwrap().clone();
+        let v2 = k.versions.iter_mut().find(|v| v.version == 2).unwrap();
+        v2.wrapped = v1.wrapped;
+    })
+    .await;
+    let other = blind_ring("tenant-a", &kms, &store).await;
+    kms.set_down(true);
+    assert!(matches!(
+        other.master_key(1).await,
+        Err(Error::Sealed { .. })
+    ));
+    kms.set_down(false);
+    is_key_check(other.unseal().await, 2);
+    assert!(other.sealed().is_some());
+    assert!(other.metadata().cached_versions.is_empty());
+}
+
+#[test]
+fn a_schema_1_keyring_without_key_check_values_is_refused_clearly() {
+    let mut k = StoredKeyring::new("tenant-a", Timestamp(1));
+    k.schema = 1;
+    let err = k.validate().unwrap_err().to_string();
+    assert!(err.contains("schema version 1"), "{err}");
+    assert!(err.contains("key check"), "{err}");
+}
+
+#[test]
+fn destroyed_versions_hold_no_key_check_and_live_ones_must() {
+    let json = |state: &str, wrapped: bool, kcv: Option<&str>| {
+        let mut v = serde_json::json!({
+            "version": 1, "id": "x", "state": state, "created_at": 1,
+            "destroyed_at": 2,
+        });
+        if state == "active" {
+            v["activated_at"] = serde_json::json!(1);
+        }
+        if wrapped {
+            v["wrapped"] = serde_json::json!({
+                "provider": "local", "key_ref": "k", "kms_key_version": null,
+                "bytes": "AAAA",
+            });
+        }
+        if let Some(kcv) = kcv {
+            v["key_check"] = serde_json::json!(kcv);
+        }
+        let k = serde_json::json!({
+            "schema": 2, "keyring_id": "t", "created_at": 1, "next_version": 2,
+            "versions": [v],
+        });
+        serde_json::from_value::<StoredKeyring>(k)
+            .unwrap()
+            .validate()
+    };
+    let good = "ab".repeat(32);
+    assert!(json("active", true, Some(&good)).is_ok());
+    assert!(json("active", true, None).is_err());
+    assert!(json("active", true, Some("abcd")).is_err());
+    assert!(json("destroyed", false, None).is_ok());
+    assert!(json("destroyed", false, Some(&good)).is_err());
 }

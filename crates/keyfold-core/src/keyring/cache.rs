@@ -29,6 +29,8 @@ pub(crate) struct SharedFailure {
     key_ref: String,
     message: String,
     sealing: bool,
+    /// The load failed its key check (for this version).
+    key_check_failed: Option<u32>,
 }
 
 impl SharedFailure {
@@ -40,6 +42,7 @@ impl SharedFailure {
                 key_ref: w.key_ref.clone(),
                 message: w.to_string(),
                 sealing,
+                key_check_failed: None,
             },
             Error::Sealed { kind, .. } => SharedFailure {
                 kind: *kind,
@@ -47,6 +50,7 @@ impl SharedFailure {
                 key_ref: String::new(),
                 message: e.to_string(),
                 sealing: true,
+                key_check_failed: None,
             },
             other => SharedFailure {
                 kind: WrapErrorKind::Unavailable,
@@ -54,12 +58,18 @@ impl SharedFailure {
                 key_ref: String::new(),
                 message: other.to_string(),
                 sealing,
+                key_check_failed: match other {
+                    Error::KeyCheckFailed { version } => Some(*version),
+                    _ => None,
+                },
             },
         }
     }
 
     pub(crate) fn to_error(&self, since: crate::time::Timestamp) -> Error {
-        if self.sealing {
+        if let Some(version) = self.key_check_failed {
+            Error::KeyCheckFailed { version }
+        } else if self.sealing {
             Error::Sealed {
                 kind: self.kind,
                 since,

@@ -52,9 +52,12 @@ use crate::wrap::{KeyWrapper, WrapContext};
 
 use cache::KeyCache;
 pub use state::{
-    InvariantViolation, KeyState, SCHEMA_VERSION, StateChange, StoredKeyring, StoredVersion,
-    Transition,
+    InvariantViolation, KEY_CHECK_LEN, KeyState, SCHEMA_VERSION, StateChange, StoredKeyring,
+    StoredVersion, Transition,
 };
+
+/// The label of a version's key check value (see [`StoredVersion::key_check`]).
+pub const KEY_CHECK_LABEL: &[u8] = b"keyfold/v1/key-check";
 
 /// Default time an unwrapped master key stays cached.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -353,6 +356,38 @@ async fn load_checked(
     Ok(Some((revision, stored)))
 }
 
+/// HMAC-SHA-256(key, [`KEY_CHECK_LABEL`] || `ctx.to_aad()`): binds the key
+/// to its keyring and version without revealing anything about it.
+fn key_check(key: &SecretKey, ctx: &WrapContext) -> Result<[u8; KEY_CHECK_LEN], Error> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac =
+        Hmac::<sha2::Sha256>::new_from_slice(key.expose()).map_err(|_| Error::KeyCheckFailed {
+            version: ctx.key_version,
+        })?;
+    mac.update(KEY_CHECK_LABEL);
+    mac.update(&ctx.to_aad());
+    let mut out = [0u8; KEY_CHECK_LEN];
+    out.copy_from_slice(&mac.finalize().into_bytes());
+    Ok(out)
+}
+
+/// Checks, in constant time, that `key` is the key `v` was created with, as
+/// that version of this keyring (`ctx`).
+fn check_key(v: &StoredVersion, ctx: &WrapContext, key: &SecretKey) -> Result<(), Error> {
+    use subtle::ConstantTimeEq;
+    let expected = v
+        .key_check
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+        .unwrap_or_default();
+    let actual = key_check(key, ctx)?;
+    if bool::from(actual.as_slice().ct_eq(expected.as_slice())) {
+        Ok(())
+    } else {
+        Err(Error::KeyCheckFailed { version: v.version })
+    }
+}
+
 fn seals(kind: WrapErrorKind) -> bool {
     !matches!(
         kind,
@@ -570,7 +605,10 @@ impl Keyring {
             .ok_or(Error::KeyDestroyed { version: v.version })?;
         let ctx = WrapContext::new(self.id.clone(), v.version);
         match retry(&self.options.retry, || wrapper.unwrap(wrapped, &ctx)).await {
-            Ok(key) => Ok(MasterKey::new(v.version, key)),
+            Ok(key) => {
+                check_key(v, &ctx, &key)?;
+                Ok(MasterKey::new(v.version, key))
+            }
             Err(e) if seals(e.kind) => Err(self.seal(e.kind)),
             Err(e) => Err(e.into()),
         }
@@ -800,7 +838,7 @@ impl Keyring {
     async fn new_wrapped_version(
         &self,
         stored: &StoredKeyring,
-    ) -> Result<(u32, String, SecretKey, crate::wrap::WrappedKey), Error> {
+    ) -> Result<(u32, String, SecretKey, crate::wrap::WrappedKey, String), Error> {
         self.check_unsealed()?;
         let version = stored.peek_next_version()?;
         let key = SecretKey::generate()?;
@@ -811,17 +849,18 @@ impl Keyring {
             Err(e) if seals(e.kind) => return Err(self.seal(e.kind)),
             Err(e) => return Err(e.into()),
         };
-        Ok((version, random_id()?, key, wrapped))
+        let kcv = hex::encode(key_check(&key, &ctx)?);
+        Ok((version, random_id()?, key, wrapped, kcv))
     }
 
     async fn rotate_locked(&self, actor: &Actor, scheduled: bool) -> Result<Rotation, Error> {
         let (revision, stored) = self.snapshot();
-        let (version, version_id, key, wrapped) = self.new_wrapped_version(&stored).await?;
+        let (version, version_id, key, wrapped, kcv) = self.new_wrapped_version(&stored).await?;
         let wrap_provider = wrapped.provider.clone();
         let wrap_key_ref = wrapped.key_ref.clone();
         let now = self.options.clock.now();
         let mut next = (*stored).clone();
-        next.add_pending(version, version_id.clone(), wrapped, now)?;
+        next.add_pending(version, version_id.clone(), wrapped, kcv, now)?;
         let changes = next.apply(version, Transition::Activate, now)?;
         self.commit(revision, next, None).await?;
         self.cache
@@ -864,13 +903,14 @@ impl Keyring {
     pub async fn create_pending(&self, actor: &Actor) -> Result<u32, Error> {
         let _guard = self.write.lock().await;
         let (revision, stored) = self.snapshot();
-        let (version, version_id, key, wrapped) = self.new_wrapped_version(&stored).await?;
+        let (version, version_id, key, wrapped, kcv) = self.new_wrapped_version(&stored).await?;
         let wrap_key_ref = wrapped.key_ref.clone();
         let mut next = (*stored).clone();
         next.add_pending(
             version,
             version_id.clone(),
             wrapped,
+            kcv,
             self.options.clock.now(),
         )?;
         self.commit(revision, next, None).await?;
@@ -1081,7 +1121,14 @@ impl Keyring {
         };
         match result {
             Ok(key) => {
-                if let Some(key) = key {
+                if let (Some(key), Some(v)) = (key, candidate) {
+                    // The KMS answered; the stored key must still be this
+                    // version's before anything is unsealed or cached.
+                    check_key(
+                        v,
+                        &WrapContext::new(self.id.clone(), v.version),
+                        key.secret(),
+                    )?;
                     self.cache.insert(Arc::new(key)).await;
                 }
                 let was = self

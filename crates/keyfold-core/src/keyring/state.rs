@@ -10,7 +10,13 @@ use crate::time::Timestamp;
 use crate::wrap::WrappedKey;
 
 /// The stored form's schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: every version that holds a wrapped key also holds its key check value
+/// (`key_check`). Schema 1 keyrings (without one) are refused.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Length of a key check value: HMAC-SHA-256 output.
+pub const KEY_CHECK_LEN: usize = 32;
 
 /// The lifecycle state of a master key version (docs/LIFECYCLE.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -122,6 +128,13 @@ pub struct StoredVersion {
     pub state: KeyState,
     /// The master key wrapped under the KMS key; `None` once destroyed.
     pub wrapped: Option<WrappedKey>,
+    /// Key check value, hex: HMAC-SHA-256(master key, `"keyfold/v1/key-check"`
+    /// || the version's `WrapContext::to_aad()`), computed when the version
+    /// was created. Every unwrapped key is checked against it, so a wrapped
+    /// key copied from another version or keyring is refused even by a KMS
+    /// that does not bind the wrap context. `None` once destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_check: Option<String>,
     /// When it was created.
     pub created_at: Timestamp,
     /// When it last became active.
@@ -208,6 +221,13 @@ impl StoredKeyring {
     /// [`InvariantViolation`] naming the first broken one.
     pub fn validate(&self) -> Result<(), InvariantViolation> {
         let fail = |m: String| Err(InvariantViolation(m));
+        if self.schema == 1 {
+            return fail(
+                "schema version 1 predates key check values (schema 2): this build cannot \
+                 verify its master keys; re-create the keyring with this version of keyfold"
+                    .into(),
+            );
+        }
         if self.schema != SCHEMA_VERSION {
             return fail(format!("unsupported schema version {}", self.schema));
         }
@@ -250,6 +270,31 @@ impl StoredKeyring {
                 }
                 (_, Some(_)) => {}
             }
+            match (v.state, &v.key_check) {
+                (KeyState::Destroyed, Some(_)) => {
+                    return fail(format!(
+                        "destroyed version {} holds a key check value",
+                        v.version
+                    ));
+                }
+                (KeyState::Destroyed, None) => {}
+                (state, None) => {
+                    return fail(format!(
+                        "{state} version {} has no key check value",
+                        v.version
+                    ));
+                }
+                (_, Some(kcv)) => {
+                    let well_formed = kcv.len() == 2 * KEY_CHECK_LEN
+                        && kcv.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                    if !well_formed {
+                        return fail(format!(
+                            "version {} has a malformed key check value",
+                            v.version
+                        ));
+                    }
+                }
+            }
             if v.state == KeyState::Active {
                 active += 1;
                 if v.activated_at.is_none() {
@@ -284,6 +329,7 @@ impl StoredKeyring {
         version: u32,
         id: String,
         wrapped: WrappedKey,
+        key_check: String,
         now: Timestamp,
     ) -> Result<(), Error> {
         if version != self.next_version || version == u32::MAX {
@@ -294,6 +340,7 @@ impl StoredKeyring {
             id,
             state: KeyState::Pending,
             wrapped: Some(wrapped),
+            key_check: Some(key_check),
             created_at: now,
             activated_at: None,
             retired_at: None,
@@ -351,6 +398,7 @@ impl StoredKeyring {
                 KeyState::Disabled => v.disabled_at = Some(now),
                 KeyState::Destroyed => {
                     v.wrapped = None;
+                    v.key_check = None;
                     v.destroyed_at = Some(now);
                 }
                 KeyState::Retired | KeyState::Pending => {}

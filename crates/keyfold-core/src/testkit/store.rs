@@ -23,6 +23,7 @@ fn keyring(id: &str, versions: u32) -> StoredKeyring {
                 kms_key_version: None,
                 bytes: vec![v as u8; 40],
             }),
+            key_check: Some(format!("{:064x}", v)),
             created_at: Timestamp(1_000 + u64::from(v)),
             activated_at: Some(Timestamp(1_000 + u64::from(v))),
             retired_at: (v != versions).then_some(Timestamp(1_001 + u64::from(v))),
