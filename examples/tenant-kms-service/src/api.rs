@@ -372,10 +372,13 @@ async fn onboard(
 async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> ApiResult {
     require_step_up(&app, &admin, &headers)?;
     let keyring = keyring(&admin).await?;
+    // Hold the job slot across the rotation: the background task then cannot
+    // start a job of its own for the new version before this one.
+    let mut job = admin.tenant.job.lock().await;
     let rotation = keyring.rotate(&admin.actor()).await?;
     app.shared
-        .start_job(&admin.tenant, &keyring, rotation.lease_id.clone())
-        .await;
+        .new_job(admin.id(), &mut job, &keyring, rotation.lease_id.clone());
+    drop(job);
     Ok(Json(json!({
         "version": rotation.version,
         "key_id": rotation.version_id,

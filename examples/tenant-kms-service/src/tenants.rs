@@ -10,7 +10,7 @@ use keyfold::audit::{Actor, AuditEvent, AuditKind, AuditSink};
 use keyfold::config::{LocalConfig, ProviderConfig};
 use keyfold::keyring::{Keyring, LeaseIssuer};
 use keyfold::probe::{self, ProbeFailure, ProbeStep, WrapperFactory};
-use keyfold::rewrap::{Checkpoint, JobOptions, RewrapJob, RowSource};
+use keyfold::rewrap::{Checkpoint, JobError, JobOptions, RewrapJob, RowSource};
 use keyfold::time::Timestamp;
 use keyfold::{KeyWrapper, LocalKek, WrapError, WrapErrorKind, WrapOperation};
 
@@ -349,10 +349,12 @@ impl Shared {
             config,
             keyring: Arc::clone(&keyring),
         });
+        // The job slot is held across the rotation, so the background task
+        // cannot start a job of its own for the new version meanwhile.
+        let mut job = tenant.job.lock().await;
         let rotation = keyring.rotate(actor).await.map_err(OnboardError::Keyring)?;
         drop(slot);
-        self.start_job(tenant, &keyring, rotation.lease_id.clone())
-            .await;
+        self.new_job(id, &mut job, &keyring, rotation.lease_id.clone());
         Ok(OnboardResult {
             keyring,
             version: rotation.version,
@@ -381,21 +383,26 @@ impl Shared {
             .audit(self.audit.clone(), Actor::new("tenant-kms-service/rewrap"))
     }
 
-    /// Replaces the tenant's rewrap job with a new one targeting the active
-    /// version (id: the rotation's lease id when there is one).
-    pub async fn start_job(&self, tenant: &Tenant, keyring: &Arc<Keyring>, lease: Option<String>) {
-        let id = tenant.config.id.as_str();
-        let mut builder = self.job_builder(id, keyring);
+    /// Replaces the job in `slot` (the tenant's, locked) with a new one
+    /// targeting the active version (id: the rotation's lease id when there
+    /// is one). Hold the slot across the rotation that calls for it.
+    pub fn new_job(
+        &self,
+        tenant: &str,
+        slot: &mut Option<RewrapJob>,
+        keyring: &Arc<Keyring>,
+        lease: Option<String>,
+    ) {
+        let mut builder = self.job_builder(tenant, keyring);
         if let Some(lease) = lease {
             builder = builder.job_id(lease);
         }
-        let mut slot = tenant.job.lock().await;
         match builder.create() {
             Ok(job) => {
-                self.persist(id, &job, None);
+                self.persist(tenant, &job, None);
                 *slot = Some(job);
             }
-            Err(e) => eprintln!("tenant {id}: cannot create a rewrap job: {e}"),
+            Err(e) => eprintln!("tenant {tenant}: cannot create a rewrap job: {e}"),
         }
     }
 
@@ -421,6 +428,18 @@ impl Shared {
         }
     }
 
+    fn persist_running(&self, tenant: &str, job: &RewrapJob, error: String) {
+        let row = JobRow {
+            job_id: job.checkpoint().job_id.clone(),
+            status: "running".to_owned(),
+            error: Some(error),
+            checkpoint: serde_json::to_string(job.checkpoint()).unwrap_or_default(),
+        };
+        if let Err(e) = self.db.save_job(tenant, &row, Timestamp::now().as_secs()) {
+            eprintln!("tenant {tenant}: cannot persist the rewrap checkpoint: {e}");
+        }
+    }
+
     fn persist(&self, tenant: &str, job: &RewrapJob, error: Option<String>) {
         let cp = job.checkpoint();
         let status = match (&error, cp.completed) {
@@ -440,9 +459,9 @@ impl Shared {
     }
 
     /// Runs one batch of the tenant's job, if it has one to run. Creates a
-    /// new job when the active version moved past the job's target (a
-    /// rotation whose job could not be created, or a rollback). Returns
-    /// whether a batch ran.
+    /// new job when the active version is not the job's target (a rotation
+    /// whose job could not be created, or a rollback). Returns whether a
+    /// batch ran.
     pub async fn drive(&self, tenant: &Tenant) -> bool {
         let Some(keyring) = tenant
             .kms
@@ -454,30 +473,25 @@ impl Shared {
             return false;
         };
         let id = tenant.config.id.as_str();
+        let mut slot = tenant.job.lock().await;
         let active = keyring.active_version();
-        let stale = {
-            let slot = tenant.job.lock().await;
-            match slot.as_ref() {
-                Some(job) => Some(job.target_version()) != active && !job.checkpoint().completed,
-                None => false,
+        let needs_new = match slot.as_ref() {
+            Some(job) => Some(job.target_version()) != active,
+            // No job in memory: a new one unless the stored one finished
+            // (or is resumable) for the active version. A failed one (its
+            // lease expired...) is replaced.
+            None => {
+                active.is_some()
+                    && self.db.job(id).ok().flatten().is_none_or(|r| {
+                        r.status == "failed"
+                            || serde_json::from_str::<Checkpoint>(&r.checkpoint)
+                                .map_or(true, |cp| Some(cp.target_version) != active)
+                    })
             }
         };
-        let needs_new = stale || {
-            let slot = tenant.job.lock().await;
-            slot.is_none()
-                && active.is_some()
-                && self
-                    .db
-                    .job(id)
-                    .ok()
-                    .flatten()
-                    .and_then(|r| serde_json::from_str::<Checkpoint>(&r.checkpoint).ok())
-                    .is_none_or(|cp| Some(cp.target_version) != active)
-        };
         if needs_new {
-            self.start_job(tenant, &keyring, None).await;
+            self.new_job(id, &mut slot, &keyring, None);
         }
-        let mut slot = tenant.job.lock().await;
         let Some(job) = slot.as_mut() else {
             return false;
         };
@@ -495,9 +509,22 @@ impl Shared {
             }
             Err(e) => {
                 eprintln!("tenant {id}: rewrap job stopped: {e}");
-                self.persist(id, job, Some(e.to_string()));
-                *slot = None;
-                false
+                let terminal = matches!(
+                    e,
+                    JobError::TargetUnusable { .. }
+                        | JobError::TargetRolledBack { .. }
+                        | JobError::LeaseExpired { .. }
+                        | JobError::CheckpointMismatch(_)
+                );
+                if terminal {
+                    self.persist(id, job, Some(e.to_string()));
+                    *slot = None;
+                } else {
+                    // Sealed keyring, a store failure: the checkpoint is
+                    // intact; retry on the next tick.
+                    self.persist_running(id, job, e.to_string());
+                }
+                true
             }
         }
     }

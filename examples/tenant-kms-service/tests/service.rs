@@ -173,7 +173,7 @@ async fn local_kek_end_to_end() {
         "{v}"
     );
     svc.version_op(ACME, 1, "disable").await;
-    let (s, v) = svc.version_op(ACME, 1, "destroy").await;
+    let (s, v) = svc.destroy(ACME, 1).await;
     assert_eq!(
         (s, v["state"].clone()),
         (StatusCode::OK, json!("destroyed")),
@@ -304,7 +304,7 @@ async fn restart_mid_rewrap_resumes_from_the_checkpoint() {
         assert_eq!(v["key_version"], 2);
     }
     svc.version_op(ACME, 1, "disable").await;
-    let (s, v) = svc.version_op(ACME, 1, "destroy").await;
+    let (s, v) = svc.destroy(ACME, 1).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let n = names(&svc.audit(ACME).await)
         .into_iter()
@@ -350,7 +350,7 @@ async fn lazy_rewrap_on_read() {
     svc.version_op(ACME, 1, "enable").await;
     assert_eq!(svc.get_secret(ACME, "other").await["key_version"], 2);
     svc.version_op(ACME, 1, "disable").await;
-    let (s, v) = svc.version_op(ACME, 1, "destroy").await;
+    let (s, v) = svc.destroy(ACME, 1).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     svc.stop().await;
 }

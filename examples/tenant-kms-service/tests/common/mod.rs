@@ -229,6 +229,21 @@ impl Service {
         .await
     }
 
+    /// Destroys `version`, retrying while the keyring refuses evidence
+    /// gathered too soon after the version's retirement (other instances
+    /// may still encrypt under it for the keyring's maximum staleness).
+    pub async fn destroy(&self, token: &str, version: u32) -> (StatusCode, Value) {
+        poll_every("destroy to settle", Duration::from_millis(250), || async {
+            let (s, v) = self.version_op(token, version, "destroy").await;
+            let too_soon = v["error"] == "destroy_refused"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("too soon"));
+            (!too_soon).then_some((s, v))
+        })
+        .await
+    }
+
     pub async fn rewrap(&self, token: &str) -> Value {
         let (s, v) = self.get("/admin/tenant-kms/rewrap", token).await;
         assert_eq!(s, StatusCode::OK, "{v}");
@@ -256,20 +271,29 @@ pub enum RawBody {
     Text(&'static str),
 }
 
-/// Polls `f` until it gives a value, with a 60 s deadline (a deadline, not
+/// Polls `f` until it gives a value, with a 90 s deadline (a deadline, not
 /// a pace: the test passes as soon as the condition holds).
 pub async fn poll<T, F, Fut>(what: &str, f: F) -> T
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    poll_every(what, Duration::from_millis(20), f).await
+}
+
+/// [`poll`], trying every `every`, for at most 90 s.
+pub async fn poll_every<T, F, Fut>(what: &str, every: Duration, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(v) = f().await {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
