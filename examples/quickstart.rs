@@ -119,6 +119,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     );
     let ring = Keyring::builder("tenant-acme", Arc::new(kek), store.clone())
         .audit(Arc::new(PrintSink))
+        // This demo is the only instance: no other instance's stale view to
+        // wait out before destroying (production keeps the 30 s default).
+        .max_staleness(std::time::Duration::ZERO)
         .create()
         .await?;
     let alice = Actor::new("alice@acme.example");

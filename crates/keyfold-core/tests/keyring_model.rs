@@ -288,6 +288,10 @@ async fn run(ops: Vec<Op>) {
                         reason: "model".into(),
                     }
                 } else {
+                    // Evidence is gathered once every instance has seen the
+                    // retirement (the keyring's max staleness).
+                    w.clock
+                        .advance(keyfold_core::keyring::DEFAULT_MAX_STALENESS);
                     DestroyAuthorization::Evidence(NoRecordsLeft {
                         keyring_id: "tenant".into(),
                         version: v,
@@ -352,12 +356,18 @@ async fn run(ops: Vec<Op>) {
             Op::Unseal => {
                 let r = w.ring.unseal().await;
                 // Unseal retries even when sealed: one live unwrap of the
-                // active (else newest live) version, or a probe.
+                // active (else newest decryptable) version, or a probe; a
+                // disabled version is never loaded into the cache.
                 let candidate = m.active().or_else(|| {
                     m.states
                         .iter()
                         .rev()
-                        .find(|(_, s)| **s != KeyState::Destroyed)
+                        .find(|(_, s)| {
+                            matches!(
+                                **s,
+                                KeyState::Pending | KeyState::Active | KeyState::Retired
+                            )
+                        })
                         .map(|(v, _)| *v)
                 });
                 if m.outage {

@@ -354,3 +354,126 @@ fn destroyed_versions_hold_no_key_check_and_live_ones_must() {
     assert!(json("destroyed", false, None).is_ok());
     assert!(json("destroyed", false, Some(&good)).is_err());
 }
+
+// ----- max staleness (finding 2) ---------------------------------------------
+
+async fn clocked(store: &Arc<MemoryStore>, kek: &Arc<LocalKek>, clock: &ManualClock) -> Keyring {
+    Keyring::builder("tenant-a", kek.clone(), store.clone())
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(RetryPolicy::none())
+        .open_or_create()
+        .await
+        .unwrap()
+}
+
+fn version_of(record: &[u8]) -> u32 {
+    keyfold_core::format::inspect(record).unwrap().key_version
+}
+
+#[tokio::test]
+async fn a_stale_instance_stops_encrypting_under_a_retired_or_disabled_version() {
+    let store = Arc::new(MemoryStore::new());
+    let kek = kek("kek");
+    let clock = start();
+    let a = clocked(&store, &kek, &clock).await;
+    a.rotate(&admin()).await.unwrap();
+    let b = clocked(&store, &kek, &clock).await;
+    assert_eq!(version_of(&b.encrypt(&ctx(), b"x").await.unwrap()), 1);
+
+    // A rotates and disables v1; B has v1's key cached and has not refreshed.
+    a.rotate(&admin()).await.unwrap();
+    a.disable(1, &admin()).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(29));
+    // Within the bound B may still be behind...
+    assert_eq!(b.active_version(), Some(1));
+    // ...but not beyond it.
+    clock.advance(std::time::Duration::from_secs(1));
+    let record = b.encrypt(&ctx(), b"y").await.unwrap();
+    assert_eq!(version_of(&record), 2);
+    assert_eq!(b.version_state(1), Some(KeyState::Disabled));
+    assert_eq!(b.active_key().await.unwrap().version(), 2);
+}
+
+#[tokio::test]
+async fn max_staleness_is_a_builder_option() {
+    let store = Arc::new(MemoryStore::new());
+    let kek = kek("kek");
+    let clock = start();
+    let a = clocked(&store, &kek, &clock).await;
+    a.rotate(&admin()).await.unwrap();
+    let b = Keyring::builder("tenant-a", kek.clone(), store.clone())
+        .clock(Arc::new(clock.clone()))
+        .max_staleness(std::time::Duration::from_secs(5))
+        .open()
+        .await
+        .unwrap();
+    b.encrypt(&ctx(), b"x").await.unwrap();
+    a.rotate(&admin()).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(4));
+    assert_eq!(version_of(&b.encrypt(&ctx(), b"x").await.unwrap()), 1);
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(b.active_key().await.unwrap().version(), 2);
+    assert_eq!(version_of(&b.encrypt(&ctx(), b"x").await.unwrap()), 2);
+}
+
+#[tokio::test]
+async fn evidence_gathered_within_max_staleness_of_the_retirement_is_refused() {
+    use keyfold_core::keyring::{DestroyAuthorization, NoRecordsLeft};
+    let store = Arc::new(MemoryStore::new());
+    let clock = start();
+    let ring = clocked(&store, &kek("kek"), &clock).await;
+    ring.rotate(&admin()).await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    let retired = ring.metadata().versions[0].retired_at.unwrap();
+    ring.disable(1, &admin()).await.unwrap();
+    let evidence = |secs: u64| {
+        DestroyAuthorization::Evidence(NoRecordsLeft {
+            keyring_id: "tenant-a".into(),
+            version: 1,
+            source: "job".into(),
+            checked_at: Timestamp(retired.0 + secs),
+        })
+    };
+    clock.advance(std::time::Duration::from_secs(3600));
+    match ring.destroy(1, evidence(29), &admin()).await {
+        Err(Error::DestroyRefused { version: 1, reason }) => {
+            assert!(reason.contains("too soon"), "{reason}");
+        }
+        other => panic!("evidence 29 s after retirement must be refused: {other:?}"),
+    }
+    assert_eq!(ring.version_state(1), Some(KeyState::Disabled));
+    ring.destroy(1, evidence(30), &admin()).await.unwrap();
+    assert_eq!(ring.version_state(1), Some(KeyState::Destroyed));
+}
+
+// ----- disable evicts, also for rewrap_master_keys and unseal (finding 6) ----
+
+#[tokio::test]
+async fn kms_rewrap_and_unseal_never_cache_a_disabled_version() {
+    let kms = ContextBlind::new();
+    let store = Arc::new(MemoryStore::new());
+    let ring = blind_ring("tenant-a", &kms, &store).await;
+    ring.rotate(&admin()).await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    ring.disable(1, &admin()).await.unwrap();
+    ring.clear_cache();
+    let next = Arc::new(LocalKek::from_bytes("next", SecretKey::generate().unwrap()));
+    assert_eq!(
+        ring.rewrap_master_keys(next, &admin()).await.unwrap(),
+        [1, 2]
+    );
+    assert_eq!(ring.metadata().cached_versions, [2]);
+
+    // Only a disabled version left: unseal probes instead of caching it.
+    let store = Arc::new(MemoryStore::new());
+    let ring = blind_ring("tenant-b", &kms, &store).await;
+    let v = ring.create_pending(&admin()).await.unwrap();
+    ring.disable(v, &admin()).await.unwrap();
+    kms.set_down(true);
+    assert!(ring.unseal().await.is_err());
+    assert!(ring.sealed().is_some());
+    kms.set_down(false);
+    ring.unseal().await.unwrap();
+    assert!(ring.sealed().is_none());
+    assert!(ring.metadata().cached_versions.is_empty());
+}

@@ -62,6 +62,10 @@ pub const KEY_CHECK_LABEL: &[u8] = b"keyfold/v1/key-check";
 /// Default time an unwrapped master key stays cached.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 
+/// Default [`KeyringBuilder::max_staleness`]: how old this instance's view of
+/// the stored keyring may be when it picks the version to encrypt with.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
+
 /// A record naming an unknown, newer version makes the keyring reload the
 /// store at most this often (bogus records must not hammer the store).
 pub const AUTO_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -188,6 +192,7 @@ pub struct KeyringMetadata {
 #[derive(Debug, Clone)]
 struct Options {
     cache_ttl: Duration,
+    max_staleness: Duration,
     retry: RetryPolicy,
     suite: Suite,
     clock: Arc<dyn Clock>,
@@ -210,6 +215,19 @@ impl KeyringBuilder {
     /// How long an unwrapped master key stays cached (default 5 minutes).
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
         self.options.cache_ttl = ttl;
+        self
+    }
+
+    /// How old this instance's view of the stored keyring may be when it
+    /// encrypts (default [`DEFAULT_MAX_STALENESS`], 30 s, read from the
+    /// keyring's [`Clock`]): [`Keyring::encrypt`] and [`Keyring::active_key`]
+    /// reload the store first when the view is older, so an instance that
+    /// missed another's rotation or disable stops encrypting under the old
+    /// version within this bound. [`Keyring::destroy`] accordingly refuses
+    /// evidence gathered less than this long after the version's retirement.
+    /// Use the same value on every instance of a keyring.
+    pub fn max_staleness(mut self, max: Duration) -> Self {
+        self.options.max_staleness = max;
         self
     }
 
@@ -295,6 +313,7 @@ impl KeyringBuilder {
             write: tokio::sync::Mutex::new(()),
             sealed: Mutex::new(None),
             last_auto_refresh: Mutex::new(None),
+            loaded_at: Mutex::new(self.options.clock.now()),
             options: self.options,
         }
     }
@@ -317,6 +336,9 @@ pub struct Keyring {
     cache: KeyCache,
     sealed: Mutex<Option<SealInfo>>,
     last_auto_refresh: Mutex<Option<tokio::time::Instant>>,
+    /// When `current` was last read from (or written to) the store, by the
+    /// keyring's clock.
+    loaded_at: Mutex<Timestamp>,
     options: Options,
 }
 
@@ -414,6 +436,7 @@ impl Keyring {
             store,
             options: Options {
                 cache_ttl: DEFAULT_CACHE_TTL,
+                max_staleness: DEFAULT_MAX_STALENESS,
                 retry: RetryPolicy::default(),
                 suite: Suite::default(),
                 clock: Arc::new(SystemClock),
@@ -524,6 +547,7 @@ impl Keyring {
     /// # Errors
     /// [`Error::NoActiveVersion`], and as [`master_key`](Self::master_key).
     pub async fn active_key(&self) -> Result<Arc<MasterKey>, Error> {
+        self.refresh_if_stale().await?;
         let version = self.active_version().ok_or(Error::NoActiveVersion)?;
         self.master_key(version).await
     }
@@ -548,6 +572,19 @@ impl Keyring {
             }
         }
         Err(Error::UnknownVersion { version })
+    }
+
+    /// Reloads the store when this instance's view is older than the
+    /// configured maximum staleness.
+    async fn refresh_if_stale(&self) -> Result<(), Error> {
+        let loaded = *self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.options.clock.now().since(loaded) >= self.options.max_staleness {
+            self.refresh().await?;
+        }
+        Ok(())
     }
 
     fn may_auto_refresh(&self) -> bool {
@@ -726,6 +763,12 @@ impl Keyring {
         wrapper: Option<Arc<dyn KeyWrapper>>,
     ) {
         let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        // Just read from or written to the store: the view is fresh (an
+        // older revision than ours means ours is the newer state).
+        *self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.options.clock.now();
         if revision >= cur.0 {
             *cur = (revision, Arc::new(stored));
             if let Some(w) = wrapper {
@@ -942,7 +985,7 @@ impl Keyring {
         let changes = next.apply(version, transition, now)?;
         let (forced, detail) = match destroy {
             Some(DestroyAuthorization::Evidence(e)) => {
-                check_evidence(&self.id, &stored, version, e)?;
+                check_evidence(&self.id, &stored, version, e, self.options.max_staleness)?;
                 (false, Some(e.source.clone()))
             }
             Some(DestroyAuthorization::Forced { reason }) => (true, Some(reason.clone())),
@@ -1055,8 +1098,15 @@ impl Keyring {
             if v.wrapped.is_none() {
                 continue;
             }
-            // Disabled versions too: their keys stay recoverable.
-            let key = self.load_cached(v, Arc::clone(&old)).await?;
+            // Disabled versions too: their keys stay recoverable. But a
+            // version that may not decrypt is unwrapped without entering the
+            // cache ("disable evicts").
+            let key = if v.state.can_decrypt() {
+                self.load_cached(v, Arc::clone(&old)).await?
+            } else {
+                self.check_unsealed()?;
+                Arc::new(self.unwrap_version(v, Arc::clone(&old)).await?)
+            };
             let ctx = WrapContext::new(self.id.clone(), v.version);
             let wrapped =
                 retry(&self.options.retry, || new_wrapper.wrap(key.secret(), &ctx)).await?;
@@ -1083,7 +1133,7 @@ impl Keyring {
     }
 
     /// Retries the KMS after the keyring was sealed: unwraps the active
-    /// version (or the newest live one; with none, wraps and unwraps a probe
+    /// version (or the newest one that may decrypt; with none, wraps and unwraps a probe
     /// key). On success the keyring is unsealed (`kms.unsealed`) and the key
     /// cached; on failure it stays sealed.
     ///
@@ -1091,10 +1141,18 @@ impl Keyring {
     /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
     pub async fn unseal(&self) -> Result<(), Error> {
         let (stored, wrapper) = self.view();
+        // Only a version that may decrypt: its key is cached on success, and
+        // a disabled version's key must never enter the cache.
         let candidate = stored
             .active_version()
             .and_then(|a| stored.get(a))
-            .or_else(|| stored.versions.iter().rev().find(|v| v.wrapped.is_some()));
+            .or_else(|| {
+                stored
+                    .versions
+                    .iter()
+                    .rev()
+                    .find(|v| v.state.can_decrypt() && v.wrapped.is_some())
+            });
         let result = match candidate {
             Some(v) => {
                 let ctx = WrapContext::new(self.id.clone(), v.version);
@@ -1155,6 +1213,7 @@ fn check_evidence(
     stored: &StoredKeyring,
     version: u32,
     e: &NoRecordsLeft,
+    max_staleness: Duration,
 ) -> Result<(), Error> {
     if e.keyring_id != keyring_id {
         return Err(Error::DestroyRefused {
@@ -1168,16 +1227,31 @@ fn check_evidence(
             reason: format!("the evidence is about version {}", e.version),
         });
     }
-    if let Some(retired) = stored.get(version).and_then(|v| v.retired_at)
-        && e.checked_at < retired
-    {
-        return Err(Error::DestroyRefused {
-            version,
-            reason: format!(
-                "the evidence ({}) predates the version's retirement ({retired})",
-                e.checked_at
-            ),
-        });
+    if let Some(retired) = stored.get(version).and_then(|v| v.retired_at) {
+        if e.checked_at < retired {
+            return Err(Error::DestroyRefused {
+                version,
+                reason: format!(
+                    "the evidence ({}) predates the version's retirement ({retired})",
+                    e.checked_at
+                ),
+            });
+        }
+        // An instance that had not yet seen the rotation may have encrypted
+        // under the version for up to max_staleness after it.
+        let settled = retired.saturating_add(max_staleness);
+        if e.checked_at < settled {
+            return Err(Error::DestroyRefused {
+                version,
+                reason: format!(
+                    "the evidence ({}) was gathered too soon after the version's retirement \
+                     ({retired}): instances may encrypt under it until {settled} (max staleness \
+                     {}s); gather it again after that",
+                    e.checked_at,
+                    max_staleness.as_secs()
+                ),
+            });
+        }
     }
     Ok(())
 }

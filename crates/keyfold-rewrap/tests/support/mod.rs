@@ -73,6 +73,9 @@ impl KeyWrapper for Switchable {
 pub async fn keyring(wrapper: Arc<Switchable>, ttl: Duration) -> Arc<Keyring> {
     let ring = Keyring::builder("tenant", wrapper, Arc::new(MemoryStore::new()))
         .cache_ttl(ttl)
+        // One instance per test, on the system clock: no other instance's
+        // stale view to wait out before a job's evidence may destroy.
+        .max_staleness(Duration::ZERO)
         .create()
         .await
         .unwrap();
