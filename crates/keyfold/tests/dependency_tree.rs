@@ -76,7 +76,10 @@ fn default_features_pull_in_no_cloud_sdk() {
 fn rewrap_and_stream_pull_in_no_cloud_sdk() {
     let tree = tree("rewrap,stream", false);
     let found = cloud_crates(&tree);
-    assert!(found.is_empty(), "keyfold (rewrap, stream) pulls in {found:?}");
+    assert!(
+        found.is_empty(),
+        "keyfold (rewrap, stream) pulls in {found:?}"
+    );
     assert!(tree.lines().any(|l| l.starts_with("keyfold-rewrap ")));
 }
 
