@@ -252,14 +252,17 @@ impl KeyringStore for MemoryStore {
 
 /// Keeps each keyring in `DIR/<keyring_id>.json`.
 ///
-/// A save takes an exclusive lock file (`<id>.json.lock`, created with
-/// `create_new`, so other processes on the same file system are excluded too),
-/// checks the revision, writes a temporary file, syncs it and renames it over
-/// the old one: a reader sees the old keyring or the new one, never a mix.
-/// A lock file left by a crashed process is reported as a conflict until it
-/// is removed (or older than [`FileStore::STALE_LOCK`]).
+/// A save takes an exclusive OS file lock (`std::fs::File::lock`: `flock`
+/// on Unix, `LockFileEx` on Windows) on `<id>.json.lock`, a file that is
+/// created once and never deleted, so other writers (threads or processes on
+/// the same file system) are excluded for the whole save: the revision is
+/// checked, a temporary file written, synced and renamed over the old one,
+/// and only then the lock released. A reader sees the old keyring or the new
+/// one, never a mix. The OS releases the lock when its holder exits or
+/// crashes, so there is no stale lock to take over.
 ///
-/// Uses blocking file I/O on the calling task (files are small).
+/// Uses blocking file I/O on the calling task (files are small); a save
+/// waits while another writer holds the lock.
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
@@ -267,7 +270,9 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// A lock file older than this is taken to be left by a crash and removed.
+    /// Unused: lock files were once taken over after this long. The lock is
+    /// now an OS file lock, released by the OS when its holder dies.
+    #[deprecated(note = "FileStore uses OS file locks; there is no stale lock to take over")]
     pub const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
 
     /// A store in `dir` (created if missing).
@@ -288,6 +293,11 @@ impl FileStore {
         self.dir.join(format!("{keyring_id}.json"))
     }
 
+    /// The lock file of `keyring_id` (persistent; only its OS lock matters).
+    pub fn lock_path_of(&self, keyring_id: &str) -> PathBuf {
+        self.dir.join(format!("{keyring_id}.json.lock"))
+    }
+
     fn read(&self, keyring_id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
         check_id(keyring_id)?;
         let path = self.path_of(keyring_id);
@@ -298,53 +308,19 @@ impl FileStore {
         }
     }
 
-    fn lock_file(
-        &self,
-        keyring_id: &str,
-        expected: Option<Revision>,
-    ) -> Result<LockFile, StoreError> {
-        let path = self.dir.join(format!("{keyring_id}.json.lock"));
-        for attempt in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => return Ok(LockFile(path)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let stale = std::fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > Self::STALE_LOCK);
-                    if stale && attempt == 0 {
-                        let _ = std::fs::remove_file(&path);
-                        continue;
-                    }
-                    let found = self.read(keyring_id).ok().flatten().map(|(r, _)| r);
-                    // Another writer is saving right now: whatever it
-                    // writes moves the revision, so this save loses.
-                    return Err(StoreError::Conflict {
-                        keyring_id: keyring_id.to_owned(),
-                        expected,
-                        found,
-                    });
-                }
-                Err(source) => return Err(io_err(&path, source)),
-            }
-        }
-        Err(io_err(
-            &path,
-            std::io::Error::other("could not take the lock file"),
-        ))
-    }
-}
-
-struct LockFile(PathBuf);
-
-impl Drop for LockFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+    /// Opens (creating it if needed) and exclusively locks the lock file;
+    /// the lock is released when the returned file is dropped.
+    fn lock(&self, keyring_id: &str) -> Result<std::fs::File, StoreError> {
+        let path = self.lock_path_of(keyring_id);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| io_err(&path, source))?;
+        file.lock().map_err(|source| io_err(&path, source))?;
+        Ok(file)
     }
 }
 
@@ -381,7 +357,9 @@ impl KeyringStore for FileStore {
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _lock = self.lock_file(keyring_id, expected)?;
+        // Held until the end of the save: the revision check and the
+        // write-and-rename happen under the lock.
+        let _lock = self.lock(keyring_id)?;
         let found = self.read(keyring_id)?.map(|(r, _)| r);
         let revision = next_revision(keyring_id, expected, found)?;
         let bytes = to_bytes(revision, keyring)?;

@@ -12,7 +12,7 @@ use keyfold_core::keyring::{
 use keyfold_core::policy::RotationPolicy;
 use keyfold_core::probe::{self, ConfigSlot, LocalFactory, ProbeStep};
 use keyfold_core::retry::RetryPolicy;
-use keyfold_core::store::{FileStore, KeyringStore, MemoryStore};
+use keyfold_core::store::{FileStore, KeyringStore, MemoryStore, Revision};
 use keyfold_core::testkit::CountingWrapper;
 use keyfold_core::time::{Clock, ManualClock, Timestamp};
 use keyfold_core::{EncryptionContext, Error, KeyWrapper, LocalKek, SecretKey, WrapErrorKind};
@@ -446,12 +446,13 @@ async fn stored_form_holds_no_key_material() {
             assert_no_key(&raw, key.secret().expose());
         }
     }
-    // The file store left no temporary or lock file behind.
-    let names: Vec<String> = std::fs::read_dir(&dir)
+    // The file store left no temporary file behind (the lock file persists).
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names, ["tenant-1.json"]);
+    names.sort();
+    assert_eq!(names, ["tenant-1.json", "tenant-1.json.lock"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -1128,24 +1129,114 @@ async fn single_flight_shares_a_failed_unwrap_instead_of_retrying_it_100_times()
 }
 
 #[tokio::test]
-async fn file_store_refuses_to_write_while_another_writer_holds_the_lock() {
+async fn file_store_waits_while_another_writer_holds_the_lock() {
     let dir = tempdir();
     let store = FileStore::new(&dir).unwrap();
     let k = keyfold_core::keyring::StoredKeyring::new("t", Timestamp(1));
     let r1 = store.save("t", None, &k).await.unwrap();
-    let lock = dir.join("t.json.lock");
-    std::fs::write(&lock, b"").unwrap();
-    match store.save("t", Some(r1), &k).await {
-        Err(keyfold_core::store::StoreError::Conflict {
-            expected, found, ..
-        }) => assert_eq!((expected, found), (Some(r1), Some(r1))),
-        other => panic!("{other:?}"),
-    }
-    std::fs::remove_file(&lock).unwrap();
-    assert!(store.save("t", Some(r1), &k).await.unwrap() > r1);
+    let lock_path = store.lock_path_of("t");
+    // The lock file persists; its existence (even "stale") blocks nobody.
+    assert!(lock_path.exists());
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&lock_path)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let r2 = store.save("t", Some(r1), &k).await.unwrap();
+    assert!(r2 > r1);
+
+    // Another writer (another process, say) holds the OS lock: a save waits
+    // for it, however old the lock file looks, and never removes it.
+    let held = std::fs::File::options()
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    held.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir2 = dir.clone();
+    let k2 = k.clone();
+    let writer = std::thread::spawn(move || {
+        let other = FileStore::new(&dir2).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tx.send(rt.block_on(other.save("t", Some(r2), &k2)))
+            .unwrap();
+    });
+    assert!(
+        matches!(
+            rx.recv_timeout(Duration::from_millis(300)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        ),
+        "a save went ahead while another writer held the lock"
+    );
+    assert!(lock_path.exists());
+    held.unlock().unwrap();
+    let r3 = rx.recv().unwrap().unwrap();
+    writer.join().unwrap();
+    assert!(r3 > r2);
+    assert_eq!(store.load("t").await.unwrap().unwrap().0, r3);
     assert!(matches!(
         store.save("../evil", None, &k).await,
         Err(keyfold_core::store::StoreError::InvalidId(_))
     ));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn file_store_racing_writers_exactly_one_wins_each_round() {
+    let dir = tempdir();
+    let k = keyfold_core::keyring::StoredKeyring::new("race", Timestamp(1));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let first = FileStore::new(&dir).unwrap();
+    let mut rev = rt.block_on(first.save("race", None, &k)).unwrap();
+    let lock_path = first.lock_path_of("race");
+    let writers = 2;
+    for round in 0..100 {
+        // A lock file that looks abandoned: the old store took it over.
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&lock_path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(writers));
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                let (dir, k, barrier) = (dir.clone(), k.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    // A separate store per writer, as separate processes have.
+                    let store = FileStore::new(&dir).unwrap();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    barrier.wait();
+                    rt.block_on(store.save("race", Some(rev), &k))
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let wins: Vec<Revision> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        assert_eq!(wins.len(), 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e, keyfold_core::store::StoreError::Conflict { .. }),
+                    "round {round}: {e}"
+                );
+            }
+        }
+        rev = wins[0];
+        assert_eq!(rt.block_on(first.load("race")).unwrap().unwrap().0, rev);
+    }
+    assert_eq!(rev, Revision(101));
     std::fs::remove_dir_all(dir).unwrap();
 }
