@@ -86,13 +86,71 @@ pub async fn store_conformance(store: &dyn KeyringStore, prefix: &str) {
     assert_eq!(store.load(&other).await.unwrap().unwrap().0, rb);
     assert_eq!(store.load(&id).await.unwrap().unwrap().1, k1);
 
-    // Only one of many writers from the same revision wins.
+    // Only one of many concurrent writers from the same revision wins.
     let r3 = store.save(&id, Some(r2), &k2).await.unwrap();
-    let mut wins = 0;
-    for n in 3..8 {
-        if store.save(&id, Some(r3), &keyring(&id, n)).await.is_ok() {
-            wins += 1;
+    let candidates: Vec<StoredKeyring> = (3..8).map(|n| keyring(&id, n)).collect();
+    let [c3, c4, c5, c6, c7] = &candidates[..] else {
+        unreachable!()
+    };
+    let results = tokio::join!(
+        store.save(&id, Some(r3), c3),
+        store.save(&id, Some(r3), c4),
+        store.save(&id, Some(r3), c5),
+        store.save(&id, Some(r3), c6),
+        store.save(&id, Some(r3), c7),
+    );
+    let results = [results.0, results.1, results.2, results.3, results.4];
+    let mut winner = None;
+    for (n, r) in results.iter().enumerate() {
+        match r {
+            Ok(rev) => {
+                assert!(winner.is_none(), "two concurrent writers won: {results:?}");
+                winner = Some((*rev, n));
+            }
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => panic!("a losing concurrent save must conflict, got {e:?}"),
         }
     }
-    assert_eq!(wins, 1, "exactly one writer from one revision wins");
+    let (r4, n) = winner.expect("exactly one writer from one revision wins");
+    let (rev, back) = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (rev, &back),
+        (r4, &candidates[n]),
+        "the winner's keyring is stored"
+    );
+
+    // What the keyring would refuse to load is never stored: another
+    // keyring under this id, or a keyring breaking an invariant.
+    match store.save(&id, Some(r4), &keyring(&other, 4)).await {
+        Err(StoreError::Conflict { .. }) => {
+            panic!("a foreign keyring must be refused, not conflict")
+        }
+        Err(_) => {}
+        Ok(_) => panic!("a store must refuse to save keyring {other} under id {id}"),
+    }
+    let mut invalid = keyring(&id, 4);
+    for v in &mut invalid.versions {
+        v.state = KeyState::Active;
+    }
+    assert!(
+        store.save(&id, Some(r4), &invalid).await.is_err(),
+        "a store must refuse a keyring that breaks an invariant"
+    );
+    let mut schema_1 = keyring(&id, 4);
+    schema_1.schema = 1;
+    assert!(
+        store.save(&id, Some(r4), &schema_1).await.is_err(),
+        "a store must refuse a keyring of an unsupported schema"
+    );
+    let (rev, back) = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (rev, &back),
+        (r4, &candidates[n]),
+        "refused saves change nothing"
+    );
+    for k in [&id, &other] {
+        let (_, back) = store.load(k).await.unwrap().unwrap();
+        assert_eq!(&back.keyring_id, k, "load returns the keyring asked for");
+        back.validate().unwrap();
+    }
 }
