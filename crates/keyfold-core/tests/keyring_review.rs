@@ -31,6 +31,7 @@ fn kek(id: &str) -> Arc<LocalKek> {
 struct TamperStore {
     inner: MemoryStore,
     replace: Mutex<Option<StoredKeyring>>,
+    loads: std::sync::atomic::AtomicUsize,
 }
 
 impl TamperStore {
@@ -45,6 +46,7 @@ impl KeyringStore for TamperStore {
         &self,
         keyring_id: &str,
     ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let real = self.inner.load(keyring_id).await?;
         let replace = self.replace.lock().unwrap().clone();
         Ok(match (real, replace) {
@@ -476,4 +478,56 @@ async fn kms_rewrap_and_unseal_never_cache_a_disabled_version() {
     ring.unseal().await.unwrap();
     assert!(ring.sealed().is_none());
     assert!(ring.metadata().cached_versions.is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_encrypts_on_a_stale_view_reload_the_store_once() {
+    let store = Arc::new(TamperStore::default());
+    let clock = start();
+    let ring = ring_on("tenant-a", store.clone(), &clock).await;
+    ring.rotate(&admin()).await.unwrap();
+    clock.advance(std::time::Duration::from_secs(31));
+    let before = store.loads.load(std::sync::atomic::Ordering::SeqCst);
+    let c = ctx();
+    let all = (0..50).map(|_| ring.encrypt(&c, b"x"));
+    for r in futures_join_all(all).await {
+        r.unwrap();
+    }
+    let after = store.loads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after - before, 1);
+}
+
+async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in fs {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::new();
+    // Poll them all together: a hand-rolled join_all (no futures dependency).
+    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (slot, res) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *res = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    for r in results {
+        out.extend(r);
+    }
+    out
 }

@@ -577,14 +577,23 @@ impl Keyring {
     /// Reloads the store when this instance's view is older than the
     /// configured maximum staleness.
     async fn refresh_if_stale(&self) -> Result<(), Error> {
+        if !self.is_stale() {
+            return Ok(());
+        }
+        let _guard = self.write.lock().await;
+        // Concurrent callers queue here: only the first reloads.
+        if self.is_stale() {
+            self.reload().await?;
+        }
+        Ok(())
+    }
+
+    fn is_stale(&self) -> bool {
         let loaded = *self
             .loaded_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if self.options.clock.now().since(loaded) >= self.options.max_staleness {
-            self.refresh().await?;
-        }
-        Ok(())
+        self.options.clock.now().since(loaded) >= self.options.max_staleness
     }
 
     fn may_auto_refresh(&self) -> bool {
