@@ -26,6 +26,10 @@ pub struct ServiceConfig {
     pub rewrap: RewrapConfig,
     /// How long a step-up token stays valid (default 5 minutes).
     pub step_up_ttl: Duration,
+    /// How stale an instance's view of a keyring may be when it encrypts
+    /// (keyfold's default, 30 s); a version can be destroyed only this long
+    /// after its retirement. Use the same value on every instance.
+    pub max_staleness: Duration,
 }
 
 /// Where a local KEK comes from (hex or base64, 32 bytes).
@@ -86,6 +90,8 @@ struct FileConfig {
     rewrap: FileRewrap,
     #[serde(default = "default_step_up_secs")]
     step_up_ttl_secs: u64,
+    #[serde(default = "default_staleness_secs")]
+    max_staleness_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +116,10 @@ fn default_listen() -> SocketAddr {
 
 fn default_step_up_secs() -> u64 {
     300
+}
+
+fn default_staleness_secs() -> u64 {
+    keyfold::keyring::DEFAULT_MAX_STALENESS.as_secs()
 }
 
 /// A config could not be loaded.
@@ -158,6 +168,7 @@ impl ServiceConfig {
                 max_batches: None,
             },
             step_up_ttl: Duration::from_secs(file.step_up_ttl_secs),
+            max_staleness: Duration::from_secs(file.max_staleness_secs),
         };
         config.validate()?;
         Ok(config)
@@ -210,6 +221,7 @@ impl ServiceConfig {
             ],
             rewrap: RewrapConfig::default(),
             step_up_ttl: Duration::from_secs(300),
+            max_staleness: keyfold::keyring::DEFAULT_MAX_STALENESS,
         };
         config.validate()?;
         Ok(config)

@@ -478,6 +478,15 @@ impl KeyringStore for Db {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
+        if keyring.keyring_id != keyring_id {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!(
+                    "refusing to store keyring {} under this id",
+                    keyring.keyring_id
+                ),
+            });
+        }
         let next = Revision(expected.map_or(1, |r| r.0 + 1));
         let body = store::to_bytes(next, keyring)?;
         let conn = self.lock();

@@ -85,6 +85,7 @@ pub async fn start(
         db,
         providers,
         rewrap: config.rewrap.clone(),
+        max_staleness: config.max_staleness,
     });
     let mut tenants = Vec::new();
     for t in &config.tenants {

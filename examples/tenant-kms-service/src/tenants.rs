@@ -230,6 +230,8 @@ pub struct Shared {
     pub providers: Providers,
     /// Rewrap settings.
     pub rewrap: RewrapConfig,
+    /// The keyrings' maximum staleness.
+    pub max_staleness: std::time::Duration,
 }
 
 impl Shared {
@@ -239,6 +241,7 @@ impl Shared {
         wrapper: Arc<dyn KeyWrapper>,
     ) -> keyfold::keyring::KeyringBuilder {
         Keyring::builder(tenant, wrapper, Arc::new(self.db.clone()))
+            .max_staleness(self.max_staleness)
             .audit(self.audit.clone())
             .lease_issuer(Arc::new(DbLeases {
                 db: self.db.clone(),

@@ -320,8 +320,10 @@ async fn restart_mid_rewrap_resumes_from_the_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_rewrap_on_read() {
     let dir = TempDir::new("lazy");
-    // No background batches at all: only reads move records.
-    let cfg = config(&dir, 10, Some(0));
+    // No background batches at all: only reads move records. keyfold's
+    // default staleness: the final destroy waits out its settle time.
+    let mut cfg = config(&dir, 10, Some(0));
+    cfg.max_staleness = keyfold::keyring::DEFAULT_MAX_STALENESS;
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
     svc.onboard_local(ACME).await;
     svc.put_secret(ACME, "api-key", "abc").await;

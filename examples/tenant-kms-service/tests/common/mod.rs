@@ -82,6 +82,9 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
             max_batches,
         },
         step_up_ttl: Duration::from_secs(300),
+        // One instance per database here: no settle time before a destroy
+        // (lazy_rewrap_on_read keeps keyfold's default).
+        max_staleness: Duration::ZERO,
     }
 }
 
