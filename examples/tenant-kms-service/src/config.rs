@@ -133,12 +133,25 @@ impl ServiceConfig {
     pub fn from_file(path: &Path) -> ConfigResult<ServiceConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let file: FileConfig =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_json(&text, base, |var| std::env::var(var).ok())
+            .map_err(|e| format!("{}: {e}", path.display()).into())
+    }
+
+    /// Parses a config file's text; relative paths are taken from `base`,
+    /// tokens from `env`.
+    ///
+    /// # Errors
+    /// Invalid JSON or config, a missing token variable.
+    pub fn from_json(
+        text: &str,
+        base: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> ConfigResult<ServiceConfig> {
+        let file: FileConfig = serde_json::from_str(text)?;
         let mut tenants = Vec::new();
         for t in file.tenants {
-            let token = std::env::var(&t.token_env).map_err(|_| {
+            let token = env(&t.token_env).ok_or_else(|| {
                 format!(
                     "tenant {}: environment variable {} (its admin token) is not set",
                     t.id, t.token_env
@@ -289,4 +302,49 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = options.open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../config.example.json");
+        let env = |var: &str| Some(format!("{var}-value-0123456789"));
+        let c = ServiceConfig::from_json(text, Path::new("/srv/kms"), env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database, Path::new("/srv/kms/tenant-kms.sqlite3"));
+        assert_eq!(
+            c.local_keks.get("dev-kek"),
+            Some(&KekSource::File("/srv/kms/kek.hex".into()))
+        );
+        assert_eq!(c.tenants.len(), 2);
+        assert_eq!(c.tenants[0].token, "ACME_TOKEN-value-0123456789");
+        assert_eq!(c.rewrap.batch_size, 100);
+        assert_eq!(c.rewrap.interval, Duration::from_secs(5));
+        assert_eq!(c.step_up_ttl, Duration::from_secs(300));
+        assert_eq!(c.max_staleness, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_naming_the_problem() {
+        let text = include_str!("../config.example.json");
+        let err = ServiceConfig::from_json(text, Path::new("."), |_| None).unwrap_err();
+        assert!(err.to_string().contains("ACME_TOKEN"), "{err}");
+        let err =
+            ServiceConfig::from_json(text, Path::new("."), |_| Some("short".into())).unwrap_err();
+        assert!(err.to_string().contains("shorter than 16"), "{err}");
+        let same = |_: &str| Some("the-same-token-0123456789".to_owned());
+        let err = ServiceConfig::from_json(text, Path::new("."), same).unwrap_err();
+        assert!(err.to_string().contains("duplicate"), "{err}");
+        let unknown = text.replacen("\"listen\"", "\"listne\"", 1);
+        let err = ServiceConfig::from_json(&unknown, Path::new("."), |v| {
+            Some(format!("{v}-0123456789abcdef"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
 }
