@@ -304,10 +304,16 @@ impl Shared {
             message,
         };
         let probed = match self.providers.build(&config).await {
-            Ok(wrapper) => match probe::probe(wrapper.as_ref()).await {
-                Ok(_) => Ok(wrapper),
-                Err(f) => Err(f),
-            },
+            Ok(wrapper) if wrapper.provider() != config.provider() => Err(fail(
+                ProbeStep::Build,
+                Some(WrapErrorKind::Misconfigured),
+                format!(
+                    "the factory built a {} wrapper for a {} config",
+                    wrapper.provider(),
+                    config.provider()
+                ),
+            )),
+            Ok(wrapper) => probe::probe(wrapper.as_ref()).await.map(|_| wrapper),
             Err(e) => Err(fail(ProbeStep::Build, Some(e.kind), e.to_string())),
         };
         let wrapper = match probed {
