@@ -297,3 +297,47 @@ async fn onboarding_on_aws_kms_in_moto() {
     assert_eq!(svc.get_secret(ACME, "a14").await["value"], "local-14");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kms_seals_the_keyring_and_cached_versions_keep_working() {
+    let moto = Moto::start();
+    let dir = TempDir::new("moto-sealed");
+    let cfg = config(&dir, 10, None);
+    let fast = keyfold::retry::RetryPolicy {
+        max_attempts: 2,
+        base_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+        max_retry_after: Duration::from_secs(1),
+    };
+    let providers = local_providers(&cfg).with("aws", Arc::new(moto.factory().retry_policy(fast)));
+    let svc = Service::start(cfg, providers).await;
+    let key = moto.create_key().await;
+    let (s, v) = svc
+        .post("/admin/tenant-kms", ACME, moto.config(&key, "tenant-acme"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    svc.put_secret(ACME, "s", "before").await;
+
+    drop(moto); // the KMS goes away
+    let su = svc.step_up(ACME).await;
+    let (s, v) = svc
+        .call(
+            reqwest::Method::POST,
+            "/admin/tenant-kms/rotate",
+            Some(ACME),
+            Some(&su),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"], "keyring_sealed");
+    let meta = svc.get("/admin/tenant-kms", ACME).await.1;
+    assert_eq!(meta["sealed"], true, "{meta}");
+    assert_eq!(meta["sealed_info"]["kind"], "unavailable", "{meta}");
+    assert_eq!(meta["active_version"], 1, "the rotation did not happen");
+    // The cached version still encrypts and decrypts.
+    svc.put_secret(ACME, "s", "after").await;
+    assert_eq!(svc.get_secret(ACME, "s").await["value"], "after");
+    assert!(names(&svc.audit(ACME).await).contains(&"kms.sealed"));
+    svc.stop().await;
+}
