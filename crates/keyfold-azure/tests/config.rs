@@ -86,7 +86,7 @@ fn every_config_refusal_says_why() {
         ),
         (
             with(&|c| c.endpoint_url = Some("ftp://localhost:1".into())),
-            "endpoint_url`: must be an http(s) URL",
+            "endpoint_url`: must be an https:// URL",
         ),
         (
             with(&|c| c.endpoint_url = Some("http://localhost:8443".into())),

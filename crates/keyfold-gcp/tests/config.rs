@@ -136,14 +136,16 @@ async fn the_service_account_is_required_and_must_be_one() {
 async fn the_endpoint_must_be_http_or_https() {
     let err = refusal(gcp(KEY, SA, Some("grpc://cloudkms.googleapis.com"))).await;
     assert!(err.contains("endpoint_url"), "{err}");
-    assert!(err.contains("must be an http(s) URL"), "{err}");
+    assert!(err.contains("must be an https:// URL"), "{err}");
 }
 
 #[tokio::test]
 async fn tokens_are_never_sent_over_plain_http_to_a_remote_host() {
+    // Refused by the config's own validation (plain http only to loopback).
     let err = refusal(gcp(KEY, SA, Some("http://kms.internal.example:8080"))).await;
+    assert!(err.contains("endpoint_url"), "{err}");
     assert!(
-        err.contains("plain http, which would send the access token in clear; use https"),
+        err.contains("plain http:// is allowed only to a loopback host"),
         "{err}"
     );
     // A private endpoint over TLS, or a loopback proxy, is fine.
@@ -179,8 +181,11 @@ async fn anonymous_credentials_only_reach_a_local_server() {
             .unwrap_err();
         assert_eq!(err.kind, WrapErrorKind::Misconfigured, "{endpoint:?}");
         let text = err.to_string();
+        // Plain http to a remote host is refused by the config's validation
+        // before the credentials are looked at.
         assert!(
-            text.contains("anonymous credentials are only for a local test server"),
+            text.contains("anonymous credentials are only for a local test server")
+                || text.contains("plain http:// is allowed only to a loopback host"),
             "{endpoint:?}: {text}"
         );
     }
@@ -194,7 +199,7 @@ async fn anonymous_credentials_only_reach_a_local_server() {
 async fn another_providers_config_is_refused() {
     let aws = parse(
         r#"{"provider":"aws","kms_key_ref":"alias/k","region":"eu-west-1",
-            "role_arn":"arn:aws:iam::111122223333:role/keyfold"}"#,
+            "role_arn":"arn:aws:iam::111122223333:role/keyfold","external_id":"tenant-a"}"#,
     )
     .unwrap();
     let err = GcpKmsWrapper::from_provider_config(&aws).unwrap_err();
