@@ -204,9 +204,12 @@ impl AzureKeyWrapperBuilder {
         self
     }
 
-    /// How throttled (429) and unavailable (5xx, connection) calls are retried.
-    /// Default: [`RetryPolicy::default`]. The SDK's own retries are off, so
-    /// this is the only retry loop.
+    /// Retries of throttled (429) and unavailable (5xx, connection) calls
+    /// inside each `wrap` / `unwrap` (default [`RetryPolicy::none`]: the
+    /// [`Keyring`](keyfold_core::keyring::Keyring) already retries around
+    /// every KMS call, and retrying in both places multiplies the attempts).
+    /// Set one when using the wrapper on its own. The SDK's own retries are
+    /// always off.
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -339,7 +342,7 @@ impl AzureKeyWrapper {
             authority_host: None,
             verify_challenge_resource: true,
             algorithm: None,
-            retry: RetryPolicy::default(),
+            retry: RetryPolicy::none(),
             sleeper: Arc::new(TokioSleeper),
         }
     }
@@ -414,7 +417,9 @@ impl AzureKeyWrapper {
         own_error(kind, &self.key_ref, op, message)
     }
 
-    /// Runs `call` under the retry policy, waiting on the injected clock.
+    /// Runs `call` under the retry policy. The waits are the core's
+    /// ([`RetryPolicy::delay_for`], as in [`keyfold_core::retry::retry`]); only
+    /// the sleeping differs: it is on the injected clock.
     async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, WrapError>
     where
         F: FnMut() -> Fut,

@@ -9,9 +9,11 @@
 )]
 
 mod integrity;
+mod sleep;
 mod status;
 mod wrapper;
 
+pub use sleep::{Sleeper, TokioSleeper};
 pub use wrapper::{GcpKmsWrapper, GcpKmsWrapperBuilder, GcpWrapperFactory};
 
 /// Provider name recorded in every [`WrappedKey`](keyfold_core::WrappedKey) this crate makes.

@@ -16,7 +16,7 @@ use gcloud_sdk::tonic::transport::{ClientTlsConfig, Endpoint};
 use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer, SecretValue};
 use keyfold_core::config::{GcpConfig, GcpKeyRef, ProviderConfig};
 use keyfold_core::probe::WrapperFactory;
-use keyfold_core::retry::{RetryPolicy, retry};
+use keyfold_core::retry::RetryPolicy;
 use keyfold_core::secret::KEY_LEN;
 use keyfold_core::{
     KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
@@ -24,6 +24,7 @@ use keyfold_core::{
 use tower_layer::Layer;
 
 use crate::integrity;
+use crate::sleep::{Sleeper, TokioSleeper};
 use crate::status::to_wrap_error;
 use crate::{DEFAULT_ENDPOINT, KMS_SCOPE, PROVIDER};
 
@@ -53,13 +54,14 @@ impl fmt::Debug for CredentialSource {
 }
 
 /// Builds a [`GcpKmsWrapper`] from a validated [`GcpConfig`], with knobs
-/// that do not belong in a stored config (retries, timeouts, and anonymous
-/// credentials for a local test server).
+/// that do not belong in a stored config (retries and their clock, timeouts,
+/// and anonymous credentials for a local test server).
 #[derive(Debug, Clone)]
 pub struct GcpKmsWrapperBuilder {
     config: GcpConfig,
     credentials: CredentialSource,
     retry: RetryPolicy,
+    sleeper: Arc<dyn Sleeper>,
     request_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -72,6 +74,13 @@ impl GcpKmsWrapperBuilder {
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// The clock the retry loop waits on (default [`TokioSleeper`]).
+    #[must_use]
+    pub fn sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
+        self.sleeper = sleeper;
         self
     }
 
@@ -195,6 +204,7 @@ impl GcpKmsWrapperBuilder {
             client,
             routing_header,
             retry: self.retry,
+            sleeper: self.sleeper,
             request_timeout: self.request_timeout,
         })
     }
@@ -276,6 +286,7 @@ pub struct GcpKmsWrapper {
     client: KmsClient,
     routing_header: MetadataValue<gcloud_sdk::tonic::metadata::Ascii>,
     retry: RetryPolicy,
+    sleeper: Arc<dyn Sleeper>,
     request_timeout: Duration,
 }
 
@@ -286,6 +297,7 @@ impl GcpKmsWrapper {
             config,
             credentials: CredentialSource::Impersonated,
             retry: RetryPolicy::none(),
+            sleeper: Arc::new(TokioSleeper),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
         }
@@ -451,6 +463,29 @@ impl GcpKmsWrapper {
         })
     }
 
+    /// Runs `call` under the retry policy. The waits are the core's
+    /// ([`RetryPolicy::delay_for`], as in [`keyfold_core::retry::retry`]); only
+    /// the sleeping differs: it is on the injected clock.
+    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, WrapError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, WrapError>>,
+    {
+        let mut retries = 0;
+        loop {
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(error) => match self.retry.delay_for(retries, &error) {
+                    Some(delay) => {
+                        self.sleeper.sleep(delay).await;
+                        retries += 1;
+                    }
+                    None => return Err(error),
+                },
+            }
+        }
+    }
+
     /// Runs one call under the request deadline, which also covers getting
     /// the access token (the channel's own timeout starts after that).
     async fn deadline<T>(
@@ -507,7 +542,7 @@ impl KeyWrapper for GcpKmsWrapper {
 
     async fn wrap(&self, key: &SecretKey, context: &WrapContext) -> Result<WrappedKey, WrapError> {
         let aad = context.to_aad();
-        retry(&self.retry, || self.encrypt_once(key, &aad)).await
+        self.with_retry(|| self.encrypt_once(key, &aad)).await
     }
 
     async fn unwrap(
@@ -548,7 +583,8 @@ impl KeyWrapper for GcpKmsWrapper {
             ));
         }
         let aad = context.to_aad();
-        retry(&self.retry, || self.decrypt_once(&wrapped.bytes, &aad)).await
+        self.with_retry(|| self.decrypt_once(&wrapped.bytes, &aad))
+            .await
     }
 }
 
@@ -584,6 +620,13 @@ impl GcpWrapperFactory {
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.template = self.template.retry_policy(policy);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::sleeper`].
+    #[must_use]
+    pub fn sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
+        self.template = self.template.sleeper(sleeper);
         self
     }
 

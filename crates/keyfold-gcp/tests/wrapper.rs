@@ -5,13 +5,16 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use keyfold_core::config::GcpConfig;
 use keyfold_core::testkit::{self, Capabilities};
 use keyfold_core::{KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation};
 use keyfold_gcp::GcpKmsWrapper;
-use support::{FakeKms, Fault, Method, VersionState, kms_with_key, wrapper, wrapper_with};
+use support::{
+    FakeKms, Fault, Method, RecordingSleeper, VersionState, kms_with_key, wrapper, wrapper_with,
+};
 
 fn ctx() -> WrapContext {
     WrapContext::new("tenant-a", 1)
@@ -217,16 +220,23 @@ async fn resource_exhausted_is_throttled_with_retry_after() {
     assert_eq!(err.retry_after, Some(Duration::from_millis(300)));
     assert_names(&err, &key_ref, WrapOperation::Wrap);
 
-    // With retries, the wait the service asked for is honoured.
-    let w = wrapper_with(&kms, &key_ref, 3);
+    // With retries, the wait the service asked for is honoured: the retry
+    // loop asks its clock for exactly that wait (it exceeds the backoff cap),
+    // on a recording clock, so nothing depends on how long the test takes.
+    let sleeper = Arc::new(RecordingSleeper::default());
+    let w = support::builder_with(&kms, &key_ref, 3)
+        .sleeper(sleeper.clone())
+        .build()
+        .unwrap();
     kms.inject(
         Method::Encrypt,
         Fault::Status(tonic_code::RESOURCE_EXHAUSTED),
         1,
     );
-    let started = Instant::now();
+    let before = kms.calls(Method::Encrypt);
     w.wrap(&key(), &ctx()).await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(kms.calls(Method::Encrypt), before + 2);
+    assert_eq!(*sleeper.waits.lock().unwrap(), [Duration::from_millis(300)]);
 }
 
 #[tokio::test]
@@ -253,26 +263,32 @@ async fn unreachable_endpoint_is_unavailable() {
     assert_names(&err, key_ref, WrapOperation::Wrap);
 }
 
+/// The fake never answers a stalled call, so these calls return only because
+/// the request deadline cut them: nothing is measured against the wall clock.
 #[tokio::test]
 async fn a_stuck_call_times_out_as_unavailable() {
     let (kms, key_ref) = kms_with_key().await;
+    let sleeper = Arc::new(RecordingSleeper::default());
     let build = |attempts| {
-        GcpKmsWrapper::builder(support::config(&kms, &key_ref))
-            .anonymous_credentials_for_local_server()
-            .retry_policy(support::fast_retries(attempts))
+        support::builder_with(&kms, &key_ref, attempts)
             .request_timeout(Duration::from_millis(200))
+            .sleeper(sleeper.clone())
             .build()
             .unwrap()
     };
-    kms.inject(Method::Encrypt, Fault::Delay(Duration::from_secs(3)), 1);
+    kms.inject(Method::Encrypt, Fault::Stall, 1);
     let err = build(1).wrap(&key(), &ctx()).await.unwrap_err();
     assert_eq!(err.kind, WrapErrorKind::Unavailable, "{err}");
+    assert!(err.is_transient());
     assert_names(&err, &key_ref, WrapOperation::Wrap);
 
-    kms.inject(Method::Encrypt, Fault::Delay(Duration::from_secs(3)), 1);
-    let started = Instant::now();
+    // Cut at the deadline, the stuck attempt is retried, and the retry succeeds.
+    kms.inject(Method::Encrypt, Fault::Stall, 1);
+    let before = kms.calls(Method::Encrypt);
     build(2).wrap(&key(), &ctx()).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(kms.calls(Method::Encrypt), before + 2);
+    assert_eq!(sleeper.waits.lock().unwrap().len(), 1);
+    assert_eq!(kms.pending_faults(), 0);
 }
 
 /// Each corruption, injected on every attempt, fails the call; injected

@@ -107,8 +107,9 @@ pub enum Fault {
     UnverifiedAad,
     /// Report another key's version as the one that encrypted.
     ForeignVersionName,
-    /// Serve the call, but only after this long (a slow or stuck service).
-    Delay(Duration),
+    /// Never answer the call (a stuck service): the client's deadline is the
+    /// only way out, so a test using it cannot pass by being fast or slow.
+    Stall,
 }
 
 /// The state of a CryptoKeyVersion.
@@ -169,7 +170,7 @@ struct State {
     calls: HashMap<Method, usize>,
     seen: Vec<SeenRequest>,
     retry_delay: Duration,
-    delay: Option<Duration>,
+    stall: bool,
 }
 
 /// A running fake Cloud KMS. Dropping it stops the server.
@@ -363,8 +364,8 @@ impl State {
         self.seen.push(seen);
         let pos = self.faults.iter().position(|(m, _)| *m == method)?;
         let fault = self.faults.remove(pos).map(|(_, f)| f);
-        if let Some(Fault::Delay(d)) = fault {
-            self.delay = Some(d);
+        if let Some(Fault::Stall) = fault {
+            self.stall = true;
         }
         fault
     }
@@ -634,14 +635,14 @@ where
     type Future = BoxFuture<Result<Response<Resp>, Status>>;
 
     fn call(&mut self, request: Request<Req>) -> Self::Future {
-        let (result, delay) = {
+        let (result, stall) = {
             let mut state = self.0.lock().unwrap();
             let result = (self.1)(&mut state, request).map(Response::new);
-            (result, state.delay.take())
+            (result, std::mem::take(&mut state.stall))
         };
         Box::pin(async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
+            if stall {
+                std::future::pending::<()>().await;
             }
             result
         })

@@ -9,11 +9,14 @@
 
 pub mod fake_kms;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use keyfold_core::config::GcpConfig;
 use keyfold_core::retry::RetryPolicy;
-use keyfold_gcp::GcpKmsWrapper;
+use keyfold_gcp::{GcpKmsWrapper, GcpKmsWrapperBuilder, Sleeper};
 
 pub use fake_kms::{FakeKms, Fault, Method, VersionState};
 
@@ -40,14 +43,32 @@ pub fn fast_retries(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-/// A wrapper for `key` on `kms`, anonymous, retrying up to `attempts` times.
-pub fn wrapper_with(kms: &FakeKms, key: &str, attempts: u32) -> GcpKmsWrapper {
+/// The builder [`wrapper_with`] uses: anonymous, retrying up to `attempts`
+/// times, 5 s per call.
+pub fn builder_with(kms: &FakeKms, key: &str, attempts: u32) -> GcpKmsWrapperBuilder {
     GcpKmsWrapper::builder(config(kms, key))
         .anonymous_credentials_for_local_server()
         .retry_policy(fast_retries(attempts))
         .request_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
+}
+
+/// A wrapper for `key` on `kms`, anonymous, retrying up to `attempts` times.
+pub fn wrapper_with(kms: &FakeKms, key: &str, attempts: u32) -> GcpKmsWrapper {
+    builder_with(kms, key, attempts).build().unwrap()
+}
+
+/// A clock that records the waits asked of it and returns at once.
+#[derive(Debug, Default)]
+pub struct RecordingSleeper {
+    /// Every wait, in order.
+    pub waits: Mutex<Vec<Duration>>,
+}
+
+impl Sleeper for RecordingSleeper {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.waits.lock().unwrap().push(duration);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A wrapper for `key` on `kms` with 3 attempts per call.
