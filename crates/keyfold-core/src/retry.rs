@@ -105,7 +105,47 @@ fn jitter(cap: Duration) -> Duration {
 ///
 /// # Errors
 /// The last [`WrapError`] when no attempt succeeded.
-pub async fn retry<T, F, Fut>(policy: &RetryPolicy, mut op: F) -> Result<T, WrapError>
+pub async fn retry<T, F, Fut>(policy: &RetryPolicy, op: F) -> Result<T, WrapError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, WrapError>>,
+{
+    retry_with(policy, &TokioSleeper, op).await
+}
+
+/// Waits between retries. The default, [`TokioSleeper`], sleeps on the tokio
+/// timer; a test can record the requested waits and return at once, so
+/// honouring a provider's retry-after is checked without sleeping.
+pub trait Sleeper: Send + Sync + std::fmt::Debug {
+    /// A future that completes after `duration`.
+    fn sleep(
+        &self,
+        duration: Duration,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+}
+
+/// Sleeps with `tokio::time::sleep`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioSleeper;
+
+impl Sleeper for TokioSleeper {
+    fn sleep(
+        &self,
+        duration: Duration,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
+
+/// [`retry`] with the waits on an injected [`Sleeper`].
+///
+/// # Errors
+/// The last [`WrapError`] when no attempt succeeded.
+pub async fn retry_with<T, F, Fut>(
+    policy: &RetryPolicy,
+    sleeper: &dyn Sleeper,
+    mut op: F,
+) -> Result<T, WrapError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, WrapError>>,
@@ -116,7 +156,7 @@ where
             Ok(value) => return Ok(value),
             Err(error) => match policy.delay_for(retries, &error) {
                 Some(delay) => {
-                    tokio::time::sleep(delay).await;
+                    sleeper.sleep(delay).await;
                     retries += 1;
                 }
                 None => return Err(error),

@@ -463,27 +463,13 @@ impl GcpKmsWrapper {
         })
     }
 
-    /// Runs `call` under the retry policy. The waits are the core's
-    /// ([`RetryPolicy::delay_for`], as in [`keyfold_core::retry::retry`]); only
-    /// the sleeping differs: it is on the injected clock.
-    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, WrapError>
+    /// Runs `call` under the retry policy, waiting on the injected clock.
+    async fn with_retry<T, F, Fut>(&self, call: F) -> Result<T, WrapError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, WrapError>>,
     {
-        let mut retries = 0;
-        loop {
-            match call().await {
-                Ok(value) => return Ok(value),
-                Err(error) => match self.retry.delay_for(retries, &error) {
-                    Some(delay) => {
-                        self.sleeper.sleep(delay).await;
-                        retries += 1;
-                    }
-                    None => return Err(error),
-                },
-            }
-        }
+        keyfold_core::retry::retry_with(&self.retry, &*self.sleeper, call).await
     }
 
     /// Runs one call under the request deadline, which also covers getting
