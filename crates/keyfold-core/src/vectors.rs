@@ -23,12 +23,13 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
-struct Vector {
+/// One vector file: `name: value` lines (shared with the stream vectors).
+pub(crate) struct Vector {
     fields: BTreeMap<String, String>,
 }
 
 impl Vector {
-    fn parse(text: &str) -> Vector {
+    pub(crate) fn parse(text: &str) -> Vector {
         let fields = text
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
@@ -39,22 +40,22 @@ impl Vector {
             .collect();
         Vector { fields }
     }
-    fn get(&self, k: &str) -> &str {
+    pub(crate) fn get(&self, k: &str) -> &str {
         self.fields.get(k).unwrap_or_else(|| panic!("missing {k}"))
     }
-    fn hex(&self, k: &str) -> Vec<u8> {
+    pub(crate) fn hex(&self, k: &str) -> Vec<u8> {
         hex::decode(self.get(k)).unwrap()
     }
-    fn key(&self, k: &str) -> [u8; KEY_LEN] {
+    pub(crate) fn key(&self, k: &str) -> [u8; KEY_LEN] {
         self.hex(k).try_into().unwrap()
     }
-    fn master(&self) -> MasterKey {
+    pub(crate) fn master(&self) -> MasterKey {
         MasterKey::new(
             self.get("master_key_version").parse().unwrap(),
             SecretKey::from_bytes(&mut self.key("master_key")),
         )
     }
-    fn context(&self) -> EncryptionContext {
+    pub(crate) fn context(&self) -> EncryptionContext {
         let text = self.get("context");
         text.split(';')
             .filter(|e| !e.is_empty())
@@ -64,7 +65,7 @@ impl Vector {
             })
             .collect()
     }
-    fn suite(&self) -> Suite {
+    pub(crate) fn suite(&self) -> Suite {
         serde_json::from_value(serde_json::Value::String(self.get("suite").into())).unwrap()
     }
 }

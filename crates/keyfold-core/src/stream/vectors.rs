@@ -9,7 +9,6 @@
 //! `format-error NAME`. `KEYFOLD_WRITE_VECTORS=1 cargo test -p keyfold-core
 //! vectors` writes missing files (it never overwrites).
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -20,50 +19,10 @@ use crate::error::{Error, FormatError, StreamError};
 use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_SALT_LEN};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
 use crate::suite::{Backend, Suite, TAG_LEN};
+use crate::vectors::Vector;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/stream")
-}
-
-struct Vector(BTreeMap<String, String>);
-
-impl Vector {
-    fn parse(text: &str) -> Vector {
-        Vector(
-            text.lines()
-                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-                .map(|l| {
-                    let (k, v) = l.split_once(':').expect("name: value");
-                    (k.trim().to_owned(), v.trim().to_owned())
-                })
-                .collect(),
-        )
-    }
-    fn get(&self, k: &str) -> &str {
-        self.0.get(k).unwrap_or_else(|| panic!("missing {k}"))
-    }
-    fn hex(&self, k: &str) -> Vec<u8> {
-        hex::decode(self.get(k)).unwrap()
-    }
-    fn master(&self) -> MasterKey {
-        MasterKey::new(
-            self.get("master_key_version").parse().unwrap(),
-            SecretKey::try_from_slice(&self.hex("master_key")).unwrap(),
-        )
-    }
-    fn context(&self) -> EncryptionContext {
-        self.get("context")
-            .split(';')
-            .filter(|e| !e.is_empty())
-            .map(|e| {
-                let (k, v) = e.split_once('=').unwrap();
-                (k.to_owned(), hex::decode(v).unwrap())
-            })
-            .collect()
-    }
-    fn suite(&self) -> Suite {
-        serde_json::from_value(serde_json::Value::String(self.get("suite").into())).unwrap()
-    }
 }
 
 /// The deterministic encoder: the same code path as `Encryptor`, with
