@@ -70,7 +70,7 @@ impl Vector {
     }
 }
 
-fn format_error_name(e: &FormatError) -> &'static str {
+pub(crate) fn format_error_name(e: &FormatError) -> &'static str {
     match e {
         FormatError::TooShort { .. } => "TooShort",
         FormatError::BadMagic => "BadMagic",
@@ -78,6 +78,23 @@ fn format_error_name(e: &FormatError) -> &'static str {
         FormatError::UnknownSuite(_) => "UnknownSuite",
         FormatError::LengthExceeds { .. } => "LengthExceeds",
         FormatError::TrailingData(_) => "TrailingData",
+    }
+}
+
+/// A context as a vector file writes it: `key=hex;key=hex`.
+pub(crate) fn context_text(c: &[(&str, &[u8])]) -> String {
+    c.iter()
+        .map(|(k, v)| format!("{k}={}", hex::encode(v)))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Writes `dir/name.txt` unless it exists: released vectors never change.
+pub(crate) fn write_if_missing(dir: &std::path::Path, name: &str, body: String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(format!("{name}.txt"));
+    if !path.exists() {
+        std::fs::write(path, body).unwrap();
     }
 }
 
@@ -146,12 +163,6 @@ fn generate() {
         k
     };
     let salt = |b: u8| [b; WRAP_SALT_LEN];
-    let ctx_text = |c: &[(&str, &[u8])]| {
-        c.iter()
-            .map(|(k, v)| format!("{k}={}", hex::encode(v)))
-            .collect::<Vec<_>>()
-            .join(";")
-    };
     struct Case<'a> {
         file: &'a str,
         comment: &'a str,
@@ -225,13 +236,7 @@ fn generate() {
         },
     ];
     let out = dir();
-    std::fs::create_dir_all(&out).unwrap();
-    let write = |name: &str, body: String| {
-        let path = out.join(format!("{name}.txt"));
-        if !path.exists() {
-            std::fs::write(path, body).unwrap();
-        }
-    };
+    let write = |name: &str, body: String| write_if_missing(&out, name, body);
     let mut hello = None;
     for c in &cases {
         let master = MasterKey::new(c.version, SecretKey::from_bytes(&mut mk(c.mk)));
@@ -252,7 +257,7 @@ fn generate() {
             suite.as_str().unwrap(),
             c.version,
             hex::encode(mk(c.mk)),
-            ctx_text(&c.ctx)
+            context_text(&c.ctx)
         );
         write(
             c.file,

@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use super::write::EncodeCore;
 use super::{Decryptor, StreamHeader, seal_header};
 use crate::context::EncryptionContext;
-use crate::error::{Error, FormatError, StreamError};
+use crate::error::{Error, StreamError};
 use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_SALT_LEN};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
 use crate::suite::{Backend, Suite, TAG_LEN};
-use crate::vectors::Vector;
+use crate::vectors::{Vector, context_text, format_error_name, write_if_missing};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/stream")
@@ -92,17 +92,7 @@ fn error_name(e: &Error) -> String {
                 _ => "other",
             }
         ),
-        Error::Format(f) => format!(
-            "format-error {}",
-            match f {
-                FormatError::TooShort { .. } => "TooShort",
-                FormatError::BadMagic => "BadMagic",
-                FormatError::UnknownVersion(_) => "UnknownVersion",
-                FormatError::UnknownSuite(_) => "UnknownSuite",
-                FormatError::LengthExceeds { .. } => "LengthExceeds",
-                _ => "other",
-            }
-        ),
+        Error::Format(f) => format!("format-error {}", format_error_name(f)),
         other => format!("other {other}"),
     }
 }
@@ -169,12 +159,6 @@ fn generate() {
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
     };
-    let ctx_text = |c: &[(&str, &[u8])]| {
-        c.iter()
-            .map(|(k, v)| format!("{k}={}", hex::encode(v)))
-            .collect::<Vec<_>>()
-            .join(";")
-    };
     let cases = vec![
         Case {
             file: "s1-aes-64-200",
@@ -228,13 +212,7 @@ fn generate() {
         },
     ];
     let out = dir();
-    std::fs::create_dir_all(&out).unwrap();
-    let write = |name: &str, body: String| {
-        let path = out.join(format!("{name}.txt"));
-        if !path.exists() {
-            std::fs::write(path, body).unwrap();
-        }
-    };
+    let write = |name: &str, body: String| write_if_missing(&out, name, body);
     let mut base = None;
     for c in &cases {
         let mk = [c.seed.wrapping_mul(3).wrapping_add(1); KEY_LEN];
@@ -262,7 +240,7 @@ fn generate() {
             c.segment_size,
             c.version,
             hex::encode(mk),
-            ctx_text(&c.ctx)
+            context_text(&c.ctx)
         );
         write(
             c.file,
