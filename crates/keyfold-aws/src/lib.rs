@@ -166,7 +166,7 @@ pub struct AwsKmsWrapperBuilder {
 impl fmt::Debug for AwsKmsWrapperBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AwsKmsWrapperBuilder")
-            .field("config", &RedactedConfig(&self.config))
+            .field("config", &self.config)
             .field("sts_endpoint_url", &self.sts_endpoint_url)
             .field(
                 "base_credentials",
@@ -480,25 +480,10 @@ impl AwsKmsWrapper {
 }
 
 /// `AwsConfig` for `Debug` with the external id hidden.
-struct RedactedConfig<'a>(&'a AwsConfig);
-
-impl fmt::Debug for RedactedConfig<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = self.0;
-        f.debug_struct("AwsConfig")
-            .field("kms_key_ref", &c.kms_key_ref)
-            .field("region", &c.region)
-            .field("role_arn", &c.role_arn)
-            .field("external_id", &c.external_id.as_ref().map(|_| "******"))
-            .field("endpoint_url", &c.endpoint_url)
-            .finish()
-    }
-}
-
 impl fmt::Debug for AwsKmsWrapper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AwsKmsWrapper")
-            .field("config", &RedactedConfig(&self.config))
+            .field("config", &self.config)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
     }

@@ -289,13 +289,14 @@ fn open_payload(
     data_key: &[u8; KEY_LEN],
     context: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let keys = payload_keys(data_key, view.suite);
+    // The commitment was checked when the wrap was opened: derive the key only.
+    let key = Prf::new(data_key).expand(&[LABEL_PAYLOAD, &[view.suite.id()]]);
     let aad = with_context(view.immutable_header(), context);
     let mut plaintext = vec![0u8; view.payload.len()];
     let opened = open_single_use(
         backend,
         view.suite,
-        &keys.key,
+        &key,
         &aad,
         view.payload,
         view.tag,
