@@ -11,17 +11,13 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
 use common::{ACME, GLOBEX, Service, TempDir, config, local_providers, names};
 use keyfold::aws::AwsWrapperFactory;
+use keyfold_moto::MotoServer;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -29,98 +25,20 @@ const REGION: &str = "eu-west-1";
 const ACCOUNT: &str = "123456789012";
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/tenant-kms";
 
-const SETUP_HINT: &str = "moto's server is needed for this test: run \
-`eval \"$(scripts/setup-emulators)\"` from the workspace root (it installs moto[server] \
-into a venv and exports KEYFOLD_MOTO_SERVER), or put `moto_server` on PATH";
-
-/// moto's server; stopped on drop (and when this process exits: the shell
-/// around it kills it when its stdin closes).
+/// moto's server (keyfold-moto) with the service's helpers.
 struct Moto {
-    port: u16,
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("KEYFOLD_MOTO_SERVER") {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "KEYFOLD_MOTO_SERVER={} does not exist. {SETUP_HINT}",
-            path.display()
-        );
-        return path;
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("moto_server"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!("KEYFOLD_MOTO_SERVER is not set and no moto_server on PATH. {SETUP_HINT}")
-        })
-}
-
-fn answers(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let req = format!("GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-    let mut out = String::new();
-    s.write_all(req.as_bytes()).is_ok()
-        && s.read_to_string(&mut out).is_ok()
-        && out.contains(" 200 ")
+    server: MotoServer,
 }
 
 impl Moto {
     fn start() -> Moto {
-        let bin = moto_binary();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log =
-            std::env::temp_dir().join(format!("tenant-kms-moto-{}-{port}.log", std::process::id()));
-        let log_file = File::create(&log).unwrap();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$0" -H 127.0.0.1 -p "$1" & pid=$!; trap 'kill $pid 2>/dev/null' EXIT; read -r _; exit 0"#)
-            .arg(&bin)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}. {SETUP_HINT}", bin.display()));
-        let stdin = child.stdin.take();
-        let mut moto = Moto { port, child, stdin };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !answers(port) {
-            let exited = moto.child.try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                panic!(
-                    "moto_server ({}) did not come up on port {port}: {exited:?}\n{}",
-                    bin.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        Moto {
+            server: MotoServer::start(&std::env::temp_dir()),
         }
-        moto
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     /// A new symmetric KMS key; its ARN.
