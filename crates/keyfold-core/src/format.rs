@@ -8,10 +8,10 @@
 //!      3    1  suite id                      payload AEAD and wrap
 //!      4   32  key commitment                payload AEAD and wrap
 //!     36    4  master key version (u32 BE)   wrap (AAD)       <- rewrap rewrites
-//!     40   24  wrap salt                     wrap (key deriv.) <- rewrap rewrites
-//!     64   48  wrapped data key + tag        wrap             <- rewrap rewrites
-//!    112    n  payload ciphertext            payload AEAD
-//!  112+n   16  payload tag
+//!     40   12  wrap nonce                    wrap (nonce)     <- rewrap rewrites
+//!     52   48  wrapped data key + tag        wrap             <- rewrap rewrites
+//!    100    n  payload ciphertext            payload AEAD
+//!  100+n   16  payload tag
 //! ```
 
 use crate::error::FormatError;
@@ -25,7 +25,7 @@ pub const FORMAT_V1: u8 = 1;
 pub const STREAMING_SUITE_FLAG: u8 = 0x80;
 
 pub(crate) const COMMITMENT_LEN: usize = 32;
-pub(crate) const WRAP_SALT_LEN: usize = 24;
+pub(crate) const WRAP_NONCE_LEN: usize = crate::keywrap::WRAP_NONCE_LEN;
 pub(crate) const WRAPPED_DATA_KEY_LEN: usize = crate::secret::KEY_LEN + TAG_LEN;
 
 /// End of the part a rewrap never changes (magic, format, suite, commitment).
@@ -33,26 +33,26 @@ pub(crate) const IMMUTABLE_END: usize = 2 + 1 + 1 + COMMITMENT_LEN;
 /// Offset of the master key version.
 pub(crate) const VERSION_AT: usize = IMMUTABLE_END;
 /// Offset of the wrapped data key; everything before it is the wrap's AAD.
-pub(crate) const WRAPPED_KEY_AT: usize = VERSION_AT + 4 + WRAP_SALT_LEN;
+pub(crate) const WRAPPED_KEY_AT: usize = VERSION_AT + 4 + WRAP_NONCE_LEN;
 /// Length of the v1 header.
 pub const HEADER_LEN: usize = WRAPPED_KEY_AT + WRAPPED_DATA_KEY_LEN;
-/// Bytes a v1 record adds to its plaintext: header plus payload tag (128).
+/// Bytes a v1 record adds to its plaintext: header plus payload tag (116).
 pub const RECORD_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// Largest plaintext a single record may hold (4 GiB); larger objects use streaming.
 pub const MAX_RECORD_PLAINTEXT: u64 = 1 << 32;
 
 // Streaming format (docs/FORMAT.md, "Streaming"): the same preamble and
 // commitment, then the segment size and nonce prefix (immutable), then the
-// same rewrap part as a record (version, wrap salt, wrapped data key).
+// same rewrap part as a record (version, wrap nonce, wrapped data key).
 
-/// Length of the rewrap part (version, wrap salt, wrapped data key) shared by
+/// Length of the rewrap part (version, wrap nonce, wrapped data key) shared by
 /// record and stream headers.
-pub(crate) const REWRAP_PART_LEN: usize = 4 + WRAP_SALT_LEN + WRAPPED_DATA_KEY_LEN;
+pub(crate) const REWRAP_PART_LEN: usize = 4 + WRAP_NONCE_LEN + WRAPPED_DATA_KEY_LEN;
 /// Length of a stream's per-object nonce prefix.
 pub const NONCE_PREFIX_LEN: usize = 7;
 /// End of a stream header's immutable part (magic .. nonce prefix).
 pub(crate) const STREAM_IMMUTABLE_END: usize = IMMUTABLE_END + 4 + NONCE_PREFIX_LEN;
-/// Length of a stream header (123 bytes).
+/// Length of a stream header (111 bytes).
 pub const STREAM_HEADER_LEN: usize = STREAM_IMMUTABLE_END + REWRAP_PART_LEN;
 /// Plaintext bytes per segment unless chosen otherwise (64 KiB).
 pub const DEFAULT_SEGMENT_SIZE: u32 = 64 * 1024;
@@ -100,7 +100,7 @@ pub(crate) struct HeaderView<'a> {
     /// Streams only (zeros for records).
     pub(crate) nonce_prefix: [u8; NONCE_PREFIX_LEN],
     pub(crate) version: u32,
-    pub(crate) wrap_salt: &'a [u8; WRAP_SALT_LEN],
+    pub(crate) wrap_nonce: &'a [u8; WRAP_NONCE_LEN],
     pub(crate) wrapped_data_key: &'a [u8; WRAPPED_DATA_KEY_LEN],
 }
 
@@ -129,7 +129,7 @@ impl<'a> HeaderView<'a> {
             }
         };
         let version = r.u32("master key version")?;
-        let wrap_salt = r.array("wrap salt")?;
+        let wrap_nonce = r.array("wrap nonce")?;
         let wrapped_data_key = r.array("wrapped data key")?;
         let bytes = bytes.get(..len).ok_or(FormatError::TooShort {
             what: "header",
@@ -145,7 +145,7 @@ impl<'a> HeaderView<'a> {
             segment_size,
             nonce_prefix,
             version,
-            wrap_salt,
+            wrap_nonce,
             wrapped_data_key,
         })
     }
@@ -220,7 +220,7 @@ pub(crate) struct RecordView<'a> {
     pub(crate) suite: Suite,
     pub(crate) commitment: &'a [u8; COMMITMENT_LEN],
     pub(crate) version: u32,
-    pub(crate) wrap_salt: &'a [u8; WRAP_SALT_LEN],
+    pub(crate) wrap_nonce: &'a [u8; WRAP_NONCE_LEN],
     pub(crate) wrapped_data_key: &'a [u8; WRAPPED_DATA_KEY_LEN],
     pub(crate) payload: &'a [u8],
     pub(crate) tag: &'a [u8; TAG_LEN],
@@ -249,7 +249,7 @@ impl<'a> RecordView<'a> {
         let suite = Suite::from_id(suite_id).ok_or(FormatError::UnknownSuite(suite_id))?;
         let commitment = r.array("key commitment")?;
         let version = r.u32("master key version")?;
-        let wrap_salt = r.array("wrap salt")?;
+        let wrap_nonce = r.array("wrap nonce")?;
         let wrapped_data_key = r.array("wrapped data key")?;
         let body_len = r.remaining();
         let Some(payload_len) = body_len.checked_sub(TAG_LEN) else {
@@ -274,7 +274,7 @@ impl<'a> RecordView<'a> {
             suite,
             commitment,
             version,
-            wrap_salt,
+            wrap_nonce,
             wrapped_data_key,
             payload,
             tag,
@@ -292,7 +292,7 @@ impl<'a> RecordView<'a> {
             segment_size: 0,
             nonce_prefix: [0; NONCE_PREFIX_LEN],
             version: self.version,
-            wrap_salt: self.wrap_salt,
+            wrap_nonce: self.wrap_nonce,
             wrapped_data_key: self.wrapped_data_key,
         }
     }
@@ -350,7 +350,7 @@ pub struct HeaderInfo {
     pub suite: Suite,
     /// Master key version that wrapped the data key.
     pub key_version: u32,
-    /// Length of the header in bytes (112 for a record, 123 for a stream).
+    /// Length of the header in bytes (100 for a record, 111 for a stream).
     pub header_len: usize,
     /// Plaintext bytes per segment (streams only).
     pub segment_size: Option<u32>,
@@ -389,12 +389,12 @@ mod tests {
     #[test]
     fn layout_constants() {
         assert_eq!(IMMUTABLE_END, 36);
-        assert_eq!(WRAPPED_KEY_AT, 64);
-        assert_eq!(HEADER_LEN, 112);
-        assert_eq!(RECORD_OVERHEAD, 128);
-        assert_eq!(REWRAP_PART_LEN, 76);
+        assert_eq!(WRAPPED_KEY_AT, 52);
+        assert_eq!(HEADER_LEN, 100);
+        assert_eq!(RECORD_OVERHEAD, 116);
+        assert_eq!(REWRAP_PART_LEN, 64);
         assert_eq!(STREAM_IMMUTABLE_END, 47);
-        assert_eq!(STREAM_HEADER_LEN, 123);
+        assert_eq!(STREAM_HEADER_LEN, 111);
     }
 
     #[test]

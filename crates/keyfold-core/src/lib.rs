@@ -15,6 +15,7 @@ pub mod error;
 pub mod format;
 mod kdf;
 pub mod keyring;
+mod keywrap;
 pub mod local;
 pub mod policy;
 pub mod probe;

@@ -10,21 +10,22 @@ use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::format::{
     COMMITMENT_LEN, FORMAT_V1, HEADER_LEN, HeaderInfo, HeaderKind, HeaderView, IMMUTABLE_END,
-    MAGIC, MAX_RECORD_PLAINTEXT, RECORD_OVERHEAD, REWRAP_PART_LEN, RecordView, WRAP_SALT_LEN,
-    WRAPPED_DATA_KEY_LEN,
+    MAGIC, MAX_RECORD_PLAINTEXT, RECORD_OVERHEAD, REWRAP_PART_LEN, RecordView, STREAM_HEADER_LEN,
+    WRAP_NONCE_LEN, WRAPPED_DATA_KEY_LEN,
 };
-use crate::kdf::Prf;
+use crate::kdf;
 use crate::rng;
 use crate::secret::{KEY_LEN, MasterKey};
 use crate::suite::{Backend, Suite, TAG_LEN, open_single_use, seal_single_use};
 
-// HKDF info labels (docs/FORMAT.md, "Key derivation"). Never reuse one for
-// another purpose.
-const LABEL_WRAP: &[u8] = b"keyfold/v1/wrap-key";
-const LABEL_PAYLOAD: &[u8] = b"keyfold/v1/payload-key";
-const LABEL_COMMIT: &[u8] = b"keyfold/v1/commitment";
+// KDF labels (docs/FORMAT.md, "Key derivation"), each followed by the suite
+// byte; at most 19 bytes in all, so each derivation is one SHA-256 block.
+// Never reuse one for another purpose. The wrap key's label lives with
+// `MasterKey`, the stream key's with the stream.
+const LABEL_PAYLOAD: &[u8] = b"keyfold1 payload";
+const LABEL_COMMIT: &[u8] = b"keyfold1 commit";
 /// The commitment of a stream's data key (docs/FORMAT.md, "Streaming").
-const LABEL_STREAM_COMMIT: &[u8] = b"keyfold/v1/stream-commitment";
+const LABEL_STREAM_COMMIT: &[u8] = b"keyfold1 s-commit";
 
 /// Keys derived from one record's data key.
 struct PayloadKeys {
@@ -33,10 +34,9 @@ struct PayloadKeys {
 }
 
 fn payload_keys(data_key: &[u8; KEY_LEN], suite: Suite) -> PayloadKeys {
-    let prf = Prf::new(data_key);
     PayloadKeys {
-        key: prf.expand(&[LABEL_PAYLOAD, &[suite.id()]]),
-        commitment: prf.expand(&[LABEL_COMMIT, &[suite.id()]]),
+        key: kdf::derive(data_key, &[LABEL_PAYLOAD, &[suite.id()]]),
+        commitment: kdf::derive(data_key, &[LABEL_COMMIT, &[suite.id()]]),
     }
 }
 
@@ -51,16 +51,7 @@ pub(crate) fn commitment(
         HeaderKind::Record => LABEL_COMMIT,
         HeaderKind::Stream => LABEL_STREAM_COMMIT,
     };
-    Prf::new(data_key).expand(&[label, &[suite_id]])
-}
-
-/// The key of one wrap; `suite_id` is the header's suite byte.
-fn wrap_key(
-    master: &MasterKey,
-    suite_id: u8,
-    salt: &[u8; WRAP_SALT_LEN],
-) -> Zeroizing<[u8; KEY_LEN]> {
-    master.wrap_kdf().expand(&[LABEL_WRAP, &[suite_id], salt])
+    kdf::derive(data_key, &[label, &[suite_id]])
 }
 
 pub(crate) fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
@@ -70,18 +61,15 @@ pub(crate) fn with_context(header: &[u8], context: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Writes version, the wrap salt and the data key sealed under `master`
-/// into the rewrap part of `header` (its last 76 bytes); the immutable part
-/// before it must be final. `header` is a whole record or stream header,
-/// `suite_id` its suite byte and `suite` the AEAD (docs/FORMAT.md,
-/// "Operations").
+/// Writes version, the wrap nonce and the data key sealed under `master`
+/// into the rewrap part of `header` (its last 64 bytes); the immutable part
+/// before it must be final. `header` is a whole record or stream header
+/// (docs/FORMAT.md, "Wrap").
 pub(crate) fn write_wrap(
     header: &mut [u8],
     master: &MasterKey,
-    suite_id: u8,
-    suite: Suite,
     data_key: &[u8; KEY_LEN],
-    salt: &[u8; WRAP_SALT_LEN],
+    nonce: &[u8; WRAP_NONCE_LEN],
     context: &[u8],
 ) -> Result<(), Error> {
     let immutable_end = header
@@ -95,24 +83,27 @@ pub(crate) fn write_wrap(
     let (_, mutable) = aad_part
         .split_at_mut_checked(immutable_end)
         .ok_or(Error::Encrypt)?;
-    let (version, salt_out) = mutable.split_at_mut_checked(4).ok_or(Error::Encrypt)?;
+    let (version, nonce_out) = mutable.split_at_mut_checked(4).ok_or(Error::Encrypt)?;
     version.copy_from_slice(&master.version().to_be_bytes());
-    salt_out.copy_from_slice(salt);
-    let key = wrap_key(master, suite_id, salt);
+    nonce_out.copy_from_slice(nonce);
     let aad = with_context(aad_part, context);
     let (sealed, tag_out) = wrapped
         .split_at_mut_checked(KEY_LEN)
         .ok_or(Error::Encrypt)?;
     sealed.copy_from_slice(data_key);
-    let tag = seal_single_use(Backend::default(), suite, &key, &aad, sealed)
+    let tag = master
+        .wrap_cipher()
+        .seal(nonce, &aad, sealed)
         .map_err(|_| Error::Encrypt)?;
     tag_out.copy_from_slice(&tag);
     Ok(())
 }
 
 /// Opens the wrapped data key of a record's or stream's header under
-/// `master`, and checks the header's commitment to it.
-pub(crate) fn open_wrap(
+/// `master`. The wrap authenticates every header byte before the wrapped
+/// key, the commitment included; whether the commitment matches the data
+/// key is [`open_committed`]'s check.
+fn open_wrap(
     view: &HeaderView<'_>,
     master: &MasterKey,
     context: &[u8],
@@ -123,23 +114,26 @@ pub(crate) fn open_wrap(
             supplied: master.version(),
         });
     }
-    let key = wrap_key(master, view.suite_id, view.wrap_salt);
     let aad = with_context(view.wrap_aad(), context);
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     let (sealed, tag) = view.wrapped_data_key.split_at(KEY_LEN);
     let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| Error::Decrypt)?;
-    open_single_use(
-        Backend::default(),
-        view.suite,
-        &key,
-        &aad,
-        sealed,
-        tag,
-        &mut *data_key,
-    )
-    .map_err(|_| Error::Decrypt)?;
-    // The commitment binds this data key to the payload (and so to the
-    // whole record or stream): checked before any payload byte is released.
+    master
+        .wrap_cipher()
+        .open(view.wrap_nonce, &aad, sealed, tag, &mut *data_key)
+        .map_err(|_| Error::Decrypt)?;
+    Ok(data_key)
+}
+
+/// [`open_wrap`], then checks the header's commitment to the data key: the
+/// step that binds the data key to the payload, done before any payload
+/// byte is released.
+pub(crate) fn open_committed(
+    view: &HeaderView<'_>,
+    master: &MasterKey,
+    context: &[u8],
+) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
+    let data_key = open_wrap(view, master, context)?;
     let expected = commitment(&data_key, view.kind, view.suite_id);
     if !bool::from(expected.ct_eq(view.commitment)) {
         return Err(Error::Decrypt);
@@ -194,21 +188,21 @@ pub fn encrypt_with(
     }
     let context = context.encode()?;
     // One generator call for both: each call pays the fork check.
-    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_SALT_LEN]);
+    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_NONCE_LEN]);
     rng::fill(&mut *fresh)?;
-    let (data_key, salt) = fresh.split_at(KEY_LEN);
+    let (data_key, nonce) = fresh.split_at(KEY_LEN);
     let data_key: &[u8; KEY_LEN] = data_key.try_into().map_err(|_| Error::Encrypt)?;
-    let salt: &[u8; WRAP_SALT_LEN] = salt.try_into().map_err(|_| Error::Encrypt)?;
-    seal_with(backend, master, suite, &context, data_key, salt, plaintext)
+    let nonce: &[u8; WRAP_NONCE_LEN] = nonce.try_into().map_err(|_| Error::Encrypt)?;
+    seal_with(backend, master, suite, &context, data_key, nonce, plaintext)
 }
 
-fn fresh_salt() -> Result<[u8; WRAP_SALT_LEN], Error> {
-    let mut salt = [0u8; WRAP_SALT_LEN];
-    rng::fill(&mut salt)?;
-    Ok(salt)
+fn fresh_nonce() -> Result<[u8; WRAP_NONCE_LEN], Error> {
+    let mut nonce = [0u8; WRAP_NONCE_LEN];
+    rng::fill(&mut nonce)?;
+    Ok(nonce)
 }
 
-/// Encrypts with a caller-chosen data key and wrap salt: the deterministic
+/// Encrypts with a caller-chosen data key and wrap nonce: the deterministic
 /// core of [`encrypt`], for known-answer vectors only.
 pub(crate) fn seal_with(
     backend: Backend,
@@ -216,7 +210,7 @@ pub(crate) fn seal_with(
     suite: Suite,
     context: &[u8],
     data_key: &[u8; KEY_LEN],
-    salt: &[u8; WRAP_SALT_LEN],
+    nonce: &[u8; WRAP_NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
     let keys = payload_keys(data_key, suite);
@@ -228,15 +222,7 @@ pub(crate) fn seal_with(
     for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
         *dst = *src;
     }
-    write_wrap(
-        &mut header,
-        master,
-        suite.id(),
-        suite,
-        data_key,
-        salt,
-        context,
-    )?;
+    write_wrap(&mut header, master, data_key, nonce, context)?;
 
     let (immutable, _) = header.split_at(IMMUTABLE_END);
     let aad = with_context(immutable, context);
@@ -279,7 +265,7 @@ pub fn decrypt_with(
 ) -> Result<Vec<u8>, Error> {
     let view = RecordView::parse(record)?;
     let context = context.encode()?;
-    let data_key = open_wrap(&view.header(), master, &context)?;
+    let data_key = open_committed(&view.header(), master, &context)?;
     open_payload(backend, &view, &data_key, &context)
 }
 
@@ -290,7 +276,7 @@ fn open_payload(
     context: &[u8],
 ) -> Result<Vec<u8>, Error> {
     // The commitment was checked when the wrap was opened: derive the key only.
-    let key = Prf::new(data_key).expand(&[LABEL_PAYLOAD, &[view.suite.id()]]);
+    let key = kdf::derive(data_key, &[LABEL_PAYLOAD, &[view.suite.id()]]);
     let aad = with_context(view.immutable_header(), context);
     let mut plaintext = vec![0u8; view.payload.len()];
     let opened = open_single_use(
@@ -352,37 +338,42 @@ pub fn rewrap_in_place(
     context: &EncryptionContext,
 ) -> Result<(), Error> {
     let context = context.encode()?;
-    let (data_key, suite) = {
-        let view = RecordView::parse(record)?;
-        (open_wrap(&view.header(), from, &context)?, view.suite)
-    };
-    // Build the new header aside, so a failure leaves the record untouched.
-    let (header_in, _) = record
-        .split_at_mut_checked(HEADER_LEN)
-        .ok_or(Error::Decrypt)?;
-    let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(header_in);
-    write_wrap(
-        &mut header,
-        to,
-        suite.id(),
-        suite,
-        &data_key,
-        &fresh_salt()?,
-        &context,
-    )?;
-    header_in.copy_from_slice(&header);
+    let len = RecordView::parse(record)?.header().bytes.len();
+    let header = record.get_mut(..len).ok_or(Error::Decrypt)?;
+    rewrite_wrap(header, from, to, &context)
+}
+
+/// Re-seals the data key of `header` (exactly one record or stream header)
+/// from `from` to `to` under a fresh wrap nonce. The commitment is not
+/// checked here: the wrap authenticates it together with the data key, and
+/// a rewrap copies both unchanged, so a header whose commitment does not
+/// match its data key fails to decrypt after a rewrap exactly as before
+/// (docs/FORMAT.md, "Operations"). [`check_header`] checks it.
+fn rewrite_wrap(
+    header: &mut [u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &[u8],
+) -> Result<(), Error> {
+    let data_key = open_wrap(&HeaderView::parse_prefix(header)?, from, context)?;
+    // Build the new header aside, so a failure leaves the input untouched.
+    let mut aside = [0u8; STREAM_HEADER_LEN];
+    let new = aside.get_mut(..header.len()).ok_or(Error::Decrypt)?;
+    new.copy_from_slice(header);
+    write_wrap(new, to, &data_key, &fresh_nonce()?, context)?;
+    header.copy_from_slice(new);
     Ok(())
 }
 
 /// Header-only rewrap of a record **or a stream**: `buf` starts with the
-/// header (112 bytes for a record, 123 for a stream) and may hold just
+/// header (100 bytes for a record, 111 for a stream) and may hold just
 /// that, or the whole object. Only the header's rewrap part (version, wrap
-/// salt, wrapped data key) is rewritten, under `to`, with a fresh salt. The
-/// data key is opened with `from` and the header's commitment checked
-/// first, so a header that does not belong to its data key is refused.
-/// Bytes after the header are not read or written: re-keying a 10 GiB
-/// object rewrites 123 bytes (docs/FORMAT.md, "Operations").
+/// nonce, wrapped data key) is rewritten, under `to`, with a fresh nonce.
+/// The data key is opened with `from`; the commitment is carried over
+/// unchanged (check the result with [`check_header`] before writing it
+/// back, as the rewrap job does). Bytes after the header are not read or
+/// written: re-keying a 10 GiB object rewrites 111 bytes (docs/FORMAT.md,
+/// "Operations").
 ///
 /// ```
 /// use keyfold_core::{format, record, stream, EncryptionContext, MasterKey, SecretKey};
@@ -413,28 +404,9 @@ pub fn rewrap_header_in_place(
     context: &EncryptionContext,
 ) -> Result<HeaderInfo, Error> {
     let context = context.encode()?;
-    let (data_key, suite_id, suite, len) = {
-        let view = HeaderView::parse_prefix(buf)?;
-        (
-            open_wrap(&view, from, &context)?,
-            view.suite_id,
-            view.suite,
-            view.bytes.len(),
-        )
-    };
-    // Build the new header aside, so a failure leaves the buffer untouched.
-    let header_in = buf.get_mut(..len).ok_or(Error::Decrypt)?;
-    let mut header = header_in.to_vec();
-    write_wrap(
-        &mut header,
-        to,
-        suite_id,
-        suite,
-        &data_key,
-        &fresh_salt()?,
-        &context,
-    )?;
-    header_in.copy_from_slice(&header);
+    let len = HeaderView::parse_prefix(buf)?.bytes.len();
+    let header = buf.get_mut(..len).ok_or(Error::Decrypt)?;
+    rewrite_wrap(header, from, to, &context)?;
     Ok(crate::format::inspect_header(buf)?)
 }
 
@@ -461,7 +433,7 @@ pub fn check_header(
 ) -> Result<HeaderInfo, Error> {
     let context = context.encode()?;
     let view = HeaderView::parse_prefix(buf)?;
-    open_wrap(&view, master, &context)?;
+    open_committed(&view, master, &context)?;
     Ok(crate::format::inspect_header(buf)?)
 }
 
@@ -517,16 +489,7 @@ mod tests {
         let mut header = [0u8; HEADER_LEN];
         header[..4].copy_from_slice(&[MAGIC[0], MAGIC[1], FORMAT_V1, suite.id()]);
         header[4..IMMUTABLE_END].copy_from_slice(&*payload_keys(&committed, suite).commitment);
-        write_wrap(
-            &mut header,
-            master,
-            suite.id(),
-            suite,
-            &actual,
-            &[3; WRAP_SALT_LEN],
-            ctx,
-        )
-        .unwrap();
+        write_wrap(&mut header, master, &actual, &[3; WRAP_NONCE_LEN], ctx).unwrap();
         let aad = with_context(&header[..IMMUTABLE_END], ctx);
         let mut payload = b"forged".to_vec();
         let key = payload_keys(&actual, suite).key;
@@ -542,22 +505,8 @@ mod tests {
             let record = forged(&master, suite, &ctx.encode().unwrap());
             // Everything but the commitment is consistent...
             let view = RecordView::parse(&record).unwrap();
-            let header = view.header();
-            let wrap_key = wrap_key(&master, suite.id(), header.wrap_salt);
-            let aad = with_context(header.wrap_aad(), &ctx.encode().unwrap());
-            let (sealed, tag) = header.wrapped_data_key.split_at(KEY_LEN);
-            let mut dk = [0u8; KEY_LEN];
-            open_single_use(
-                Backend::default(),
-                suite,
-                &wrap_key,
-                &aad,
-                sealed,
-                tag.try_into().unwrap(),
-                &mut dk,
-            )
-            .unwrap();
-            assert_eq!(dk, [2u8; KEY_LEN], "the wrap opens");
+            let dk = open_wrap(&view.header(), &master, &ctx.encode().unwrap()).unwrap();
+            assert_eq!(*dk, [2u8; KEY_LEN], "the wrap opens");
             // ...and yet the record is refused.
             for &backend in Backend::all() {
                 assert!(matches!(
@@ -566,11 +515,12 @@ mod tests {
                 ));
             }
             assert!(check_header(&record, &master, &ctx).is_err());
+            // A rewrap carries the mismatch over: it cannot launder the
+            // record into one that decrypts, and the check still refuses it.
             let other = MasterKey::new(2, SecretKey::generate().unwrap());
-            assert!(
-                rewrap(&record, &master, &other, &ctx).is_err(),
-                "rewrap must not launder it"
-            );
+            let moved = rewrap(&record, &master, &other, &ctx).unwrap();
+            assert!(matches!(decrypt(&other, &ctx, &moved), Err(Error::Decrypt)));
+            assert!(check_header(&moved, &other, &ctx).is_err());
         }
     }
 }

@@ -5,7 +5,9 @@ use std::fmt;
 use secrecy::{ExposeSecret, SecretBox};
 use zeroize::Zeroize;
 
+use crate::keywrap::WrapCipher;
 use crate::rng;
+use crate::suite::Backend;
 
 /// Length in bytes of every symmetric key keyfold handles (master keys, data keys, KEKs).
 pub const KEY_LEN: usize = 32;
@@ -73,23 +75,30 @@ pub struct InvalidKeyLength {
 
 /// A master key version: the 32-byte key that wraps data keys, with its version number.
 ///
-/// It keeps the keyed HMAC state used for per-record wrap-key derivation
-/// (docs/FORMAT.md, "Wrap"), built once so encrypting a record does not redo it.
+/// It keeps the wrap cipher (AES-256-GCM-SIV under a key derived from the
+/// master key, docs/FORMAT.md, "Wrap") with its key schedule computed, built
+/// once so wrapping or unwrapping a data key does not redo it.
 pub struct MasterKey {
     version: u32,
     key: SecretKey,
-    wrap_kdf: crate::kdf::Prf,
+    wrap: WrapCipher,
 }
+
+/// KDF label of the wrap key (docs/FORMAT.md, "Key derivation").
+const LABEL_WRAP: &[u8] = b"keyfold1 wrap";
 
 impl MasterKey {
     /// A master key for `version` made of `key`.
     pub fn new(version: u32, key: SecretKey) -> Self {
-        let wrap_kdf = crate::kdf::Prf::new(key.expose());
-        MasterKey {
-            version,
-            key,
-            wrap_kdf,
-        }
+        let wrap_key = crate::kdf::derive(key.expose(), &[LABEL_WRAP]);
+        // aws-lc refuses only a key of the wrong length, which a 32-byte array
+        // cannot be; the pure-Rust backend computes the same function.
+        let wrap = WrapCipher::new(Backend::default(), &wrap_key).unwrap_or_else(|_| {
+            WrapCipher::RustCrypto(Box::new(aes_gcm_siv::aead::KeyInit::new(
+                (&*wrap_key).into(),
+            )))
+        });
+        MasterKey { version, key, wrap }
     }
 
     /// The master key version this key is.
@@ -102,8 +111,8 @@ impl MasterKey {
         &self.key
     }
 
-    pub(crate) fn wrap_kdf(&self) -> &crate::kdf::Prf {
-        &self.wrap_kdf
+    pub(crate) fn wrap_cipher(&self) -> &WrapCipher {
+        &self.wrap
     }
 }
 

@@ -17,12 +17,12 @@ pub const TAG_LEN: usize = 16;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Suite {
-    /// AES-256-GCM with an HKDF-SHA-256 key commitment. The default: fastest on
+    /// AES-256-GCM with a SHA-256 key commitment. The default: fastest on
     /// CPUs with AES instructions.
     #[serde(rename = "aes-256-gcm")]
     #[default]
     Aes256Gcm,
-    /// ChaCha20-Poly1305 with an HKDF-SHA-256 key commitment, for CPUs without
+    /// ChaCha20-Poly1305 with a SHA-256 key commitment, for CPUs without
     /// AES instructions (constant-time in software).
     #[serde(rename = "chacha20-poly1305")]
     ChaCha20Poly1305,

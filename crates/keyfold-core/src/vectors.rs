@@ -1,7 +1,7 @@
 //! Known-answer vectors for record format v1, kept as data files under
 //! `tests/vectors/` and checked in both directions: each success vector must
 //! decrypt to its plaintext, and encrypting its plaintext with its data key
-//! and wrap salt must give back its exact record bytes. Vectors of every
+//! and wrap nonce must give back its exact record bytes. Vectors of every
 //! released format stay forever, so old ciphertext always decrypts.
 //!
 //! One file per vector, `name: value` lines (hex for bytes); `expect:` is
@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use crate::context::EncryptionContext;
 use crate::error::{Error, FormatError};
-use crate::format::WRAP_SALT_LEN;
+use crate::format::WRAP_NONCE_LEN;
 use crate::record::{decrypt_with, seal_with};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
 use crate::suite::Suite;
@@ -128,14 +128,14 @@ fn check(v: &Vector, backend: crate::suite::Backend, name: &str) {
             assert_eq!(result.unwrap(), v.hex("plaintext"), "{name}");
             // The other direction: same inputs, same bytes.
             let ctx = v.context().encode().unwrap();
-            let salt: [u8; WRAP_SALT_LEN] = v.hex("wrap_salt").try_into().unwrap();
+            let nonce: [u8; WRAP_NONCE_LEN] = v.hex("wrap_nonce").try_into().unwrap();
             let ours = seal_with(
                 backend,
                 &v.master(),
                 v.suite(),
                 &ctx,
                 &v.key("data_key"),
-                &salt,
+                &nonce,
                 &v.hex("plaintext"),
             )
             .unwrap();
@@ -162,7 +162,7 @@ fn generate() {
         }
         k
     };
-    let salt = |b: u8| [b; WRAP_SALT_LEN];
+    let nonce = |b: u8| [b; WRAP_NONCE_LEN];
     struct Case<'a> {
         file: &'a str,
         comment: &'a str,
@@ -170,7 +170,7 @@ fn generate() {
         version: u32,
         mk: u8,
         dk: u8,
-        salt: u8,
+        nonce: u8,
         ctx: Vec<(&'a str, &'a [u8])>,
         pt: Vec<u8>,
     }
@@ -182,7 +182,7 @@ fn generate() {
             version: 1,
             mk: 1,
             dk: 2,
-            salt: 3,
+            nonce: 3,
             ctx: vec![],
             pt: vec![],
         },
@@ -193,7 +193,7 @@ fn generate() {
             version: 1,
             mk: 1,
             dk: 4,
-            salt: 5,
+            nonce: 5,
             ctx: vec![("tenant", b"acme"), ("row", b"42")],
             pt: b"hello keyfold".to_vec(),
         },
@@ -204,7 +204,7 @@ fn generate() {
             version: 7,
             mk: 9,
             dk: 6,
-            salt: 7,
+            nonce: 7,
             ctx: vec![
                 ("tenant", b"acme"),
                 ("table", b"secrets"),
@@ -219,7 +219,7 @@ fn generate() {
             version: u32::MAX,
             mk: 11,
             dk: 8,
-            salt: 9,
+            nonce: 9,
             ctx: vec![("tenant", b"t")],
             pt: (0..1024u32).map(|i| (i * 7) as u8).collect(),
         },
@@ -230,7 +230,7 @@ fn generate() {
             version: 2,
             mk: 12,
             dk: 10,
-            salt: 11,
+            nonce: 11,
             ctx: vec![],
             pt: b"x".to_vec(),
         },
@@ -247,7 +247,7 @@ fn generate() {
             c.suite,
             &ctx.encode().unwrap(),
             &dk(c.dk),
-            &salt(c.salt),
+            &nonce(c.nonce),
             &c.pt,
         )
         .unwrap();
@@ -262,10 +262,10 @@ fn generate() {
         write(
             c.file,
             format!(
-                "# {}\nexpect: success\n{common}data_key: {}\nwrap_salt: {}\nplaintext: {}\nrecord: {}\n",
+                "# {}\nexpect: success\n{common}data_key: {}\nwrap_nonce: {}\nplaintext: {}\nrecord: {}\n",
                 c.comment,
                 hex::encode(dk(c.dk)),
-                hex::encode(salt(c.salt)),
+                hex::encode(nonce(c.nonce)),
                 hex::encode(&c.pt),
                 hex::encode(&record)
             ),

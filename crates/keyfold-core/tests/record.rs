@@ -71,7 +71,11 @@ fn rewrap_changes_only_the_wrap_and_keeps_the_payload() {
     let new = record::rewrap(&old, &v1, &v2, &c).unwrap();
     assert_eq!(old.len(), new.len());
     assert_eq!(old[..36], new[..36], "immutable header changed");
-    assert_eq!(old[112..], new[112..], "payload changed");
+    assert_eq!(
+        old[format::HEADER_LEN..],
+        new[format::HEADER_LEN..],
+        "payload changed"
+    );
     assert_eq!(format::inspect(&new).unwrap().key_version, 2);
     assert_eq!(record::decrypt(&v2, &c, &new).unwrap(), vec![7u8; 4096]);
     assert!(matches!(
@@ -93,7 +97,7 @@ fn reencrypt_uses_a_fresh_data_key() {
     let old = record::encrypt(&v1, Suite::Aes256Gcm, &c, b"payload").unwrap();
     let new = record::reencrypt(&old, &v1, &v2, &c).unwrap();
     assert_ne!(old[4..36], new[4..36], "commitment (so data key) unchanged");
-    assert_ne!(old[112..], new[112..]);
+    assert_ne!(old[format::HEADER_LEN..], new[format::HEADER_LEN..]);
     assert_eq!(record::decrypt(&v2, &c, &new).unwrap(), b"payload");
 }
 

@@ -504,7 +504,11 @@ async fn lazy_reads_hand_back_an_upgraded_record() {
     assert_eq!(read.plaintext, b"value");
     let upgraded = read.upgraded.clone().unwrap();
     assert_eq!(format::inspect(&upgraded).unwrap().key_version, 2);
-    assert_eq!(old[112..], upgraded[112..], "header-only");
+    assert_eq!(
+        old[keyfold_core::format::HEADER_LEN..],
+        upgraded[keyfold_core::format::HEADER_LEN..],
+        "header-only"
+    );
     assert_eq!(ring.decrypt(&c, &upgraded).await.unwrap(), b"value");
     assert!(read.upgrade_error.is_none());
     let shown = format!("{read:?}");

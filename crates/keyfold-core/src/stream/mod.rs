@@ -2,7 +2,7 @@
 //! (docs/FORMAT.md, "Streaming").
 //!
 //! An object is encrypted under a fresh data key, wrapped under a master key
-//! version exactly as a record's is, in a 123-byte header of the same family
+//! version exactly as a record's is, in a 111-byte header of the same family
 //! as the record format (suite ids 0x81 and 0x82). The payload is cut into
 //! segments of a fixed plaintext size (default 64 KiB, recorded in the
 //! header), each sealed with the STREAM construction (Hoang, Reyhanitabar,
@@ -83,11 +83,11 @@ use crate::context::EncryptionContext;
 use crate::error::{Error, FormatError, StreamError};
 use crate::format::{
     DEFAULT_SEGMENT_SIZE, FORMAT_V1, HeaderKind, HeaderView, MAGIC, MAX_SEGMENT_SIZE,
-    MIN_SEGMENT_SIZE, NONCE_PREFIX_LEN, STREAM_HEADER_LEN, STREAM_IMMUTABLE_END, WRAP_SALT_LEN,
+    MIN_SEGMENT_SIZE, NONCE_PREFIX_LEN, STREAM_HEADER_LEN, STREAM_IMMUTABLE_END, WRAP_NONCE_LEN,
     stream_suite_id,
 };
-use crate::kdf::Prf;
-use crate::record::{commitment, open_wrap, with_context, write_wrap};
+use crate::kdf;
+use crate::record::{commitment, open_committed, with_context, write_wrap};
 use crate::rng;
 use crate::secret::{KEY_LEN, MasterKey};
 use crate::suite::{self, Backend, Suite, TAG_LEN};
@@ -106,8 +106,8 @@ pub use seek::SeekDecryptor;
 pub use tokio_io::{AsyncDecryptor, AsyncEncryptor};
 pub use write::Encryptor;
 
-/// HKDF info label of the segment key (docs/FORMAT.md, "Streaming").
-const LABEL_STREAM_KEY: &[u8] = b"keyfold/v1/stream-key";
+/// KDF label of the segment key (docs/FORMAT.md, "Streaming").
+const LABEL_STREAM_KEY: &[u8] = b"keyfold1 stream";
 
 /// Most segments a stream may have: the segment counter is 32 bits.
 pub const MAX_SEGMENTS: u64 = 1 << 32;
@@ -191,7 +191,7 @@ fn check_segment_size(size: u32) -> Result<(), StreamError> {
     }
 }
 
-/// A stream's 123-byte header, parsed: readable without any key, so the
+/// A stream's 111-byte header, parsed: readable without any key, so the
 /// caller can pick the master key version it names.
 ///
 /// ```
@@ -301,7 +301,7 @@ impl StreamHeader {
     /// derives the segment state.
     fn open(&self, master: &MasterKey, context: &EncryptionContext) -> Result<Segments, Error> {
         let context = context.encode()?;
-        let data_key = open_wrap(&self.view()?, master, &context)?;
+        let data_key = open_committed(&self.view()?, master, &context)?;
         Ok(Segments::new(&data_key, self, &context))
     }
 }
@@ -331,7 +331,7 @@ pub(crate) fn seal_header(
     segment_size: u32,
     context: &[u8],
     data_key: &[u8; KEY_LEN],
-    wrap_salt: &[u8; WRAP_SALT_LEN],
+    wrap_nonce: &[u8; WRAP_NONCE_LEN],
     nonce_prefix: &[u8; NONCE_PREFIX_LEN],
 ) -> Result<(StreamHeader, Segments), Error> {
     check_segment_size(segment_size)?;
@@ -344,21 +344,13 @@ pub(crate) fn seal_header(
     header.extend_from_slice(&segment_size.to_be_bytes());
     header.extend_from_slice(nonce_prefix);
     header.resize(STREAM_HEADER_LEN, 0);
-    write_wrap(
-        &mut header,
-        master,
-        suite_id,
-        suite,
-        data_key,
-        wrap_salt,
-        context,
-    )?;
+    write_wrap(&mut header, master, data_key, wrap_nonce, context)?;
     let header = StreamHeader::parse(&header)?;
     let segments = Segments::new(data_key, &header, context);
     Ok((header, segments))
 }
 
-/// A fresh header for a new stream: random data key, wrap salt and nonce
+/// A fresh header for a new stream: random data key, wrap nonce and nonce
 /// prefix from the OS generator.
 fn fresh_header(
     master: &MasterKey,
@@ -368,8 +360,8 @@ fn fresh_header(
     let context = context.encode()?;
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     rng::fill(&mut *data_key)?;
-    let mut salt = [0u8; WRAP_SALT_LEN];
-    rng::fill(&mut salt)?;
+    let mut wrap_nonce = [0u8; WRAP_NONCE_LEN];
+    rng::fill(&mut wrap_nonce)?;
     let mut prefix = [0u8; NONCE_PREFIX_LEN];
     rng::fill(&mut prefix)?;
     let (header, mut segments) = seal_header(
@@ -378,7 +370,7 @@ fn fresh_header(
         options.segment_size,
         &context,
         &data_key,
-        &salt,
+        &wrap_nonce,
         &prefix,
     )?;
     segments.set_backend(options.backend);
@@ -400,7 +392,10 @@ pub(crate) struct Segments {
 impl Segments {
     fn new(data_key: &[u8; KEY_LEN], header: &StreamHeader, context: &[u8]) -> Self {
         let suite_id = stream_suite_id(header.suite);
-        let key = Prf::new(data_key).expand(&[LABEL_STREAM_KEY, &[suite_id], &header.nonce_prefix]);
+        let key = kdf::derive(
+            data_key,
+            &[LABEL_STREAM_KEY, &[suite_id], &header.nonce_prefix],
+        );
         let immutable = header.bytes.get(..STREAM_IMMUTABLE_END).unwrap_or_default();
         Segments {
             backend: Backend::default(),
@@ -494,8 +489,8 @@ fn split_tag(segment: &[u8]) -> Option<(&[u8], &[u8; TAG_LEN])> {
 /// let plain = vec![7u8; 10_000];
 /// let mut object = Vec::new();
 /// assert_eq!(stream::encrypt(&master, options, &ctx, &plain[..], &mut object)?, 10_000);
-/// // 123-byte header, 3 segments of 16-byte tags.
-/// assert_eq!(object.len(), 10_000 + 123 + 3 * 16);
+/// // 111-byte header, 3 segments of 16-byte tags.
+/// assert_eq!(object.len(), 10_000 + 111 + 3 * 16);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
@@ -561,13 +556,13 @@ pub fn reencrypt<R: Read, W: Write>(
     enc.finish_len()
 }
 
-/// Header-only rewrap of a stored stream: reads its 123-byte header from
+/// Header-only rewrap of a stored stream: reads its 111-byte header from
 /// the start of `object`, rewraps the data key from `from` to `to` (see
 /// [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place))
 /// and writes the header back at offset 0. The payload is neither read nor
-/// written: re-keying a 10 GiB object costs 123 bytes of I/O.
+/// written: re-keying a 10 GiB object costs 111 bytes of I/O.
 ///
-/// The header write is a single 123-byte `write_all` then `flush`; where a
+/// The header write is a single 111-byte `write_all` then `flush`; where a
 /// torn write is possible, write the new header (returned) atomically
 /// instead.
 ///
@@ -606,13 +601,13 @@ pub fn rewrap_in_place<F: Read + Write + Seek>(
 }
 
 /// Bytes a stream of `plaintext_len` bytes takes with segments of
-/// `segment_size` plaintext bytes: the 123-byte header plus a 16-byte tag
+/// `segment_size` plaintext bytes: the 111-byte header plus a 16-byte tag
 /// per segment (`plaintext_len / segment_size + 1` segments).
 ///
 /// ```
 /// # use keyfold_core::stream::ciphertext_len;
-/// assert_eq!(ciphertext_len(0, 65536), Some(123 + 16));
-/// assert_eq!(ciphertext_len(65536, 65536), Some(123 + 65536 + 2 * 16));
+/// assert_eq!(ciphertext_len(0, 65536), Some(111 + 16));
+/// assert_eq!(ciphertext_len(65536, 65536), Some(111 + 65536 + 2 * 16));
 /// ```
 pub fn ciphertext_len(plaintext_len: u64, segment_size: u32) -> Option<u64> {
     let segments = plaintext_len

@@ -223,7 +223,7 @@ impl DecodeCore {
 /// assert_eq!(header.key_version(), master.version());
 ///
 /// // Cut at a segment boundary: the final segment is missing.
-/// let cut = &object[..123 + 2 * (64 + 16)];
+/// let cut = &object[..111 + 2 * (64 + 16)];
 /// let mut dec = stream::Decryptor::open(&master, &ctx, cut)?;
 /// let err = dec.read_to_end(&mut Vec::new()).unwrap_err();
 /// assert!(matches!(Error::from(err), Error::Stream(StreamError::Truncated { segments: 2 })));

@@ -21,7 +21,7 @@ use crate::suite::TAG_LEN;
 ///
 /// The layout follows from the source's length alone: every segment but
 /// the last holds `segment_size + 16` bytes, so segment `i` starts at
-/// `123 + i * (segment_size + 16)`. Every segment read is authenticated
+/// `111 + i * (segment_size + 16)`. Every segment read is authenticated
 /// with its index and final flag, so a segment moved, duplicated or from
 /// another object is rejected, and a cut object fails when opened.
 ///

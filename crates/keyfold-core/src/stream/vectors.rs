@@ -1,7 +1,7 @@
 //! Known-answer vectors for the streaming format, kept as data files under
 //! `tests/vectors/stream/` and checked in both directions: every success
 //! vector decrypts to its plaintext, and encrypting its plaintext with its
-//! data key, wrap salt and nonce prefix gives back its exact bytes. They
+//! data key, wrap nonce and nonce prefix gives back its exact bytes. They
 //! stay forever, so old objects always decrypt.
 //!
 //! One file per vector, `name: value` lines (hex for bytes), as the record
@@ -16,7 +16,7 @@ use super::write::EncodeCore;
 use super::{Decryptor, StreamHeader, seal_header};
 use crate::context::EncryptionContext;
 use crate::error::{Error, StreamError};
-use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_SALT_LEN};
+use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_NONCE_LEN};
 use crate::secret::{KEY_LEN, MasterKey, SecretKey};
 use crate::suite::{Backend, Suite, TAG_LEN};
 use crate::vectors::{Vector, context_text, format_error_name, write_if_missing};
@@ -35,13 +35,13 @@ fn encode(
     segment_size: u32,
     context: &EncryptionContext,
     data_key: &[u8; KEY_LEN],
-    salt: &[u8; WRAP_SALT_LEN],
+    nonce: &[u8; WRAP_NONCE_LEN],
     prefix: &[u8; NONCE_PREFIX_LEN],
     plaintext: &[u8],
 ) -> Vec<u8> {
     let ctx = context.encode().unwrap();
     let (header, mut segments) =
-        seal_header(master, suite, segment_size, &ctx, data_key, salt, prefix).unwrap();
+        seal_header(master, suite, segment_size, &ctx, data_key, nonce, prefix).unwrap();
     segments.set_backend(backend);
     let mut core = EncodeCore::from_parts(header, segments);
     let mut out = Vec::new();
@@ -126,7 +126,7 @@ fn stream_vectors() {
                         v.get("segment_size").parse().unwrap(),
                         &v.context(),
                         &v.hex("data_key").try_into().unwrap(),
-                        &v.hex("wrap_salt").try_into().unwrap(),
+                        &v.hex("wrap_nonce").try_into().unwrap(),
                         &v.hex("nonce_prefix").try_into().unwrap(),
                         &v.hex("plaintext"),
                     );
@@ -217,7 +217,7 @@ fn generate() {
     for c in &cases {
         let mk = [c.seed.wrapping_mul(3).wrapping_add(1); KEY_LEN];
         let dk: [u8; KEY_LEN] = bytes(c.seed ^ 0x40, KEY_LEN).try_into().unwrap();
-        let salt = [c.seed ^ 0x80; WRAP_SALT_LEN];
+        let nonce = [c.seed ^ 0x80; WRAP_NONCE_LEN];
         let prefix: [u8; NONCE_PREFIX_LEN] =
             bytes(c.seed ^ 0xc0, NONCE_PREFIX_LEN).try_into().unwrap();
         let master = MasterKey::new(c.version, SecretKey::try_from_slice(&mk).unwrap());
@@ -229,7 +229,7 @@ fn generate() {
             c.segment_size,
             &ctx,
             &dk,
-            &salt,
+            &nonce,
             &prefix,
             &c.pt,
         );
@@ -245,10 +245,10 @@ fn generate() {
         write(
             c.file,
             format!(
-                "# {}\nexpect: success\n{common}data_key: {}\nwrap_salt: {}\nnonce_prefix: {}\nplaintext: {}\nobject: {}\n",
+                "# {}\nexpect: success\n{common}data_key: {}\nwrap_nonce: {}\nnonce_prefix: {}\nplaintext: {}\nobject: {}\n",
                 c.comment,
                 hex::encode(dk),
-                hex::encode(salt),
+                hex::encode(nonce),
                 hex::encode(prefix),
                 hex::encode(&c.pt),
                 hex::encode(&object)
@@ -259,7 +259,7 @@ fn generate() {
         }
     }
     // Negative vectors, all from s1-aes-64-200 (segments of 80 bytes after
-    // the 123-byte header: 0..80, 80..160, 160..240, final 240..264).
+    // the 111-byte header: 0..80, 80..160, 160..240, final 240..264).
     let (common, object) = base.unwrap();
     let h = STREAM_HEADER_LEN;
     let full = 64 + TAG_LEN;
