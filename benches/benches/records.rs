@@ -9,8 +9,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keyfold_core::suite::Backend;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use keyfold_core::format;
+use keyfold_core::suite::{Backend, TAG_LEN};
 use keyfold_core::{EncryptionContext, MasterKey, SecretKey, Suite, record};
 
 const SIZES: [usize; 4] = [64, 1024, 16 * 1024, 1024 * 1024];
@@ -259,6 +260,41 @@ fn seal_open(c: &mut Criterion) {
                                 .unwrap()
                         }),
                     });
+                    if backend == Backend::default() {
+                        // The in-place API on the default backend: no
+                        // allocation, no copy, like the raw rows.
+                        let id = BenchmarkId::new(
+                            format!(
+                                "keyfold-in-place/{}/{}",
+                                suite_name(suite),
+                                backend_name(backend)
+                            ),
+                            size,
+                        );
+                        let mut laid_out = vec![0u8; format::HEADER_LEN];
+                        laid_out.extend_from_slice(&plaintext);
+                        laid_out.extend_from_slice(&[0u8; TAG_LEN]);
+                        group.bench_with_input(id, &size, |b, _| match op {
+                            "seal" => b.iter(|| {
+                                record::encrypt_in_place(
+                                    &master,
+                                    suite,
+                                    &context,
+                                    black_box(&mut laid_out),
+                                )
+                                .unwrap()
+                            }),
+                            _ => b.iter_batched_ref(
+                                || ct.clone(),
+                                |record| {
+                                    record::decrypt_in_place(&master, &context, record)
+                                        .map(|p| p.len())
+                                        .unwrap()
+                                },
+                                BatchSize::LargeInput,
+                            ),
+                        });
+                    }
                     let raw = raw::Raw::new(suite_name(suite), backend_name(backend));
                     let id = BenchmarkId::new(
                         format!("raw/{}/{}", suite_name(suite), backend_name(backend)),

@@ -16,7 +16,9 @@ use crate::format::{
 use crate::kdf;
 use crate::rng;
 use crate::secret::{KEY_LEN, MasterKey};
-use crate::suite::{Backend, Suite, TAG_LEN, open_single_use, seal_single_use};
+use crate::suite::{
+    Backend, Suite, TAG_LEN, open_single_use, open_single_use_in_place, seal_single_use,
+};
 
 // KDF labels (docs/FORMAT.md, "Key derivation"), each followed by the suite
 // byte; at most 19 bytes in all, so each derivation is one SHA-256 block.
@@ -196,12 +198,6 @@ pub fn encrypt_with(
     seal_with(backend, master, suite, &context, data_key, nonce, plaintext)
 }
 
-fn fresh_nonce() -> Result<[u8; WRAP_NONCE_LEN], Error> {
-    let mut nonce = [0u8; WRAP_NONCE_LEN];
-    rng::fill(&mut nonce)?;
-    Ok(nonce)
-}
-
 /// Encrypts with a caller-chosen data key and wrap nonce: the deterministic
 /// core of [`encrypt`], for known-answer vectors only.
 pub(crate) fn seal_with(
@@ -213,29 +209,103 @@ pub(crate) fn seal_with(
     nonce: &[u8; WRAP_NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let keys = payload_keys(data_key, suite);
-    let mut header = [0u8; HEADER_LEN];
-    header[0] = MAGIC[0];
-    header[1] = MAGIC[1];
-    header[2] = FORMAT_V1;
-    header[3] = suite.id();
-    for (dst, src) in header.iter_mut().skip(4).zip(keys.commitment.iter()) {
-        *dst = *src;
-    }
-    write_wrap(&mut header, master, data_key, nonce, context)?;
-
-    let (immutable, _) = header.split_at(IMMUTABLE_END);
-    let aad = with_context(immutable, context);
     let mut out = Vec::with_capacity(RECORD_OVERHEAD + plaintext.len());
-    out.extend_from_slice(&header);
+    out.resize(HEADER_LEN, 0);
     out.extend_from_slice(plaintext);
-    let payload = out.get_mut(HEADER_LEN..).unwrap_or_default();
+    out.resize(out.len() + TAG_LEN, 0);
+    seal_laid_out(backend, master, suite, context, data_key, nonce, &mut out)?;
+    Ok(out)
+}
+
+/// Seals `buf`, laid out as `[HEADER_LEN bytes][plaintext][TAG_LEN bytes]`,
+/// into a record where it lies: writes the header and the tag, encrypts
+/// the plaintext in place.
+fn seal_laid_out(
+    backend: Backend,
+    master: &MasterKey,
+    suite: Suite,
+    context: &[u8],
+    data_key: &[u8; KEY_LEN],
+    nonce: &[u8; WRAP_NONCE_LEN],
+    buf: &mut [u8],
+) -> Result<(), Error> {
+    let keys = payload_keys(data_key, suite);
+    let (header, rest) = buf.split_at_mut_checked(HEADER_LEN).ok_or(Error::Encrypt)?;
+    let payload_len = rest.len().checked_sub(TAG_LEN).ok_or(Error::Encrypt)?;
+    let (payload, tag_out) = rest.split_at_mut(payload_len);
+    let (preamble, rewrap_part) = header.split_at_mut(IMMUTABLE_END);
+    rewrap_part.fill(0);
+    let (fixed, commitment_out) = preamble.split_at_mut(4);
+    fixed.copy_from_slice(&[MAGIC[0], MAGIC[1], FORMAT_V1, suite.id()]);
+    commitment_out.copy_from_slice(&*keys.commitment);
+    write_wrap(header, master, data_key, nonce, context)?;
+
+    let aad = with_context(header.get(..IMMUTABLE_END).unwrap_or_default(), context);
     // The payload key is derived from a data key used for this one payload:
     // the fixed nonce is never reused (docs/FORMAT.md, "Nonces").
     let tag =
         seal_single_use(backend, suite, &keys.key, &aad, payload).map_err(|_| Error::Encrypt)?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    tag_out.copy_from_slice(&tag);
+    Ok(())
+}
+
+/// [`encrypt`] without an allocation or a copy: `buf` is laid out as
+/// `[HEADER_LEN bytes, any value][plaintext][TAG_LEN bytes, any value]`
+/// (so [`RECORD_OVERHEAD`] bytes longer than the plaintext) and becomes the
+/// record in place. For hot paths that own their buffers; [`encrypt`] is
+/// the same function with a fresh `Vec`.
+///
+/// ```
+/// use keyfold_core::{format::HEADER_LEN, suite::TAG_LEN};
+/// use keyfold_core::{record, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("row", "42");
+/// let mut buf = vec![0u8; HEADER_LEN];
+/// buf.extend_from_slice(b"card 4111");
+/// buf.extend_from_slice(&[0u8; TAG_LEN]);
+/// record::encrypt_in_place(&master, Suite::default(), &ctx, &mut buf)?;
+/// assert_eq!(record::decrypt_in_place(&master, &ctx, &mut buf)?, b"card 4111");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Format`] when `buf` is shorter than [`RECORD_OVERHEAD`], else
+/// as [`encrypt`]. On error `buf`'s contents are unspecified.
+pub fn encrypt_in_place(
+    master: &MasterKey,
+    suite: Suite,
+    context: &EncryptionContext,
+    buf: &mut [u8],
+) -> Result<(), Error> {
+    let plaintext_len =
+        buf.len()
+            .checked_sub(RECORD_OVERHEAD)
+            .ok_or(crate::error::FormatError::TooShort {
+                what: "record buffer",
+                needed: RECORD_OVERHEAD,
+                got: buf.len(),
+            })?;
+    if plaintext_len as u64 > MAX_RECORD_PLAINTEXT {
+        return Err(Error::PlaintextTooLarge {
+            len: plaintext_len as u64,
+            max: MAX_RECORD_PLAINTEXT,
+        });
+    }
+    let context = context.encode()?;
+    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_NONCE_LEN]);
+    rng::fill(&mut *fresh)?;
+    let (data_key, nonce) = fresh.split_at(KEY_LEN);
+    let data_key: &[u8; KEY_LEN] = data_key.try_into().map_err(|_| Error::Encrypt)?;
+    let nonce: &[u8; WRAP_NONCE_LEN] = nonce.try_into().map_err(|_| Error::Encrypt)?;
+    seal_laid_out(
+        Backend::default(),
+        master,
+        suite,
+        &context,
+        data_key,
+        nonce,
+        buf,
+    )
 }
 
 /// Decrypts a record. `master` must be the version the record names
@@ -296,6 +366,41 @@ fn open_payload(
     Ok(plaintext)
 }
 
+/// [`decrypt`] without an allocation or a copy: decrypts the payload where
+/// it lies in `record` and returns it, a slice of `record`.
+///
+/// # Errors
+/// As [`decrypt`]. When the payload fails to authenticate, its bytes in
+/// `record` are zeroized (in-place decryption has overwritten them), so keep
+/// a copy if you need the ciphertext after a failure; format and key errors
+/// leave `record` unchanged.
+pub fn decrypt_in_place<'a>(
+    master: &MasterKey,
+    context: &EncryptionContext,
+    record: &'a mut [u8],
+) -> Result<&'a mut [u8], Error> {
+    let context = context.encode()?;
+    let (key, suite, aad, tag) = {
+        let view = RecordView::parse(record)?;
+        let data_key = open_committed(&view.header(), master, &context)?;
+        (
+            kdf::derive(&data_key, &[LABEL_PAYLOAD, &[view.suite.id()]]),
+            view.suite,
+            with_context(view.immutable_header(), &context),
+            *view.tag,
+        )
+    };
+    let end = record.len().saturating_sub(TAG_LEN);
+    let payload = record.get_mut(HEADER_LEN..end).ok_or(Error::Decrypt)?;
+    match open_single_use_in_place(Backend::default(), suite, &key, &aad, payload, &tag) {
+        Ok(()) => Ok(payload),
+        Err(_) => {
+            zeroize::Zeroize::zeroize(payload);
+            Err(Error::Decrypt)
+        }
+    }
+}
+
 /// Moves a record from master key version `from` to `to` by rewriting only
 /// its header: the data key is unwrapped with `from` and wrapped with `to`.
 /// The payload bytes are not read or changed, so the cost does not depend on
@@ -344,23 +449,31 @@ pub fn rewrap_in_place(
 }
 
 /// Re-seals the data key of `header` (exactly one record or stream header)
-/// from `from` to `to` under a fresh wrap nonce. The commitment is not
-/// checked here: the wrap authenticates it together with the data key, and
-/// a rewrap copies both unchanged, so a header whose commitment does not
-/// match its data key fails to decrypt after a rewrap exactly as before
-/// (docs/FORMAT.md, "Operations"). [`check_header`] checks it.
+/// from `from` to `to`, keeping its wrap nonce: the nonce was drawn at
+/// random independently of any key, so under `to` it is as fresh as a new
+/// one, and the same record rewrapped to the same version twice gets the
+/// same bytes, which GCM-SIV allows (docs/FORMAT.md, "Nonces"). No
+/// randomness, so a rewrap makes no system call.
+///
+/// The commitment is not checked here: the wrap authenticates it together
+/// with the data key, and a rewrap copies both unchanged, so a header whose
+/// commitment does not match its data key fails to decrypt after a rewrap
+/// exactly as before (docs/FORMAT.md, "Operations"). [`check_header`]
+/// checks it.
 fn rewrite_wrap(
     header: &mut [u8],
     from: &MasterKey,
     to: &MasterKey,
     context: &[u8],
 ) -> Result<(), Error> {
-    let data_key = open_wrap(&HeaderView::parse_prefix(header)?, from, context)?;
+    let view = HeaderView::parse_prefix(header)?;
+    let nonce = *view.wrap_nonce;
+    let data_key = open_wrap(&view, from, context)?;
     // Build the new header aside, so a failure leaves the input untouched.
     let mut aside = [0u8; STREAM_HEADER_LEN];
     let new = aside.get_mut(..header.len()).ok_or(Error::Decrypt)?;
     new.copy_from_slice(header);
-    write_wrap(new, to, &data_key, &fresh_nonce()?, context)?;
+    write_wrap(new, to, &data_key, &nonce, context)?;
     header.copy_from_slice(new);
     Ok(())
 }
@@ -368,7 +481,7 @@ fn rewrite_wrap(
 /// Header-only rewrap of a record **or a stream**: `buf` starts with the
 /// header (100 bytes for a record, 111 for a stream) and may hold just
 /// that, or the whole object. Only the header's rewrap part (version, wrap
-/// nonce, wrapped data key) is rewritten, under `to`, with a fresh nonce.
+/// nonce, wrapped data key) is rewritten, under `to`.
 /// The data key is opened with `from`; the commitment is carried over
 /// unchanged (check the result with [`check_header`] before writing it
 /// back, as the rewrap job does). Bytes after the header are not read or

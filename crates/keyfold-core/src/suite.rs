@@ -184,6 +184,25 @@ pub(crate) fn open_single_use(
     )
 }
 
+/// [`open_single_use`] where the ciphertext lies: `buf` holds the
+/// ciphertext and becomes the plaintext. On failure `buf` holds garbage the
+/// caller must wipe.
+pub(crate) fn open_single_use_in_place(
+    backend: Backend,
+    suite: Suite,
+    key: &[u8; KEY_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadFailure> {
+    let nonce = [0; NONCE_LEN];
+    match backend {
+        Backend::RustCrypto => rust_crypto::open_in_place(suite, key, &nonce, aad, buf, tag),
+        #[cfg(feature = "aws-lc")]
+        Backend::AwsLc => aws_lc::open_in_place(suite, key, &nonce, aad, buf, tag),
+    }
+}
+
 mod rust_crypto {
     use aes_gcm::aead::inout::InOutBuf;
 
@@ -226,6 +245,25 @@ mod rust_crypto {
                 .map_err(|_| AeadFailure),
             Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
                 .decrypt_inout_detached(nonce, aad, buf, tag.into())
+                .map_err(|_| AeadFailure),
+        }
+    }
+
+    pub(super) fn open_in_place(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AeadFailure> {
+        let nonce = nonce.into();
+        match suite {
+            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
+                .decrypt_inout_detached(nonce, aad, buf.into(), tag.into())
+                .map_err(|_| AeadFailure),
+            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
+                .decrypt_inout_detached(nonce, aad, buf.into(), tag.into())
                 .map_err(|_| AeadFailure),
         }
     }
@@ -278,6 +316,25 @@ mod aws_lc {
                 tag,
                 out,
             )
+            .map_err(|_| AeadFailure)
+    }
+
+    pub(super) fn open_in_place(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AeadFailure> {
+        key_for(suite, key)?
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                tag,
+                buf,
+            )
+            .map(|_| ())
             .map_err(|_| AeadFailure)
     }
 }
@@ -335,8 +392,10 @@ mod tests {
     #[test]
     fn backends_are_interchangeable() {
         let key = [0x5a; KEY_LEN];
-        let nonce = [7; NONCE_LEN];
-        for suite in Suite::ALL {
+        for (suite, nonce) in Suite::ALL
+            .into_iter()
+            .flat_map(|s| [(s, [7; NONCE_LEN]), (s, [0; NONCE_LEN])])
+        {
             for len in [0usize, 1, 15, 16, 17, 1000, 70_000] {
                 let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 for &sealer in Backend::all() {
@@ -346,6 +405,19 @@ mod tests {
                         let mut out = vec![0u8; len];
                         open(opener, suite, &key, &nonce, b"aad", &ct, &tag, &mut out).unwrap();
                         assert_eq!(out, pt, "{suite} {sealer:?} -> {opener:?}");
+                        if nonce == [0; NONCE_LEN] {
+                            let mut in_place = ct.clone();
+                            open_single_use_in_place(
+                                opener,
+                                suite,
+                                &key,
+                                b"aad",
+                                &mut in_place,
+                                &tag,
+                            )
+                            .unwrap();
+                            assert_eq!(in_place, pt, "in place, {suite} {sealer:?} -> {opener:?}");
+                        }
                         let mut bad = tag;
                         bad[0] ^= 1;
                         assert!(
