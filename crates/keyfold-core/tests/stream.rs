@@ -56,8 +56,41 @@ fn open_with(
     }
 }
 
+/// Decrypts through the `BufRead` adapter with reads of `chunk` bytes.
+fn open_buffered<R: io::BufRead>(
+    master: &MasterKey,
+    source: R,
+    chunk: usize,
+) -> Result<Vec<u8>, Error> {
+    let mut dec = stream::BufDecryptor::open(master, &ctx(), source)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Decrypts through the `Read` adapter, and checks that the `BufRead` one
+/// gives the same plaintext or the same error whichever path it takes:
+/// whole segments borrowed from a slice, into the caller's buffer or its
+/// own, or copied from a `BufReader` too small to hold a segment.
 fn open(master: &MasterKey, object: &[u8]) -> Result<Vec<u8>, Error> {
-    open_with(master, &ctx(), object, 1000)
+    let expected = open_with(master, &ctx(), object, 1000);
+    for (path, got) in [
+        ("slice, big reads", open_buffered(master, object, 1000)),
+        ("slice, small reads", open_buffered(master, object, 7)),
+        (
+            "small BufReader",
+            open_buffered(master, io::BufReader::with_capacity(33, object), 1000),
+        ),
+    ] {
+        assert_eq!(format!("{got:?}"), format!("{expected:?}"), "{path}");
+    }
+    expected
 }
 
 fn small(suite: Suite) -> StreamOptions {

@@ -100,7 +100,7 @@ mod tokio_io;
 mod vectors;
 mod write;
 
-pub use read::Decryptor;
+pub use read::{BufDecryptor, Decryptor};
 pub use seek::SeekDecryptor;
 #[cfg(feature = "async-io")]
 pub use tokio_io::{AsyncDecryptor, AsyncEncryptor};

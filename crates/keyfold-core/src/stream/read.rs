@@ -1,7 +1,7 @@
 //! The decrypting side: a segment decoder shared by the sync and async
 //! adapters, and the `std::io::Read` adapter.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 use zeroize::{Zeroize, Zeroizing};
 
@@ -122,22 +122,50 @@ impl DecodeCore {
             return self.status().unwrap_or(Ok(())).map(|()| 0);
         }
         if n == 0 {
-            return self.open_segment(true, direct);
+            return self.open_segment(None, true, direct);
         }
         self.filled = self.filled.saturating_add(n).min(self.cbuf.len());
         if self.filled == self.cbuf.len() {
-            return self.open_segment(false, direct);
+            return self.open_segment(None, false, direct);
         }
         Ok(0)
     }
 
+    /// Length of a full sealed segment (segment size + tag).
+    pub(crate) fn sealed_segment_len(&self) -> usize {
+        self.cbuf.len()
+    }
+
+    /// Whether a borrowed segment may be opened now: running, nothing
+    /// buffered, nothing left to hand out.
+    pub(crate) fn ready_for_borrowed(&self) -> bool {
+        matches!(self.state, State::Running) && self.filled == 0 && self.available().is_empty()
+    }
+
+    /// Opens one full (so non-final) sealed segment straight from the
+    /// source's own buffer, saving the copy into ours. Only when
+    /// [`ready_for_borrowed`](Self::ready_for_borrowed) and `sealed` is
+    /// exactly [`sealed_segment_len`](Self::sealed_segment_len) long.
+    /// Returns as [`filled`](Self::filled).
+    pub(crate) fn open_borrowed(
+        &mut self,
+        sealed: &[u8],
+        direct: Option<&mut [u8]>,
+    ) -> Result<usize, StreamError> {
+        if !self.ready_for_borrowed() || sealed.len() != self.cbuf.len() {
+            return Err(StreamError::Segment { index: self.index });
+        }
+        self.open_segment(Some(sealed), false, direct)
+    }
+
     fn open_segment(
         &mut self,
+        borrowed: Option<&[u8]>,
         last: bool,
         direct: Option<&mut [u8]>,
     ) -> Result<usize, StreamError> {
         let index = self.index;
-        let result = self.try_open(index, last, direct);
+        let result = self.try_open(borrowed, index, last, direct);
         self.filled = 0;
         self.pos = 0;
         match result {
@@ -158,15 +186,20 @@ impl DecodeCore {
         }
     }
 
-    /// Opens the buffered segment; returns (opened into `direct`, length).
+    /// Opens the buffered (or `borrowed`) segment; returns (opened into
+    /// `direct`, length).
     /// On failure the target was zeroized by `Segments::open`.
     fn try_open(
         &mut self,
+        borrowed: Option<&[u8]>,
         index: u64,
         last: bool,
         direct: Option<&mut [u8]>,
     ) -> Result<(bool, usize), StreamError> {
-        let segment = self.cbuf.get(..self.filled).unwrap_or_default();
+        let segment = match borrowed {
+            Some(sealed) => sealed,
+            None => self.cbuf.get(..self.filled).unwrap_or_default(),
+        };
         let Some((ciphertext, tag)) = split_tag(segment) else {
             // The input ended at a segment boundary or inside a tag: the
             // final segment is missing.
@@ -349,6 +382,133 @@ impl<R: Read> Read for Decryptor<R> {
                         .core
                         .filled(n, Some(out))
                         .map_err(|e| io::Error::from(Error::Stream(e)))?;
+                    if direct > 0 {
+                        return Ok(direct);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// [`Decryptor`] for a [`BufRead`] source: when the source's buffer holds a
+/// whole sealed segment (an object in memory, a memory map, a
+/// `BufReader::with_capacity` of at least segment size + 16), the segment
+/// is opened straight out of that buffer, with no copy into the
+/// decryptor's; and when the caller's buffer holds a whole segment the
+/// plaintext goes straight there. Otherwise it works as [`Decryptor`] does.
+/// Same checks, errors and caveats: **do not act on plaintext from a stream
+/// that later fails**.
+///
+/// ```
+/// use std::io::Read;
+/// use keyfold_core::{stream, EncryptionContext, MasterKey, SecretKey};
+/// let master = MasterKey::new(1, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("object", "export-9");
+/// let mut object = Vec::new();
+/// stream::encrypt(&master, Default::default(), &ctx, &vec![7u8; 200_000][..], &mut object)?;
+/// let mut plain = Vec::new();
+/// stream::BufDecryptor::open(&master, &ctx, &object[..])?.read_to_end(&mut plain)?;
+/// assert_eq!(plain, vec![7u8; 200_000]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct BufDecryptor<R: BufRead> {
+    inner: R,
+    core: DecodeCore,
+}
+
+impl<R: BufRead> std::fmt::Debug for BufDecryptor<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufDecryptor")
+            .field("header", self.core.header())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: BufRead> BufDecryptor<R> {
+    /// As [`Decryptor::new`].
+    ///
+    /// # Errors
+    /// As [`Decryptor::new`].
+    pub fn new(
+        header: StreamHeader,
+        master: &MasterKey,
+        context: &EncryptionContext,
+        inner: R,
+    ) -> Result<Self, Error> {
+        Ok(BufDecryptor {
+            inner,
+            core: DecodeCore::new(header, master, context)?,
+        })
+    }
+
+    /// As [`Decryptor::open`].
+    ///
+    /// # Errors
+    /// As [`Decryptor::open`].
+    pub fn open(
+        master: &MasterKey,
+        context: &EncryptionContext,
+        mut inner: R,
+    ) -> Result<Self, Error> {
+        let header = StreamHeader::read(&mut inner)?;
+        Self::new(header, master, context, inner)
+    }
+
+    /// The stream's header.
+    pub fn header(&self) -> &StreamHeader {
+        self.core.header()
+    }
+
+    /// Bytes of buffer this decryptor holds, as [`Decryptor::buffered_capacity`].
+    pub fn buffered_capacity(&self) -> usize {
+        self.core.buffered_capacity()
+    }
+
+    /// The inner reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: BufRead> Read for BufDecryptor<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let stream_err = |e| io::Error::from(Error::Stream(e));
+        loop {
+            if !self.core.available().is_empty() || out.is_empty() {
+                return Ok(self.core.copy_out(out));
+            }
+            match self.core.status() {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(e)) => return Err(stream_err(e)),
+                None => {}
+            }
+            if self.core.ready_for_borrowed() {
+                let full = self.core.sealed_segment_len();
+                let buffered = match self.inner.fill_buf() {
+                    Ok(buffered) => buffered,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                // A whole segment is never the final one (that one is
+                // shorter), so it can be opened without looking further.
+                if let Some(sealed) = buffered.get(..full) {
+                    let direct = self
+                        .core
+                        .open_borrowed(sealed, Some(&mut *out))
+                        .map_err(stream_err)?;
+                    self.inner.consume(full);
+                    if direct > 0 {
+                        return Ok(direct);
+                    }
+                    continue;
+                }
+            }
+            match self.inner.read(self.core.spare()) {
+                Ok(n) => {
+                    let direct = self.core.filled(n, Some(&mut *out)).map_err(stream_err)?;
                     if direct > 0 {
                         return Ok(direct);
                     }
