@@ -124,6 +124,29 @@ pub(crate) fn seal(
     }
 }
 
+/// Seals `plaintext` into `out` (same length), returning the tag: [`seal`]
+/// without the copy into the buffer first.
+pub(crate) fn seal_out_of_place(
+    backend: Backend,
+    suite: Suite,
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+    out: &mut [u8],
+) -> Result<[u8; TAG_LEN], AeadFailure> {
+    if plaintext.len() != out.len() {
+        return Err(AeadFailure);
+    }
+    match backend {
+        Backend::RustCrypto => {
+            rust_crypto::seal_out_of_place(suite, key, nonce, aad, plaintext, out)
+        }
+        #[cfg(feature = "aws-lc")]
+        Backend::AwsLc => aws_lc::seal_out_of_place(suite, key, nonce, aad, plaintext, out),
+    }
+}
+
 /// Opens `ciphertext` with its detached `tag` into `out` (same length).
 /// On failure `out` holds garbage the caller must discard.
 #[allow(
@@ -227,6 +250,27 @@ mod rust_crypto {
         Ok(tag.into())
     }
 
+    pub(super) fn seal_out_of_place(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], AeadFailure> {
+        let nonce = nonce.into();
+        let buf = InOutBuf::new(plaintext, out).map_err(|_| AeadFailure)?;
+        let tag = match suite {
+            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
+                .encrypt_inout_detached(nonce, aad, buf)
+                .map_err(|_| AeadFailure)?,
+            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
+                .encrypt_inout_detached(nonce, aad, buf)
+                .map_err(|_| AeadFailure)?,
+        };
+        Ok(tag.into())
+    }
+
     #[allow(clippy::too_many_arguments, reason = "the AEAD's own inputs")]
     pub(super) fn open(
         suite: Suite,
@@ -296,6 +340,28 @@ mod aws_lc {
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
             .map_err(|_| AeadFailure)?;
         tag.as_ref().try_into().map_err(|_| AeadFailure)
+    }
+
+    pub(super) fn seal_out_of_place(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], AeadFailure> {
+        let mut tag = [0u8; TAG_LEN];
+        key_for(suite, key)?
+            .seal_out_of_place_scatter(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                plaintext,
+                out,
+                &[],
+                &mut tag,
+            )
+            .map_err(|_| AeadFailure)?;
+        Ok(tag)
     }
 
     #[allow(clippy::too_many_arguments, reason = "the AEAD's own inputs")]
@@ -401,6 +467,11 @@ mod tests {
                 for &sealer in Backend::all() {
                     let mut ct = pt.clone();
                     let tag = seal(sealer, suite, &key, &nonce, b"aad", &mut ct).unwrap();
+                    let mut apart = vec![0u8; len];
+                    let apart_tag =
+                        seal_out_of_place(sealer, suite, &key, &nonce, b"aad", &pt, &mut apart)
+                            .unwrap();
+                    assert_eq!((&apart, apart_tag), (&ct, tag), "out of place, {sealer:?}");
                     for &opener in Backend::all() {
                         let mut out = vec![0u8; len];
                         open(opener, suite, &key, &nonce, b"aad", &ct, &tag, &mut out).unwrap();

@@ -441,6 +441,28 @@ impl Segments {
             .map_err(|_| Error::Encrypt)
     }
 
+    /// Seals segment `index` from `plaintext` into `out` (same length);
+    /// returns its tag.
+    pub(crate) fn seal_from(
+        &self,
+        index: u64,
+        last: bool,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], Error> {
+        let nonce = self.nonce(index, last)?;
+        suite::seal_out_of_place(
+            self.backend,
+            self.suite,
+            &self.key,
+            &nonce,
+            &self.aad,
+            plaintext,
+            out,
+        )
+        .map_err(|_| Error::Encrypt)
+    }
+
     /// Opens segment `index` (`ciphertext ‖ tag`) into `out`. On failure
     /// `out` is zeroized and the segment's error returned.
     pub(crate) fn open(

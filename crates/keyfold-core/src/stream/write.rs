@@ -103,6 +103,17 @@ impl EncodeCore {
         if self.finished {
             return Err(StreamError::Finished.into());
         }
+        let size = self.segments.segment_size();
+        if self.len == 0
+            && !self.sealed
+            && let Some(whole) = data.get(..size)
+        {
+            // A whole segment in the caller's buffer: seal it from there
+            // into ours, saving the copy in.
+            self.seal_whole(whole)?;
+            self.plaintext_len = self.plaintext_len.saturating_add(size as u64);
+            return Ok(size);
+        }
         // Plaintext may be collected while the header is still pending.
         let room = self.room();
         let take = room.len().min(data.len());
@@ -150,7 +161,26 @@ impl EncodeCore {
         self.seal(true)
     }
 
-    fn seal(&mut self, last: bool) -> Result<(), Error> {
+    /// Seals `plaintext`, a whole segment (so not the final one), from the
+    /// caller's buffer into ours.
+    fn seal_whole(&mut self, plaintext: &[u8]) -> Result<(), Error> {
+        self.check_counter(false)?;
+        let (out, rest) = self
+            .buf
+            .split_at_mut_checked(plaintext.len())
+            .ok_or(Error::Encrypt)?;
+        let tag = self.segments.seal_from(self.index, false, plaintext, out)?;
+        rest.get_mut(..TAG_LEN)
+            .ok_or(Error::Encrypt)?
+            .copy_from_slice(&tag);
+        self.len = plaintext.len() + TAG_LEN;
+        self.sealed = true;
+        self.out_pos = 0;
+        self.index = self.index.saturating_add(1);
+        Ok(())
+    }
+
+    fn check_counter(&self, last: bool) -> Result<(), Error> {
         if !last && self.index >= super::MAX_SEGMENTS - 1 {
             // The final segment would have no counter left.
             return Err(StreamError::TooLong {
@@ -158,6 +188,11 @@ impl EncodeCore {
             }
             .into());
         }
+        Ok(())
+    }
+
+    fn seal(&mut self, last: bool) -> Result<(), Error> {
+        self.check_counter(last)?;
         let (plaintext, rest) = self
             .buf
             .split_at_mut_checked(self.len)
