@@ -31,6 +31,12 @@ pub fn context(tenant: &str, table: &str, id: &str) -> EncryptionContext {
 pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // In WAL mode, NORMAL syncs at checkpoints, not at every commit: a crash
+    // of the process loses nothing committed; a power loss may lose the last
+    // commits, which for a rewrap means rows still on the old version (still
+    // readable) and a checkpoint no further than its rows (it is written in
+    // the same database, after them).
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     for table in TABLES {
         conn.execute_batch(&format!(
@@ -136,13 +142,11 @@ impl RowSource for SqliteTable {
     ) -> Result<CasOutcome, SourceError> {
         let conn = self.lock()?;
         let changed = conn
-            .execute(
-                &format!(
-                    "UPDATE {} SET ciphertext = ?1 WHERE id = ?2 AND ciphertext = ?3",
-                    self.table
-                ),
-                params![new, id, expected],
-            )
+            .prepare(&format!(
+                "UPDATE {} SET ciphertext = ?1 WHERE id = ?2 AND ciphertext = ?3",
+                self.table
+            ))
+            .and_then(|mut stmt| stmt.execute(params![new, id, expected]))
             .map_err(db_err)?;
         Ok(if changed == 1 {
             CasOutcome::Swapped

@@ -50,7 +50,7 @@ fn killed_at_random_points_the_job_resumes_and_loses_nothing() {
     let dir = std::env::temp_dir().join(format!("keyfold-crash-{}-{seed}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
-    run(&["init", d, "--rows", "1500"]);
+    run(&["init", d, "--rows", "20000"]);
 
     let mut interrupted = 0;
     let mut finished_alone = false;
@@ -94,7 +94,7 @@ fn killed_at_random_points_the_job_resumes_and_loses_nothing() {
     }
     let out = run(&["verify", d]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("all 3000 rows"),
+        String::from_utf8_lossy(&out.stdout).contains("all 40000 rows"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
