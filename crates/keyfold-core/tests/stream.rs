@@ -760,3 +760,88 @@ proptest! {
         prop_assert_eq!(buf, data);
     }
 }
+
+/// A `BufRead` source that hands out at most `chunk` bytes per `fill_buf`,
+/// fails every `interrupt_every`-th call with `Interrupted`, and counts the
+/// whole sealed segments consumed in one go (the borrowing path).
+struct Awkward<'a> {
+    data: &'a [u8],
+    chunk: usize,
+    interrupt_every: usize,
+    calls: usize,
+    whole_segments: usize,
+}
+
+impl Awkward<'_> {
+    fn interrupted(&mut self) -> bool {
+        self.calls += 1;
+        self.interrupt_every > 0 && self.calls.is_multiple_of(self.interrupt_every)
+    }
+}
+
+impl Read for Awkward<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.interrupted() {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        let n = buf.len().min(self.chunk).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+impl io::BufRead for Awkward<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.interrupted() {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        Ok(&self.data[..self.chunk.min(self.data.len())])
+    }
+
+    fn consume(&mut self, n: usize) {
+        if n == FULL {
+            self.whole_segments += 1;
+        }
+        self.data = &self.data[n..];
+    }
+}
+
+#[test]
+fn buffered_decryptor_handles_any_source_buffering_and_interruptions() {
+    let master = key(1);
+    let pt = plain(7 * SEG + 5);
+    let object = seal(&master, small(Suite::Aes256Gcm), &pt, 1000);
+    let header = StreamHeader::parse(&object).unwrap();
+    let body = &object[STREAM_HEADER_LEN..];
+    for chunk in [1, FULL - 1, FULL, FULL + 1, 3 * FULL, body.len()] {
+        for interrupt_every in [0, 2, 3] {
+            let source = Awkward {
+                data: body,
+                chunk,
+                interrupt_every,
+                calls: 0,
+                whole_segments: 0,
+            };
+            let mut dec =
+                stream::BufDecryptor::new(header.clone(), &master, &ctx(), source).unwrap();
+            let mut out = Vec::new();
+            let mut buf = [0u8; 200];
+            loop {
+                match dec.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("chunk {chunk}, every {interrupt_every}: {e}"),
+                }
+            }
+            assert_eq!(out, pt, "chunk {chunk}, every {interrupt_every}");
+            let borrowed = dec.into_inner().whole_segments;
+            if chunk >= FULL {
+                assert_eq!(borrowed, 7, "chunk {chunk}: whole segments not borrowed");
+            } else {
+                assert_eq!(borrowed, 0, "chunk {chunk}");
+            }
+        }
+    }
+}

@@ -485,36 +485,40 @@ impl<R: BufRead> Read for BufDecryptor<R> {
                 Some(Err(e)) => return Err(stream_err(e)),
                 None => {}
             }
-            if self.core.ready_for_borrowed() {
-                let full = self.core.sealed_segment_len();
-                let buffered = match self.inner.fill_buf() {
-                    Ok(buffered) => buffered,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
+            // Only `fill_buf` / `consume`, one call per step: the source's
+            // buffer is the one place bytes come from.
+            let buffered = match self.inner.fill_buf() {
+                Ok(buffered) => buffered,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let full = self.core.sealed_segment_len();
+            if self.core.ready_for_borrowed()
+                && let Some(sealed) = buffered.get(..full)
+            {
                 // A whole segment is never the final one (that one is
                 // shorter), so it can be opened without looking further.
-                if let Some(sealed) = buffered.get(..full) {
-                    let direct = self
-                        .core
-                        .open_borrowed(sealed, Some(&mut *out))
-                        .map_err(stream_err)?;
-                    self.inner.consume(full);
-                    if direct > 0 {
-                        return Ok(direct);
-                    }
-                    continue;
+                let direct = self
+                    .core
+                    .open_borrowed(sealed, Some(&mut *out))
+                    .map_err(stream_err)?;
+                self.inner.consume(full);
+                if direct > 0 {
+                    return Ok(direct);
                 }
+                continue;
             }
-            match self.inner.read(self.core.spare()) {
-                Ok(n) => {
-                    let direct = self.core.filled(n, Some(&mut *out)).map_err(stream_err)?;
-                    if direct > 0 {
-                        return Ok(direct);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            // Part of a segment (or the end, when nothing is buffered): into
+            // our buffer, as `Decryptor` does.
+            let spare = self.core.spare();
+            let n = buffered.len().min(spare.len());
+            if let (Some(dst), Some(src)) = (spare.get_mut(..n), buffered.get(..n)) {
+                dst.copy_from_slice(src);
+            }
+            self.inner.consume(n);
+            let direct = self.core.filled(n, Some(&mut *out)).map_err(stream_err)?;
+            if direct > 0 {
+                return Ok(direct);
             }
         }
     }
