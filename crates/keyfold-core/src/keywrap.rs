@@ -9,8 +9,9 @@
 //! only reveals that the same data key was wrapped twice with the same
 //! associated data (RFC 8452 section 9; Gueron and Lindell, "Better Bounds
 //! for Block Cipher Modes of Operation via Nonce-Based Key Derivation",
-//! CCS 2017). The key schedule runs once per master key version instead of
-//! once per record, which is what makes wrapping cheap.
+//! CCS 2017). The key-generating key's schedule runs once per master key
+//! version instead of a fresh key being derived and expanded per record;
+//! what remains per wrap is GCM-SIV's own per-nonce key derivation.
 
 use aes_gcm_siv::Aes256GcmSiv;
 use aes_gcm_siv::aead::inout::InOutBuf;

@@ -270,7 +270,7 @@ fn seal_laid_out(
     Ok(())
 }
 
-/// [`encrypt`] without an allocation or a copy: `buf` is laid out as
+/// [`encrypt`] without allocating or copying the payload: `buf` is laid out as
 /// `[HEADER_LEN bytes, any value][plaintext][TAG_LEN bytes, any value]`
 /// (so [`RECORD_OVERHEAD`] bytes longer than the plaintext) and becomes the
 /// record in place. For hot paths that own their buffers; [`encrypt`] is
@@ -387,7 +387,7 @@ fn open_payload(
     Ok(plaintext)
 }
 
-/// [`decrypt`] without an allocation or a copy: decrypts the payload where
+/// [`decrypt`] without allocating or copying the payload: decrypts it where
 /// it lies in `record` and returns it, a slice of `record`.
 ///
 /// # Errors
@@ -441,7 +441,11 @@ pub fn decrypt_in_place<'a>(
 /// ```
 ///
 /// # Errors
-/// As [`decrypt`]; the input is never modified.
+/// [`Error::Format`], [`Error::VersionMismatch`], or [`Error::Decrypt`] when
+/// `from` or the context is wrong or the header's rewrap part was modified;
+/// the input is never modified. A header whose commitment does not match its
+/// data key is rewrapped as it is and still fails to decrypt afterwards
+/// (check results with [`check_header`]).
 pub fn rewrap(
     record: &[u8],
     from: &MasterKey,

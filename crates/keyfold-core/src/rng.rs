@@ -1,4 +1,4 @@
-//! Randomness for data keys, salts and nonces.
+//! Randomness for data keys and nonces.
 //!
 //! A user-space generator seeded from the operating system, so encrypting a
 //! record makes no `getrandom` call (about 0.5-0.8 µs here, more than sealing

@@ -92,7 +92,9 @@ impl MasterKey {
     pub fn new(version: u32, key: SecretKey) -> Self {
         let wrap_key = crate::kdf::derive(key.expose(), &[LABEL_WRAP]);
         // aws-lc refuses only a key of the wrong length, which a 32-byte array
-        // cannot be; the pure-Rust backend computes the same function.
+        // cannot be. Were it ever to refuse, the pure-Rust backend runs the
+        // same AES-256-GCM-SIV (byte-identical, tested): not a weaker
+        // fallback, and `MasterKey::new` stays infallible.
         let wrap = WrapCipher::new(Backend::default(), &wrap_key).unwrap_or_else(|_| {
             WrapCipher::RustCrypto(Box::new(aes_gcm_siv::aead::KeyInit::new(
                 (&*wrap_key).into(),

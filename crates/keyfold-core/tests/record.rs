@@ -250,6 +250,21 @@ fn in_place_encrypt_and_decrypt_match_the_allocating_ones() {
                 Err(Error::VersionMismatch { .. })
             ));
             assert_eq!(untouched, sealed);
+            // Wrong context, or a header whose commitment was changed: the
+            // wrap refuses before the payload is touched.
+            assert!(matches!(
+                record::decrypt_in_place(&v1, &ctx("a", 6), &mut untouched),
+                Err(Error::Decrypt)
+            ));
+            let mut recommitted = sealed.clone();
+            recommitted[10] ^= 1;
+            let before = recommitted.clone();
+            assert!(matches!(
+                record::decrypt_in_place(&v1, &c, &mut recommitted),
+                Err(Error::Decrypt)
+            ));
+            assert_eq!(untouched, sealed);
+            assert_eq!(recommitted, before);
             // A flipped payload bit: refused, and no unauthenticated byte left.
             if len > 0 {
                 let mut bad = sealed.clone();

@@ -845,3 +845,57 @@ fn buffered_decryptor_handles_any_source_buffering_and_interruptions() {
         }
     }
 }
+
+/// With a realistic segment size, a `BufReader` many segments long lends
+/// most segments whole (it refills only when empty, so the ones straddling
+/// its refills are copied), and every backend opens them.
+#[test]
+fn a_large_bufreader_lends_most_segments_whole() {
+    const SEGMENT: usize = 1024;
+    let master = key(1);
+    let seg = SEGMENT;
+    let pt = plain(50 * seg + 7);
+    let options = StreamOptions::default().segment_size(seg as u32);
+    let object = {
+        let mut enc = Encryptor::new(&master, options, &ctx(), Vec::new()).unwrap();
+        enc.write_all(&pt).unwrap();
+        enc.finish().unwrap()
+    };
+    struct Counting<R> {
+        inner: R,
+        whole: usize,
+    }
+    impl<R: io::BufRead> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+    impl<R: io::BufRead> io::BufRead for Counting<R> {
+        fn fill_buf(&mut self) -> io::Result<&[u8]> {
+            self.inner.fill_buf()
+        }
+        fn consume(&mut self, n: usize) {
+            self.whole += usize::from(n == SEGMENT + 16);
+            self.inner.consume(n);
+        }
+    }
+    for &backend in keyfold_core::suite::Backend::all() {
+        for (capacity, at_least) in [(64 * 1024, 48), (8 * 1024, 40)] {
+            let source = Counting {
+                inner: io::BufReader::with_capacity(capacity, &object[..]),
+                whole: 0,
+            };
+            let mut dec = stream::BufDecryptor::open(&master, &ctx(), source)
+                .unwrap()
+                .with_backend(backend);
+            let mut out = Vec::new();
+            dec.read_to_end(&mut out).unwrap();
+            assert_eq!(out, pt);
+            let whole = dec.into_inner().whole;
+            assert!(
+                (at_least..=50).contains(&whole),
+                "{backend:?}, capacity {capacity}: {whole} of 50 lent whole"
+            );
+        }
+    }
+}

@@ -12,13 +12,15 @@ use tokio::time::Instant;
 use crate::error::{Error, WrapError, WrapErrorKind, WrapOperation};
 use crate::secret::MasterKey;
 
-// A cached `MasterKey` holds its key and a keyed HMAC-SHA-256 state (the
-// per-record wrap-key PRF), whose key-dependent part is two SHA-256 core
-// states; both must be wiped when the last `Arc` drops. This fails to compile
-// if the `zeroize` feature of `sha2` is lost (keyfold-core's Cargo.toml).
+// A cached `MasterKey` holds its key and its wrap cipher; on the pure-Rust
+// backend that is an AES-256 key schedule (GCM-SIV's key-generating key,
+// `aes-gcm-siv`), which must be wiped when the last `Arc` drops. `aes`
+// zeroizes on drop only with its `zeroize` feature, which keyfold-core's
+// Cargo.toml turns on directly: this fails to compile if that is lost. (The
+// aws-lc backend's context is cleansed by aws-lc when it is freed.)
 const _: fn() = || {
     fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
-    wiped_on_drop::<sha2::block_api::Sha256VarCore>();
+    wiped_on_drop::<aes::Aes256>();
 };
 
 /// What a failed load left for the tasks that waited on it.

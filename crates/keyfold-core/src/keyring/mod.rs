@@ -725,7 +725,9 @@ impl Keyring {
     /// `target` or a newer version.
     ///
     /// # Errors
-    /// [`Error::KeyState`] when `target` is not active; as [`decrypt`](Self::decrypt).
+    /// [`Error::KeyState`] when `target` is not active; as [`decrypt`](Self::decrypt),
+    /// except that a header whose commitment does not match its data key is
+    /// rewrapped as it is (it still fails to decrypt; see [`record::rewrap`]).
     pub async fn rewrap(
         &self,
         context: &EncryptionContext,

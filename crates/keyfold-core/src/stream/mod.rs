@@ -581,6 +581,7 @@ pub fn reencrypt<R: Read, W: Write>(
 /// Header-only rewrap of a stored stream: reads its 111-byte header from
 /// the start of `object`, rewraps the data key from `from` to `to` (see
 /// [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place))
+/// checks the result (commitment included, [`record::check_header`](crate::record::check_header))
 /// and writes the header back at offset 0. The payload is neither read nor
 /// written: re-keying a 10 GiB object costs 111 bytes of I/O.
 ///
@@ -616,6 +617,9 @@ pub fn rewrap_in_place<F: Read + Write + Seek>(
     let header = StreamHeader::read(object)?;
     let mut bytes = *header.as_bytes();
     crate::record::rewrap_header_in_place(&mut bytes, from, to, context)?;
+    // The rewrap carries the commitment over unchecked: check it before
+    // anything is written.
+    crate::record::check_header(&bytes, to, context)?;
     object.seek(SeekFrom::Start(0))?;
     object.write_all(&bytes)?;
     object.flush()?;

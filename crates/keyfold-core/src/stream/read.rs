@@ -394,11 +394,14 @@ impl<R: Read> Read for Decryptor<R> {
 }
 
 /// [`Decryptor`] for a [`BufRead`] source: when the source's buffer holds a
-/// whole sealed segment (an object in memory, a memory map, a
-/// `BufReader::with_capacity` of at least segment size + 16), the segment
-/// is opened straight out of that buffer, with no copy into the
-/// decryptor's; and when the caller's buffer holds a whole segment the
-/// plaintext goes straight there. Otherwise it works as [`Decryptor`] does.
+/// whole sealed segment, the segment is opened straight out of that buffer,
+/// with no copy into the decryptor's; and when the caller's buffer holds a
+/// whole segment the plaintext goes straight there. Otherwise it works as
+/// [`Decryptor`] does. An object in memory (`&[u8]`) or a memory map has
+/// every segment borrowed. A `BufReader` refills only when empty, so its
+/// buffer does not stay aligned with segments: give it a capacity of many
+/// segments (with 64 KiB segments, 1 MiB has about 15 of 16 borrowed), not
+/// just one.
 /// Same checks, errors and caveats: **do not act on plaintext from a stream
 /// that later fails**.
 ///
@@ -455,6 +458,13 @@ impl<R: BufRead> BufDecryptor<R> {
     ) -> Result<Self, Error> {
         let header = StreamHeader::read(&mut inner)?;
         Self::new(header, master, context, inner)
+    }
+
+    /// As [`Decryptor::with_backend`].
+    #[must_use]
+    pub fn with_backend(mut self, backend: crate::suite::Backend) -> Self {
+        self.core.set_backend(backend);
+        self
     }
 
     /// The stream's header.
