@@ -703,8 +703,8 @@ pub mod fuzz_hooks {
         }
     }
 
-    /// Decrypts with the `Read` adapter and reads the whole range with the
-    /// random-access reader; both must agree.
+    /// Decrypts with the `Read` adapter, the `BufRead` adapter and reads the
+    /// whole range with the random-access reader; all must agree.
     #[allow(clippy::panic, reason = "a broken property must crash the fuzzer")]
     fn open_both(
         master: &MasterKey,
@@ -722,6 +722,25 @@ pub mod fuzz_hooks {
             (Ok(a), Ok(b)) if a == b => {}
             (Err(_), Err(_)) => {}
             _ => panic!("the Read adapter and the random-access reader disagree"),
+        }
+        // The BufRead adapter, borrowing whole segments from the slice,
+        // with reads of a size taken from the input.
+        let chunk = 1 + usize::from(object.get(3).copied().unwrap_or(0)) * 3;
+        let buffered = BufDecryptor::open(master, ctx, object).and_then(|mut dec| {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; chunk];
+            loop {
+                match io::Read::read(&mut dec, &mut buf) {
+                    Ok(0) => return Ok(out),
+                    Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                    Err(e) => return Err(Error::from(e)),
+                }
+            }
+        });
+        match (&streamed, &buffered) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Err(a), Err(b)) if a.to_string() == b.to_string() => {}
+            _ => panic!("the Read and BufRead adapters disagree"),
         }
         streamed
     }
