@@ -230,17 +230,30 @@ pub(crate) fn seal_with(
     nonce: &[u8; WRAP_NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(RECORD_OVERHEAD + plaintext.len());
-    out.resize(HEADER_LEN, 0);
-    out.extend_from_slice(plaintext);
-    out.resize(out.len() + TAG_LEN, 0);
-    seal_laid_out(backend, master, suite, context, data_key, nonce, &mut out)?;
+    // Sealed from `plaintext` straight into the new record: zero-filling
+    // the output is cheaper than copying the plaintext in first.
+    let mut out = vec![0u8; RECORD_OVERHEAD + plaintext.len()];
+    seal_laid_out(
+        backend,
+        master,
+        suite,
+        context,
+        data_key,
+        nonce,
+        &mut out,
+        Some(plaintext),
+    )?;
     Ok(out)
 }
 
-/// Seals `buf`, laid out as `[HEADER_LEN bytes][plaintext][TAG_LEN bytes]`,
-/// into a record where it lies: writes the header and the tag, encrypts
-/// the plaintext in place.
+/// Seals `buf`, laid out as `[HEADER_LEN bytes][payload][TAG_LEN bytes]`,
+/// into a record where it lies: writes the header and the tag, and
+/// encrypts the payload region in place, or `source` (as long as the
+/// payload region) into it.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the record's inputs, kept flat for the hot path"
+)]
 fn seal_laid_out(
     backend: Backend,
     master: &MasterKey,
@@ -249,6 +262,7 @@ fn seal_laid_out(
     data_key: &[u8; KEY_LEN],
     nonce: &[u8; WRAP_NONCE_LEN],
     buf: &mut [u8],
+    source: Option<&[u8]>,
 ) -> Result<(), Error> {
     let keys = payload_keys(data_key, suite);
     let (header, rest) = buf.split_at_mut_checked(HEADER_LEN).ok_or(Error::Encrypt)?;
@@ -264,8 +278,19 @@ fn seal_laid_out(
     let aad = with_context(header.get(..IMMUTABLE_END).unwrap_or_default(), context);
     // The payload key is derived from a data key used for this one payload:
     // the fixed nonce is never reused (docs/FORMAT.md, "Nonces").
-    let tag =
-        seal_single_use(backend, suite, &keys.key, &aad, payload).map_err(|_| Error::Encrypt)?;
+    let tag = match source {
+        Some(plaintext) => crate::suite::seal_out_of_place(
+            backend,
+            suite,
+            &keys.key,
+            &[0; crate::suite::NONCE_LEN],
+            &aad,
+            plaintext,
+            payload,
+        ),
+        None => seal_single_use(backend, suite, &keys.key, &aad, payload),
+    }
+    .map_err(|_| Error::Encrypt)?;
     tag_out.copy_from_slice(&tag);
     Ok(())
 }
@@ -326,6 +351,7 @@ pub fn encrypt_in_place(
         data_key,
         nonce,
         buf,
+        None,
     )
 }
 
