@@ -203,20 +203,49 @@ pub fn encrypt_with(
     context: &EncryptionContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    if plaintext.len() as u64 > MAX_RECORD_PLAINTEXT {
+    let (context, fresh) = prepare(plaintext.len(), context)?;
+    seal_with(
+        backend,
+        master,
+        suite,
+        &context,
+        &fresh.data_key,
+        &fresh.nonce,
+        plaintext,
+    )
+}
+
+/// A new record's random secrets: its data key and wrap nonce.
+#[derive(zeroize::ZeroizeOnDrop)]
+struct FreshSecrets {
+    data_key: [u8; KEY_LEN],
+    nonce: [u8; WRAP_NONCE_LEN],
+}
+
+/// What every encrypt does first: checks the plaintext length, encodes the
+/// context and draws the data key and wrap nonce (one generator call for
+/// both: each call pays the fork check).
+fn prepare(
+    plaintext_len: usize,
+    context: &EncryptionContext,
+) -> Result<(Vec<u8>, FreshSecrets), Error> {
+    if plaintext_len as u64 > MAX_RECORD_PLAINTEXT {
         return Err(Error::PlaintextTooLarge {
-            len: plaintext.len() as u64,
+            len: plaintext_len as u64,
             max: MAX_RECORD_PLAINTEXT,
         });
     }
     let context = context.encode()?;
-    // One generator call for both: each call pays the fork check.
-    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_NONCE_LEN]);
-    rng::fill(&mut *fresh)?;
-    let (data_key, nonce) = fresh.split_at(KEY_LEN);
-    let data_key: &[u8; KEY_LEN] = data_key.try_into().map_err(|_| Error::Encrypt)?;
-    let nonce: &[u8; WRAP_NONCE_LEN] = nonce.try_into().map_err(|_| Error::Encrypt)?;
-    seal_with(backend, master, suite, &context, data_key, nonce, plaintext)
+    let mut fresh = FreshSecrets {
+        data_key: [0; KEY_LEN],
+        nonce: [0; WRAP_NONCE_LEN],
+    };
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN + WRAP_NONCE_LEN]);
+    rng::fill(&mut *bytes)?;
+    let (data_key, nonce) = bytes.split_at(KEY_LEN);
+    fresh.data_key.copy_from_slice(data_key);
+    fresh.nonce.copy_from_slice(nonce);
+    Ok((context, fresh))
 }
 
 /// Encrypts with a caller-chosen data key and wrap nonce: the deterministic
@@ -331,25 +360,14 @@ pub fn encrypt_in_place(
                 needed: RECORD_OVERHEAD,
                 got: buf.len(),
             })?;
-    if plaintext_len as u64 > MAX_RECORD_PLAINTEXT {
-        return Err(Error::PlaintextTooLarge {
-            len: plaintext_len as u64,
-            max: MAX_RECORD_PLAINTEXT,
-        });
-    }
-    let context = context.encode()?;
-    let mut fresh = Zeroizing::new([0u8; KEY_LEN + WRAP_NONCE_LEN]);
-    rng::fill(&mut *fresh)?;
-    let (data_key, nonce) = fresh.split_at(KEY_LEN);
-    let data_key: &[u8; KEY_LEN] = data_key.try_into().map_err(|_| Error::Encrypt)?;
-    let nonce: &[u8; WRAP_NONCE_LEN] = nonce.try_into().map_err(|_| Error::Encrypt)?;
+    let (context, fresh) = prepare(plaintext_len, context)?;
     seal_laid_out(
         Backend::default(),
         master,
         suite,
         &context,
-        data_key,
-        nonce,
+        &fresh.data_key,
+        &fresh.nonce,
         buf,
         None,
     )
