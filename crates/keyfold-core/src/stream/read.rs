@@ -103,6 +103,17 @@ impl DecodeCore {
         }
     }
 
+    /// What a `Read::read` into `out` returns without more input, if
+    /// anything: plaintext already authenticated, the clean end, or the
+    /// stream's failure. `None`: read more ciphertext.
+    pub(crate) fn answer_without_input(&mut self, out: &mut [u8]) -> Option<io::Result<usize>> {
+        if !self.available().is_empty() || out.is_empty() {
+            return Some(Ok(self.copy_out(out)));
+        }
+        self.status()
+            .map(|end| end.map(|()| 0).map_err(|e| Error::Stream(e).into()))
+    }
+
     /// Where the adapter reads the next ciphertext bytes into.
     pub(crate) fn spare(&mut self) -> &mut [u8] {
         self.cbuf.get_mut(self.filled..).unwrap_or_default()
@@ -366,13 +377,8 @@ impl<R: Read> Decryptor<R> {
 impl<R: Read> Read for Decryptor<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
-            if !self.core.available().is_empty() || out.is_empty() {
-                return Ok(self.core.copy_out(out));
-            }
-            match self.core.status() {
-                Some(Ok(())) => return Ok(0),
-                Some(Err(e)) => return Err(Error::Stream(e).into()),
-                None => {}
+            if let Some(answer) = self.core.answer_without_input(out) {
+                return answer;
             }
             match self.inner.read(self.core.spare()) {
                 Ok(n) => {
@@ -487,13 +493,8 @@ impl<R: BufRead> Read for BufDecryptor<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let stream_err = |e| io::Error::from(Error::Stream(e));
         loop {
-            if !self.core.available().is_empty() || out.is_empty() {
-                return Ok(self.core.copy_out(out));
-            }
-            match self.core.status() {
-                Some(Ok(())) => return Ok(0),
-                Some(Err(e)) => return Err(stream_err(e)),
-                None => {}
+            if let Some(answer) = self.core.answer_without_input(out) {
+                return answer;
             }
             // Only `fill_buf` / `consume`, one call per step: the source's
             // buffer is the one place bytes come from.
