@@ -227,9 +227,48 @@ pub(crate) fn open_single_use_in_place(
 }
 
 mod rust_crypto {
+    //! RustCrypto runs in place and out of place through the same `InOutBuf`:
+    //! one encrypt and one decrypt serve all four seam calls.
     use aes_gcm::aead::inout::InOutBuf;
 
     use super::*;
+
+    fn encrypt(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: InOutBuf<'_, '_, u8>,
+    ) -> Result<[u8; TAG_LEN], AeadFailure> {
+        let nonce = nonce.into();
+        let tag = match suite {
+            Suite::Aes256Gcm => Aes256Gcm::new(key.into()).encrypt_inout_detached(nonce, aad, buf),
+            Suite::ChaCha20Poly1305 => {
+                ChaCha20Poly1305::new(key.into()).encrypt_inout_detached(nonce, aad, buf)
+            }
+        };
+        tag.map(Into::into).map_err(|_| AeadFailure)
+    }
+
+    fn decrypt(
+        suite: Suite,
+        key: &[u8; KEY_LEN],
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: InOutBuf<'_, '_, u8>,
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AeadFailure> {
+        let (nonce, tag) = (nonce.into(), tag.into());
+        match suite {
+            Suite::Aes256Gcm => {
+                Aes256Gcm::new(key.into()).decrypt_inout_detached(nonce, aad, buf, tag)
+            }
+            Suite::ChaCha20Poly1305 => {
+                ChaCha20Poly1305::new(key.into()).decrypt_inout_detached(nonce, aad, buf, tag)
+            }
+        }
+        .map_err(|_| AeadFailure)
+    }
 
     pub(super) fn seal(
         suite: Suite,
@@ -238,16 +277,7 @@ mod rust_crypto {
         aad: &[u8],
         buf: &mut [u8],
     ) -> Result<[u8; TAG_LEN], AeadFailure> {
-        let nonce = nonce.into();
-        let tag = match suite {
-            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
-                .encrypt_inout_detached(nonce, aad, buf.into())
-                .map_err(|_| AeadFailure)?,
-            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
-                .encrypt_inout_detached(nonce, aad, buf.into())
-                .map_err(|_| AeadFailure)?,
-        };
-        Ok(tag.into())
+        encrypt(suite, key, nonce, aad, buf.into())
     }
 
     pub(super) fn seal_out_of_place(
@@ -258,17 +288,8 @@ mod rust_crypto {
         plaintext: &[u8],
         out: &mut [u8],
     ) -> Result<[u8; TAG_LEN], AeadFailure> {
-        let nonce = nonce.into();
         let buf = InOutBuf::new(plaintext, out).map_err(|_| AeadFailure)?;
-        let tag = match suite {
-            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
-                .encrypt_inout_detached(nonce, aad, buf)
-                .map_err(|_| AeadFailure)?,
-            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
-                .encrypt_inout_detached(nonce, aad, buf)
-                .map_err(|_| AeadFailure)?,
-        };
-        Ok(tag.into())
+        encrypt(suite, key, nonce, aad, buf)
     }
 
     #[allow(clippy::too_many_arguments, reason = "the AEAD's own inputs")]
@@ -281,16 +302,8 @@ mod rust_crypto {
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
     ) -> Result<(), AeadFailure> {
-        let nonce = nonce.into();
         let buf = InOutBuf::new(ciphertext, out).map_err(|_| AeadFailure)?;
-        match suite {
-            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
-                .decrypt_inout_detached(nonce, aad, buf, tag.into())
-                .map_err(|_| AeadFailure),
-            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
-                .decrypt_inout_detached(nonce, aad, buf, tag.into())
-                .map_err(|_| AeadFailure),
-        }
+        decrypt(suite, key, nonce, aad, buf, tag)
     }
 
     pub(super) fn open_in_place(
@@ -301,15 +314,7 @@ mod rust_crypto {
         buf: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<(), AeadFailure> {
-        let nonce = nonce.into();
-        match suite {
-            Suite::Aes256Gcm => Aes256Gcm::new(key.into())
-                .decrypt_inout_detached(nonce, aad, buf.into(), tag.into())
-                .map_err(|_| AeadFailure),
-            Suite::ChaCha20Poly1305 => ChaCha20Poly1305::new(key.into())
-                .decrypt_inout_detached(nonce, aad, buf.into(), tag.into())
-                .map_err(|_| AeadFailure),
-        }
+        decrypt(suite, key, nonce, aad, buf.into(), tag)
     }
 }
 

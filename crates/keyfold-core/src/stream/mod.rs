@@ -260,8 +260,14 @@ impl StreamHeader {
     pub fn read<R: Read>(reader: &mut R) -> Result<Self, Error> {
         let mut bytes = [0u8; STREAM_HEADER_LEN];
         let got = read_full(reader, &mut bytes)?;
+        Self::parse_read(&bytes, got)
+    }
+
+    /// Parses a header buffer of which a reader filled the first `got`
+    /// bytes; short of a whole header, the most precise error for what is
+    /// there.
+    pub(crate) fn parse_read(bytes: &[u8; STREAM_HEADER_LEN], got: usize) -> Result<Self, Error> {
         if got < STREAM_HEADER_LEN {
-            // Parse what there is for the most precise error.
             return Err(Self::parse(bytes.get(..got).unwrap_or_default())
                 .err()
                 .unwrap_or(Error::Format(FormatError::TooShort {
@@ -270,7 +276,7 @@ impl StreamHeader {
                     got,
                 })));
         }
-        Self::parse(&bytes)
+        Self::parse(bytes)
     }
 
     /// The header's bytes, as stored at the start of the object.

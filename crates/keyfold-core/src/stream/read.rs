@@ -423,19 +423,17 @@ impl<R: Read> Read for Decryptor<R> {
 /// assert_eq!(plain, vec![7u8; 200_000]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub struct BufDecryptor<R: BufRead> {
-    inner: R,
-    core: DecodeCore,
-}
+pub struct BufDecryptor<R: BufRead>(Decryptor<R>);
 
 impl<R: BufRead> std::fmt::Debug for BufDecryptor<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BufDecryptor")
-            .field("header", self.core.header())
+            .field("header", self.0.header())
             .finish_non_exhaustive()
     }
 }
 
+/// The same decoder and source as [`Decryptor`]; only `read` differs.
 impl<R: BufRead> BufDecryptor<R> {
     /// As [`Decryptor::new`].
     ///
@@ -447,45 +445,36 @@ impl<R: BufRead> BufDecryptor<R> {
         context: &EncryptionContext,
         inner: R,
     ) -> Result<Self, Error> {
-        Ok(BufDecryptor {
-            inner,
-            core: DecodeCore::new(header, master, context)?,
-        })
+        Decryptor::new(header, master, context, inner).map(BufDecryptor)
     }
 
     /// As [`Decryptor::open`].
     ///
     /// # Errors
     /// As [`Decryptor::open`].
-    pub fn open(
-        master: &MasterKey,
-        context: &EncryptionContext,
-        mut inner: R,
-    ) -> Result<Self, Error> {
-        let header = StreamHeader::read(&mut inner)?;
-        Self::new(header, master, context, inner)
+    pub fn open(master: &MasterKey, context: &EncryptionContext, inner: R) -> Result<Self, Error> {
+        Decryptor::open(master, context, inner).map(BufDecryptor)
     }
 
     /// As [`Decryptor::with_backend`].
     #[must_use]
-    pub fn with_backend(mut self, backend: crate::suite::Backend) -> Self {
-        self.core.set_backend(backend);
-        self
+    pub fn with_backend(self, backend: crate::suite::Backend) -> Self {
+        BufDecryptor(self.0.with_backend(backend))
     }
 
     /// The stream's header.
     pub fn header(&self) -> &StreamHeader {
-        self.core.header()
+        self.0.header()
     }
 
     /// Bytes of buffer this decryptor holds, as [`Decryptor::buffered_capacity`].
     pub fn buffered_capacity(&self) -> usize {
-        self.core.buffered_capacity()
+        self.0.buffered_capacity()
     }
 
     /// The inner reader.
     pub fn into_inner(self) -> R {
-        self.inner
+        self.0.into_inner()
     }
 }
 
@@ -493,27 +482,28 @@ impl<R: BufRead> Read for BufDecryptor<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let stream_err = |e| io::Error::from(Error::Stream(e));
         loop {
-            if let Some(answer) = self.core.answer_without_input(out) {
+            if let Some(answer) = self.0.core.answer_without_input(out) {
                 return answer;
             }
             // Only `fill_buf` / `consume`, one call per step: the source's
             // buffer is the one place bytes come from.
-            let buffered = match self.inner.fill_buf() {
+            let buffered = match self.0.inner.fill_buf() {
                 Ok(buffered) => buffered,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let full = self.core.sealed_segment_len();
-            if self.core.ready_for_borrowed()
+            let full = self.0.core.sealed_segment_len();
+            if self.0.core.ready_for_borrowed()
                 && let Some(sealed) = buffered.get(..full)
             {
                 // A whole segment is never the final one (that one is
                 // shorter), so it can be opened without looking further.
                 let direct = self
+                    .0
                     .core
                     .open_borrowed(sealed, Some(&mut *out))
                     .map_err(stream_err)?;
-                self.inner.consume(full);
+                self.0.inner.consume(full);
                 if direct > 0 {
                     return Ok(direct);
                 }
@@ -521,13 +511,13 @@ impl<R: BufRead> Read for BufDecryptor<R> {
             }
             // Part of a segment (or the end, when nothing is buffered): into
             // our buffer, as `Decryptor` does.
-            let spare = self.core.spare();
+            let spare = self.0.core.spare();
             let n = buffered.len().min(spare.len());
             if let (Some(dst), Some(src)) = (spare.get_mut(..n), buffered.get(..n)) {
                 dst.copy_from_slice(src);
             }
-            self.inner.consume(n);
-            let direct = self.core.filled(n, Some(&mut *out)).map_err(stream_err)?;
+            self.0.inner.consume(n);
+            let direct = self.0.core.filled(n, Some(&mut *out)).map_err(stream_err)?;
             if direct > 0 {
                 return Ok(direct);
             }

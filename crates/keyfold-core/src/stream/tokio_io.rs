@@ -11,7 +11,7 @@ use super::read::DecodeCore;
 use super::write::EncodeCore;
 use super::{StreamHeader, StreamOptions};
 use crate::context::EncryptionContext;
-use crate::error::{Error, FormatError};
+use crate::error::Error;
 use crate::format::STREAM_HEADER_LEN;
 use crate::secret::MasterKey;
 
@@ -34,16 +34,7 @@ impl StreamHeader {
                 Err(e) => return Err(e.into()),
             }
         }
-        if got < STREAM_HEADER_LEN {
-            return Err(Self::parse(bytes.get(..got).unwrap_or_default())
-                .err()
-                .unwrap_or(Error::Format(FormatError::TooShort {
-                    what: "stream header",
-                    needed: STREAM_HEADER_LEN,
-                    got,
-                })));
-        }
-        Self::parse(&bytes)
+        Self::parse_read(&bytes, got)
     }
 }
 
