@@ -224,7 +224,7 @@ struct FreshSecrets {
 
 /// What every encrypt does first: checks the plaintext length, encodes the
 /// context and draws the data key and wrap nonce (one generator call for
-/// both: each call pays the fork check).
+/// both).
 fn prepare(
     plaintext_len: usize,
     context: &EncryptionContext,

@@ -1,21 +1,22 @@
 //! Randomness for data keys and nonces.
 //!
 //! A user-space generator seeded from the operating system, so encrypting a
-//! record makes no `getrandom` call (about 0.5-0.8 µs here, more than sealing
-//! 1 KiB). The one system call left per request is `getpid`, the fork check
-//! (about 0.2 µs here); safe Rust offers no cheaper fork detection. The construction is Bernstein's
-//! *fast-key-erasure* RNG ("Fast-key-erasure random-number generators",
-//! 2017): ChaCha20 under a 256-bit key fills a buffer; the first 32 bytes of
-//! every refill become the next key and the old key is gone, and every byte
-//! handed out is wiped from the buffer, so a later memory disclosure reveals
-//! no earlier output (forward secrecy).
+//! record makes no system call: no `getrandom` (about 0.5-0.8 µs here, more
+//! than sealing 1 KiB) and no `getpid` (about 0.14 µs) either. The
+//! construction is Bernstein's *fast-key-erasure* RNG ("Fast-key-erasure
+//! random-number generators", 2017): ChaCha20 under a 256-bit key fills a
+//! buffer; the first 32 bytes of every refill become the next key and the
+//! old key is gone, and every byte handed out is wiped from the buffer, so a
+//! later memory disclosure reveals no earlier output (forward secrecy).
 //!
 //! Safety properties (docs/THREAT_MODEL.md, "Randomness"):
 //! - per thread (no lock), seeded from `getrandom` on first use;
 //! - re-keyed from the OS after every [`RESEED_BYTES`] of output;
-//! - fork-safe: the process id is checked on every call and a child process
-//!   re-seeds from the OS before producing a byte, so parent and child never
-//!   share output;
+//! - fork-safe: a `pthread_atfork` child handler (the `forkguard` crate)
+//!   counts forks, every call compares the count, one relaxed atomic load,
+//!   and a child process re-seeds from the OS before producing a byte, so
+//!   parent and child never share output (OpenSSL 1.1.1's DRBG and `rand`
+//!   0.8's `ThreadRng` detect forks the same way);
 //! - if the OS generator fails, callers get [`RngError`], never weaker bytes.
 
 use std::cell::RefCell;
@@ -38,20 +39,23 @@ struct FastKeyErasure {
     key: Zeroizing<[u8; KEY_LEN]>,
     buf: Zeroizing<[u8; BUF_LEN]>,
     pos: usize,
-    pid: u32,
     since_seed: usize,
+    /// Reports a fork since this generator was seeded.
+    fork: forkguard::Guard,
 }
 
 impl FastKeyErasure {
     fn seeded() -> Result<Self, RngError> {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        // The guard first, so a fork between the two is still seen.
+        let fork = forkguard::Guard::try_new().map_err(|_| RngError)?;
         getrandom::fill(&mut *key).map_err(|_| RngError)?;
         Ok(FastKeyErasure {
             key,
             buf: Zeroizing::new([0u8; BUF_LEN]),
             pos: BUF_LEN,
-            pid: std::process::id(),
             since_seed: 0,
+            fork,
         })
     }
 
@@ -98,8 +102,8 @@ pub fn fill(dest: &mut [u8]) -> Result<(), RngError> {
     GENERATOR.with(|cell| {
         let mut slot = cell.try_borrow_mut().map_err(|_| RngError)?;
         let stale = slot
-            .as_ref()
-            .is_none_or(|g| g.pid != std::process::id() || g.since_seed >= RESEED_BYTES);
+            .as_mut()
+            .is_none_or(|g| g.fork.detected_fork() || g.since_seed >= RESEED_BYTES);
         if stale {
             // Drop (and so wipe) the old state before seeding the new one.
             *slot = None;
