@@ -38,6 +38,7 @@ fn suite_name(s: Suite) -> &'static str {
 
 /// The raw AEADs with a fixed, prebuilt key and a counter nonce.
 mod raw {
+    use aes_gcm::aead::inout::InOutBuf;
     use aes_gcm::aead::{AeadInOut, KeyInit};
     use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
@@ -89,13 +90,46 @@ mod raw {
             }
         }
 
-        /// Seals into a new `Vec`, the cheapest way the bare AEAD returns
-        /// one: the plaintext copied into fresh capacity, sealed there.
+        /// Seals into a new `Vec` the way `record::encrypt` does: a
+        /// zero-filled buffer, sealed into from the plaintext (cheaper here
+        /// than copying the plaintext in and sealing in place).
         pub(crate) fn seal_alloc(&self, counter: u64, plaintext: &[u8]) -> Vec<u8> {
-            let mut out = Vec::with_capacity(plaintext.len() + 16);
-            out.extend_from_slice(plaintext);
-            let tag = self.seal(counter, &mut out);
-            out.extend_from_slice(&tag);
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&counter.to_be_bytes());
+            let mut out = vec![0u8; plaintext.len() + 16];
+            let (body, tag_out) = out.split_at_mut(plaintext.len());
+            let tag: [u8; 16] = match self {
+                Raw::AwsLc(k) => {
+                    let mut tag = [0u8; 16];
+                    k.seal_out_of_place_scatter(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(b"aad"),
+                        plaintext,
+                        body,
+                        &[],
+                        &mut tag,
+                    )
+                    .unwrap();
+                    tag
+                }
+                Raw::Aes(k) => k
+                    .encrypt_inout_detached(
+                        &nonce.into(),
+                        b"aad",
+                        InOutBuf::new(plaintext, body).unwrap(),
+                    )
+                    .unwrap()
+                    .into(),
+                Raw::ChaCha(k) => k
+                    .encrypt_inout_detached(
+                        &nonce.into(),
+                        b"aad",
+                        InOutBuf::new(plaintext, body).unwrap(),
+                    )
+                    .unwrap()
+                    .into(),
+            };
+            tag_out.copy_from_slice(&tag);
             out
         }
 
@@ -123,7 +157,7 @@ mod raw {
                     .decrypt_inout_detached(
                         &nonce.into(),
                         b"aad",
-                        aes_gcm::aead::inout::InOutBuf::new(ct, out).unwrap(),
+                        InOutBuf::new(ct, out).unwrap(),
                         tag.into(),
                     )
                     .unwrap(),
@@ -131,7 +165,7 @@ mod raw {
                     .decrypt_inout_detached(
                         &nonce.into(),
                         b"aad",
-                        aes_gcm::aead::inout::InOutBuf::new(ct, out).unwrap(),
+                        InOutBuf::new(ct, out).unwrap(),
                         tag.into(),
                     )
                     .unwrap(),

@@ -1,8 +1,9 @@
 //! Randomness for data keys and nonces.
 //!
-//! A user-space generator seeded from the operating system, so encrypting a
-//! record makes no system call: no `getrandom` (about 0.5-0.8 µs here, more
-//! than sealing 1 KiB) and no `getpid` (about 0.14 µs) either. The
+//! A user-space generator seeded from the operating system, so a draw makes
+//! no system call in the steady state: no `getrandom` (about 0.5-0.8 µs
+//! here, more than sealing 1 KiB) and no per-call `getpid` (about 0.14 µs)
+//! either; only a (re)seed and a buffer refill make one. The
 //! construction is Bernstein's *fast-key-erasure* RNG ("Fast-key-erasure
 //! random-number generators", 2017): ChaCha20 under a 256-bit key fills a
 //! buffer; the first 32 bytes of every refill become the next key and the
@@ -12,11 +13,15 @@
 //! Safety properties (docs/THREAT_MODEL.md, "Randomness"):
 //! - per thread (no lock), seeded from `getrandom` on first use;
 //! - re-keyed from the OS after every [`RESEED_BYTES`] of output;
-//! - fork-safe: a `pthread_atfork` child handler (the `forkguard` crate)
-//!   counts forks, every call compares the count, one relaxed atomic load,
-//!   and a child process re-seeds from the OS before producing a byte, so
-//!   parent and child never share output (OpenSSL 1.1.1's DRBG and `rand`
-//!   0.8's `ThreadRng` detect forks the same way);
+//! - fork-safe for children made by libc's `fork` (what `std`, `nix` and
+//!   `fork` call): a `pthread_atfork` child handler (the `forkguard` crate)
+//!   counts forks, every call compares the count (one relaxed atomic load),
+//!   and such a child re-seeds from the OS before producing a byte, so
+//!   parent and child never share output. A child made without fork
+//!   handlers (raw `clone`, glibc's `clone()` or `_Fork`) is caught by a
+//!   process-id check at the next buffer refill, so it may repeat at most
+//!   the rest of one 1 KiB buffer; such a child calls [`reseed`] first if
+//!   it encrypts before `exec`;
 //! - if the OS generator fails, callers get [`RngError`], never weaker bytes.
 
 use std::cell::RefCell;
@@ -40,14 +45,15 @@ struct FastKeyErasure {
     buf: Zeroizing<[u8; BUF_LEN]>,
     pos: usize,
     since_seed: usize,
-    /// Reports a fork since this generator was seeded.
+    /// Reports a fork through libc since this generator was seeded.
     fork: forkguard::Guard,
+    /// The process this generator was seeded in (checked at each refill).
+    pid: u32,
 }
 
 impl FastKeyErasure {
     fn seeded() -> Result<Self, RngError> {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        // The guard first, so a fork between the two is still seen.
         let fork = forkguard::Guard::try_new().map_err(|_| RngError)?;
         getrandom::fill(&mut *key).map_err(|_| RngError)?;
         Ok(FastKeyErasure {
@@ -56,7 +62,20 @@ impl FastKeyErasure {
             pos: BUF_LEN,
             since_seed: 0,
             fork,
+            pid: std::process::id(),
         })
+    }
+
+    /// Whether this generator must be replaced before it serves `len`
+    /// bytes: a fork through libc (checked on every call, one atomic load),
+    /// the re-seed budget spent, or, when this call will refill the buffer,
+    /// a changed process id. The last catches a child made without fork
+    /// handlers after at most the rest of one buffer, for one `getpid` per
+    /// refill instead of per call.
+    fn is_stale(&mut self, len: usize) -> bool {
+        self.fork.detected_fork()
+            || self.since_seed >= RESEED_BYTES
+            || (self.pos.saturating_add(len) > BUF_LEN && self.pid != std::process::id())
     }
 
     fn refill(&mut self) {
@@ -101,13 +120,8 @@ thread_local! {
 pub fn fill(dest: &mut [u8]) -> Result<(), RngError> {
     GENERATOR.with(|cell| {
         let mut slot = cell.try_borrow_mut().map_err(|_| RngError)?;
-        let stale = slot
-            .as_mut()
-            .is_none_or(|g| g.fork.detected_fork() || g.since_seed >= RESEED_BYTES);
-        if stale {
-            // Drop (and so wipe) the old state before seeding the new one.
-            *slot = None;
-            *slot = Some(FastKeyErasure::seeded()?);
+        if slot.as_mut().is_none_or(|g| g.is_stale(dest.len())) {
+            reseed_slot(&mut slot)?;
         }
         match slot.as_mut() {
             Some(generator) => {
@@ -117,6 +131,30 @@ pub fn fill(dest: &mut [u8]) -> Result<(), RngError> {
             None => Err(RngError),
         }
     })
+}
+
+/// Replaces this thread's generator with one freshly seeded from the OS.
+///
+/// Forks through libc's `fork` are detected without this, and the
+/// generator re-seeds on its own (docs/THREAT_MODEL.md, "Randomness"). Call
+/// it first thing in a child process made without fork handlers (a raw
+/// `clone` system call, glibc's `clone()` or `_Fork`) if that child
+/// encrypts before it `exec`s.
+///
+/// # Errors
+/// [`RngError`] when the OS generator is unavailable; this thread's
+/// generator is then gone, and the next draw tries to seed again.
+pub fn reseed() -> Result<(), RngError> {
+    GENERATOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(|_| RngError)?;
+        reseed_slot(&mut slot).map(|_| ())
+    })
+}
+
+fn reseed_slot(slot: &mut Option<FastKeyErasure>) -> Result<&mut FastKeyErasure, RngError> {
+    // Drop (and so wipe) the old state before seeding the new one.
+    *slot = None;
+    Ok(slot.insert(FastKeyErasure::seeded()?))
 }
 
 /// A random `u64` (for retry jitter).
@@ -169,6 +207,38 @@ mod tests {
         GENERATOR.with(|cell| {
             let slot = cell.borrow();
             assert!(slot.as_ref().unwrap().since_seed < 16, "did not reseed");
+        });
+    }
+
+    #[test]
+    fn a_changed_process_id_is_caught_at_the_next_refill() {
+        let mut g = FastKeyErasure::seeded().unwrap();
+        g.fill(&mut [0u8; 100]);
+        // As in a child made without fork handlers: same state, other pid.
+        g.pid = g.pid.wrapping_add(1);
+        let left = BUF_LEN - g.pos;
+        assert!(
+            !g.is_stale(left),
+            "a draw served from the buffer needs no getpid"
+        );
+        assert!(
+            g.is_stale(left + 1),
+            "a draw that refills must check the pid"
+        );
+        g.pid = std::process::id();
+        assert!(!g.is_stale(left + 1));
+    }
+
+    #[test]
+    fn reseed_replaces_the_generator() {
+        fill(&mut [0u8; 100]).unwrap();
+        let before = GENERATOR.with(|cell| *cell.borrow().as_ref().unwrap().key);
+        reseed().unwrap();
+        GENERATOR.with(|cell| {
+            let slot = cell.borrow();
+            let g = slot.as_ref().unwrap();
+            assert_ne!(*g.key, before);
+            assert_eq!((g.since_seed, g.pos), (0, BUF_LEN));
         });
     }
 
