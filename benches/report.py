@@ -95,11 +95,12 @@ if out_png:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, group in zip(axes, ("seal", "open")):
-        for f in sorted({k[1] for k in rows if k[0] == group}):
+        # 20 distinct colours: the default cycle of 10 repeats with 17 lines.
+        for i, f in enumerate(sorted({k[1] for k in rows if k[0] == group})):
             xs = [s for s in sizes if (group, f, s) in rows]
             ys = [mbps(s, rows[(group, f, s)]) for s in xs]
             style = "--" if f.startswith("raw") else ("-" if f.startswith("keyfold") else ":")
-            ax.plot(xs, ys, style, marker="o", label=f)
+            ax.plot(xs, ys, style, marker="o", label=f, color=plt.cm.tab20(i % 20))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("record size (bytes)")
