@@ -38,6 +38,7 @@ fn suite_name(s: Suite) -> &'static str {
 
 /// The raw AEADs with a fixed, prebuilt key and a counter nonce.
 mod raw {
+    use aes_gcm::aead::consts::{U12, U16};
     use aes_gcm::aead::inout::InOutBuf;
     use aes_gcm::aead::{AeadInOut, KeyInit};
     use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
@@ -79,14 +80,8 @@ mod raw {
                     .as_ref()
                     .try_into()
                     .unwrap(),
-                Raw::Aes(k) => k
-                    .encrypt_inout_detached(&nonce.into(), b"aad", buf.into())
-                    .unwrap()
-                    .into(),
-                Raw::ChaCha(k) => k
-                    .encrypt_inout_detached(&nonce.into(), b"aad", buf.into())
-                    .unwrap()
-                    .into(),
+                Raw::Aes(k) => rustcrypto_seal(&**k, nonce, buf.into()),
+                Raw::ChaCha(k) => rustcrypto_seal(&**k, nonce, buf.into()),
             }
         }
 
@@ -112,22 +107,12 @@ mod raw {
                     .unwrap();
                     tag
                 }
-                Raw::Aes(k) => k
-                    .encrypt_inout_detached(
-                        &nonce.into(),
-                        b"aad",
-                        InOutBuf::new(plaintext, body).unwrap(),
-                    )
-                    .unwrap()
-                    .into(),
-                Raw::ChaCha(k) => k
-                    .encrypt_inout_detached(
-                        &nonce.into(),
-                        b"aad",
-                        InOutBuf::new(plaintext, body).unwrap(),
-                    )
-                    .unwrap()
-                    .into(),
+                Raw::Aes(k) => {
+                    rustcrypto_seal(&**k, nonce, InOutBuf::new(plaintext, body).unwrap())
+                }
+                Raw::ChaCha(k) => {
+                    rustcrypto_seal(&**k, nonce, InOutBuf::new(plaintext, body).unwrap())
+                }
             };
             tag_out.copy_from_slice(&tag);
             out
@@ -153,24 +138,30 @@ mod raw {
                         out,
                     )
                     .unwrap(),
-                Raw::Aes(k) => k
-                    .decrypt_inout_detached(
-                        &nonce.into(),
-                        b"aad",
-                        InOutBuf::new(ct, out).unwrap(),
-                        tag.into(),
-                    )
-                    .unwrap(),
-                Raw::ChaCha(k) => k
-                    .decrypt_inout_detached(
-                        &nonce.into(),
-                        b"aad",
-                        InOutBuf::new(ct, out).unwrap(),
-                        tag.into(),
-                    )
-                    .unwrap(),
+                Raw::Aes(k) => rustcrypto_open(&**k, nonce, InOutBuf::new(ct, out).unwrap(), tag),
+                Raw::ChaCha(k) => {
+                    rustcrypto_open(&**k, nonce, InOutBuf::new(ct, out).unwrap(), tag)
+                }
             }
         }
+    }
+
+    /// Both RustCrypto AEADs have 96-bit nonces and 128-bit tags.
+    fn rustcrypto_seal<A>(key: &A, nonce: [u8; 12], buf: InOutBuf<'_, '_, u8>) -> [u8; 16]
+    where
+        A: AeadInOut<NonceSize = U12, TagSize = U16>,
+    {
+        key.encrypt_inout_detached(&nonce.into(), b"aad", buf)
+            .unwrap()
+            .into()
+    }
+
+    fn rustcrypto_open<A>(key: &A, nonce: [u8; 12], buf: InOutBuf<'_, '_, u8>, tag: &[u8; 16])
+    where
+        A: AeadInOut<NonceSize = U12, TagSize = U16>,
+    {
+        key.decrypt_inout_detached(&nonce.into(), b"aad", buf, tag.into())
+            .unwrap();
     }
 }
 
