@@ -20,8 +20,8 @@
 //!   parent and child never share output. A child made without fork
 //!   handlers (raw `clone`, glibc's `clone()` or `_Fork`) is caught by a
 //!   process-id check at the next buffer refill, so it may repeat at most
-//!   the rest of one 1 KiB buffer; such a child calls [`reseed`] first if
-//!   it encrypts before `exec`;
+//!   the rest of one 1 KiB buffer (limits: docs/THREAT_MODEL.md); such a
+//!   child calls [`reseed`] first if it encrypts before `exec`;
 //! - if the OS generator fails, callers get [`RngError`], never weaker bytes.
 
 use std::cell::RefCell;
@@ -186,16 +186,31 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
     }
 
+    /// Known answer against the construction: after one refill under key
+    /// K, the next key is ChaCha20(K, nonce 0) bytes 0..32, the output is
+    /// bytes 32.., and neither the old key nor handed-out bytes remain.
     #[test]
-    fn handed_out_bytes_are_wiped_and_the_key_moves_on() {
+    fn output_is_fast_key_erasure_over_chacha20() {
         let mut g = FastKeyErasure::seeded().unwrap();
-        let first_key = *g.key;
+        g.key = Zeroizing::new([9u8; KEY_LEN]);
+        let mut stream = [0u8; KEY_LEN + 100];
+        ChaCha20::new((&[9u8; KEY_LEN]).into(), (&[0u8; 12]).into()).apply_keystream(&mut stream);
         let mut out = [0u8; 100];
         g.fill(&mut out);
-        assert_ne!(*g.key, first_key, "key not erased after refill");
+        assert_eq!(
+            out[..],
+            stream[KEY_LEN..],
+            "output is not the keystream after the key"
+        );
+        assert_eq!(
+            g.key[..],
+            stream[..KEY_LEN],
+            "next key is not the first 32 bytes"
+        );
+        assert_eq!(g.pos, KEY_LEN + 100);
         assert!(
             g.buf[..g.pos].iter().all(|&b| b == 0),
-            "output left in buffer"
+            "the next key or handed-out output left in the buffer"
         );
     }
 
@@ -225,8 +240,32 @@ mod tests {
             g.is_stale(left + 1),
             "a draw that refills must check the pid"
         );
+        // `is_stale` must agree with when `fill` actually refills: draining
+        // the buffer exactly does not refill (same key), the next byte does.
+        let key = *g.key;
+        g.fill(&mut vec![0u8; left]);
+        assert_eq!((*g.key, g.pos), (key, BUF_LEN), "fill refilled early");
+        assert!(!g.is_stale(0));
+        assert!(g.is_stale(1));
         g.pid = std::process::id();
-        assert!(!g.is_stale(left + 1));
+        assert!(!g.is_stale(1));
+    }
+
+    #[test]
+    fn fill_reseeds_when_a_refill_finds_another_process_id() {
+        fill(&mut [0u8; 10]).unwrap();
+        GENERATOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let g = slot.as_mut().unwrap();
+            g.pid = g.pid.wrapping_add(1);
+        });
+        fill(&mut [0u8; BUF_LEN]).unwrap();
+        GENERATOR.with(|cell| {
+            let slot = cell.borrow();
+            let g = slot.as_ref().unwrap();
+            assert_eq!(g.since_seed, BUF_LEN, "did not re-seed");
+            assert_eq!(g.pid, std::process::id());
+        });
     }
 
     #[test]
