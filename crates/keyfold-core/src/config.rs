@@ -143,7 +143,8 @@ pub struct GcpConfig {
     /// Project to bill, if not the key's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_id: Option<String>,
-    /// Endpoint override (private endpoint, or a local server in tests).
+    /// Endpoint override: a Google API host (`https://*.googleapis.com`, a
+    /// private endpoint) or a loopback address (a local server in tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
 }
@@ -289,25 +290,84 @@ fn field(provider: &'static str, field: &'static str, reason: impl Into<String>)
     }
 }
 
-/// An endpoint override is `https://`, or `http://` only to a loopback host
-/// (a local emulator): KMS requests and responses carry master keys.
-pub fn check_endpoint_url(provider: &'static str, url: &str) -> Result<(), ConfigError> {
-    if url.starts_with("https://") {
-        return Ok(());
+/// An endpoint URL's parts, as keyfold accepts them: `http` or `https`, a
+/// plain host (a DNS name, an IPv4 address or a bracketed IPv6 address), an
+/// optional port, and nothing else in the authority: no user info, no
+/// percent-encoding. A stricter grammar than RFC 3986 on purpose: the host
+/// this check sees must be the host an HTTP client connects to
+/// (`http://127.0.0.1:80@kms.example` names `kms.example`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint<'a> {
+    /// `https://` (else `http://`).
+    pub https: bool,
+    /// The host, without brackets for IPv6.
+    pub host: &'a str,
+    /// The port, when given.
+    pub port: Option<u16>,
+}
+
+impl<'a> Endpoint<'a> {
+    /// Parses `url`; `None` if it is not of the accepted shape.
+    pub fn parse(url: &'a str) -> Option<Self> {
+        let (https, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return None,
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']')?;
+                host.parse::<std::net::Ipv6Addr>().ok()?;
+                (host, after)
+            }
+            None => match authority.find(':') {
+                Some(colon) => authority.split_at(colon),
+                None => (authority, ""),
+            },
+        };
+        let port = match port {
+            "" => None,
+            p => {
+                let digits = p.strip_prefix(':')?;
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                Some(digits.parse::<u16>().ok()?)
+            }
+        };
+        let plain_name = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !plain_name && !authority.starts_with('[') {
+            return None;
+        }
+        Some(Endpoint { https, host, port })
     }
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(field(provider, "endpoint_url", "must be an https:// URL"));
+
+    /// `localhost` or a loopback address.
+    pub fn is_loopback(&self) -> bool {
+        self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// An endpoint override is `https://`, or `http://` only to a loopback host
+/// (a local emulator): KMS requests and responses carry master keys. Its
+/// authority must be a plain host and port ([`Endpoint`]).
+pub fn check_endpoint_url(provider: &'static str, url: &str) -> Result<(), ConfigError> {
+    let Some(endpoint) = Endpoint::parse(url) else {
+        return Err(field(
+            provider,
+            "endpoint_url",
+            "must be an https:// URL whose authority is a plain host[:port] (no user info)",
+        ));
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    if endpoint.https || endpoint.is_loopback() {
         Ok(())
     } else {
         Err(field(
@@ -411,7 +471,24 @@ impl GcpConfig {
                 "expected a service account email, NAME@PROJECT.iam.gserviceaccount.com",
             ));
         }
-        check_endpoint("gcp", self.endpoint_url.as_deref())
+        check_endpoint("gcp", self.endpoint_url.as_deref())?;
+        // Every Cloud KMS call carries a bearer token for the impersonated
+        // service account, usable anywhere: over TLS it may go only to a
+        // Google API host (private endpoints included) or a loopback proxy,
+        // never to a host a tenant's config names.
+        let google_or_local = |e: &Endpoint<'_>| {
+            let host = e.host.to_ascii_lowercase();
+            e.is_loopback() || host == "googleapis.com" || host.ends_with(".googleapis.com")
+        };
+        match self.endpoint_url.as_deref().and_then(Endpoint::parse) {
+            Some(e) if !google_or_local(&e) => Err(field(
+                "gcp",
+                "endpoint_url",
+                "must be a Google API host (*.googleapis.com) or a loopback address: \
+                 each request carries a bearer token for the service account",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -181,6 +181,16 @@ fn plain_http_endpoints_only_to_loopback() {
         "http://[2001:db8::1]:80",
         "ftp://127.0.0.1",
         "127.0.0.1:5000",
+        // User info: the connection goes to the host after the `@`.
+        "http://127.0.0.1:80@kms.evil.example",
+        "http://localhost@kms.evil.example/",
+        "https://user:pw@kms.example.com",
+        "http://127.0.0.1:80%40kms.evil.example",
+        "http://127.0.0.1\\@kms.evil.example",
+        "http://127.0.0.1:",
+        "http://127.0.0.1:99999",
+        "http://[::1:80",
+        "http://",
     ] {
         let err = check_endpoint_url("aws", bad).unwrap_err().to_string();
         assert!(err.contains("endpoint_url"), "{bad}: {err}");

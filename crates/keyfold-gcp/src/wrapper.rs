@@ -14,7 +14,7 @@ use gcloud_sdk::proto_ext::kms::EncryptRequest;
 use gcloud_sdk::tonic::metadata::MetadataValue;
 use gcloud_sdk::tonic::transport::{ClientTlsConfig, Endpoint};
 use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer, SecretValue};
-use keyfold_core::config::{GcpConfig, GcpKeyRef, ProviderConfig};
+use keyfold_core::config::{Endpoint as EndpointUrl, GcpConfig, GcpKeyRef, ProviderConfig};
 use keyfold_core::probe::WrapperFactory;
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::secret::KEY_LEN;
@@ -224,27 +224,13 @@ fn impersonated_credentials(config: &GcpConfig) -> Result<Credentials, String> {
 }
 
 fn https_host(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("https://")?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or(v6)
-    } else {
-        authority.split(':').next().unwrap_or(authority)
-    };
-    Some(host.to_owned())
+    EndpointUrl::parse(url)
+        .filter(|e| e.https)
+        .map(|e| e.host.to_owned())
 }
 
 fn is_local_plaintext(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return false;
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    ["127.0.0.1", "[::1]", "localhost"].iter().any(|host| {
-        authority == *host
-            || authority
-                .strip_prefix(host)
-                .is_some_and(|port| port.starts_with(':'))
-    })
+    EndpointUrl::parse(url).is_some_and(|e| !e.https && e.is_loopback())
 }
 
 /// Percent-encodes a resource name for `x-goog-request-params`, as Google's
@@ -667,6 +653,8 @@ mod tests {
         assert!(!is_local_plaintext("https://127.0.0.1:8080"));
         assert!(!is_local_plaintext("http://cloudkms.googleapis.com"));
         assert!(!is_local_plaintext("http://localhost.example"));
+        assert!(!is_local_plaintext("http://127.0.0.1:80@kms.evil.example"));
+        assert!(!is_local_plaintext("http://localhost@kms.evil.example"));
     }
 
     #[test]

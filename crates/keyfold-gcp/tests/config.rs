@@ -148,11 +148,25 @@ async fn tokens_are_never_sent_over_plain_http_to_a_remote_host() {
         err.contains("plain http:// is allowed only to a loopback host"),
         "{err}"
     );
+    // A bearer token is usable anywhere: TLS is not enough, the host must be
+    // Google's (or a loopback proxy), never one a tenant's config names.
+    for bad in [
+        "https://kms.evil.example",
+        "https://evilgoogleapis.com",
+        "https://googleapis.com.evil.example",
+        "https://127.0.0.1:80@kms.evil.example",
+    ] {
+        let err = refusal(gcp(KEY, SA, Some(bad))).await;
+        assert!(err.contains("endpoint_url"), "{bad}: {err}");
+    }
     // A private endpoint over TLS, or a loopback proxy, is fine.
     GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://private.googleapis.com")))
         .build()
         .unwrap();
     GcpKmsWrapper::builder(gcp(KEY, SA, Some("http://127.0.0.1:9090")))
+        .build()
+        .unwrap();
+    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://127.0.0.1:8443")))
         .build()
         .unwrap();
 }
