@@ -47,9 +47,12 @@ impl From<SystemTime> for Timestamp {
     }
 }
 
-impl From<Timestamp> for SystemTime {
-    fn from(t: Timestamp) -> Self {
-        UNIX_EPOCH + Duration::from_secs(t.0)
+impl Timestamp {
+    /// This instant as a [`SystemTime`], or `None` where the platform's
+    /// `SystemTime` cannot represent it (a timestamp read from a store file
+    /// can be any `u64`; `UNIX_EPOCH + Duration` would panic on it).
+    pub fn to_system_time(self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::from_secs(self.0))
     }
 }
 
@@ -111,5 +114,19 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_stored_timestamp_converts_without_panicking() {
+        let now = SystemTime::now();
+        let t = Timestamp::from(now);
+        let back = t.to_system_time().unwrap();
+        assert!(now.duration_since(back).unwrap() < Duration::from_secs(1));
+        assert_eq!(Timestamp(u64::MAX).to_system_time(), None);
     }
 }
