@@ -3,7 +3,7 @@
 use std::fmt;
 
 use keyfold_core::keyring::Keyring;
-use keyfold_core::{EncryptionContext, Error, format, record};
+use keyfold_core::{EncryptionContext, Error, MasterKey, format, record};
 
 /// A decrypted record, and its ciphertext on the active version when it was
 /// on an older one. `Debug` shows lengths only, never the plaintext.
@@ -52,14 +52,18 @@ pub async fn decrypt_and_upgrade(
 ) -> Result<LazyRead, Error> {
     let plaintext = keyring.decrypt(context, ciphertext).await?;
     let version = format::inspect(ciphertext)?.key_version;
-    let (upgraded, upgrade_error) = match keyring.active_version() {
-        Some(active) if version < active => {
-            match upgrade(keyring, context, ciphertext, active).await {
+    // `active_key` reloads a view older than the keyring's max staleness:
+    // an instance that missed a rotation must not upgrade onto the version
+    // another instance has since retired (or disabled after an incident).
+    let (upgraded, upgrade_error) = match keyring.active_key().await {
+        Ok(active) if version < active.version() => {
+            match upgrade(keyring, context, ciphertext, &active).await {
                 Ok(new) => (new, None),
                 Err(e) => (None, Some(e)),
             }
         }
-        _ => (None, None),
+        Ok(_) | Err(Error::NoActiveVersion) => (None, None),
+        Err(e) => (None, Some(e)),
     };
     Ok(LazyRead {
         plaintext,
@@ -72,14 +76,16 @@ async fn upgrade(
     keyring: &Keyring,
     context: &EncryptionContext,
     ciphertext: &[u8],
-    active: u32,
+    active: &MasterKey,
 ) -> Result<Option<Vec<u8>>, Error> {
-    let Some(new) = keyring.rewrap(context, ciphertext, active).await? else {
+    let Some(new) = keyring
+        .rewrap(context, ciphertext, active.version())
+        .await?
+    else {
         return Ok(None);
     };
     // Never hand back what does not open: the wrap and commitment under
     // the active version (the payload bytes are unchanged).
-    let key = keyring.master_key(active).await?;
-    record::check_header(&new, &key, context)?;
+    record::check_header(&new, active, context)?;
     Ok(Some(new))
 }

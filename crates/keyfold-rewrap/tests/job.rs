@@ -518,6 +518,44 @@ async fn lazy_reads_hand_back_an_upgraded_record() {
     );
 }
 
+/// Two instances over one store: B rotates, and once A's view is older
+/// than the max staleness, A's lazy reads upgrade onto B's new version,
+/// never onto the one B retired.
+#[tokio::test(start_paused = true)]
+async fn a_stale_instance_upgrades_onto_the_current_active_version() {
+    let store = Arc::new(keyfold_core::MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+    let wrapper = Arc::new(Switchable::new());
+    let builder = || {
+        keyfold_core::Keyring::builder("tenant", wrapper.clone(), store.clone())
+            .clock(clock.clone())
+            .max_staleness(Duration::from_secs(60))
+    };
+    let b = builder().create().await.unwrap();
+    b.rotate(&admin()).await.unwrap();
+    let c = ctx("a", "1");
+    let v1 = b.encrypt(&c, b"value").await.unwrap();
+    b.rotate(&admin()).await.unwrap();
+    let a = builder().open().await.unwrap();
+    assert_eq!(a.active_version(), Some(2));
+
+    b.rotate(&admin()).await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    let read = decrypt_and_upgrade(&a, &c, &v1).await.unwrap();
+    let upgraded = read.upgraded.expect("upgraded");
+    assert_eq!(format::inspect(&upgraded).unwrap().key_version, 3);
+    assert_eq!(a.active_version(), Some(3), "the read refreshed the view");
+    // A direct rewrap to the version B retired is refused on a fresh view.
+    clock.advance(Duration::from_secs(61));
+    b.rotate(&admin()).await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    let err = a.rewrap(&c, &v1, 3).await.unwrap_err();
+    assert!(
+        matches!(err, keyfold_core::Error::KeyState { version: 3, .. }),
+        "{err:?}"
+    );
+}
+
 #[derive(Debug)]
 struct Leases;
 

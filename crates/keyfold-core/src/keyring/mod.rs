@@ -735,6 +735,9 @@ impl Keyring {
         target: u32,
     ) -> Result<Option<Vec<u8>>, Error> {
         let info = format::inspect(record)?;
+        // Judge `target` on a view no older than the max staleness: another
+        // instance may have rotated past it, or disabled it.
+        self.refresh_if_stale().await?;
         match self.version_state(target) {
             Some(KeyState::Active) => {}
             Some(KeyState::Destroyed) => return Err(Error::KeyDestroyed { version: target }),
