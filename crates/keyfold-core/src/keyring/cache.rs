@@ -107,13 +107,43 @@ struct Slot {
 pub(crate) struct KeyCache {
     ttl: Duration,
     slots: Mutex<HashMap<u32, Arc<Slot>>>,
+    /// Origin of `next_sweep_ns`.
+    epoch: Instant,
+    /// When the next lookup sweeps out every expired key, in nanoseconds
+    /// since `epoch`: without it, a version no longer read would keep its
+    /// key in memory past the TTL until something looked it up again.
+    next_sweep_ns: AtomicU64,
 }
+
+/// How long an expired key may outlive its TTL while the keyring is used.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 impl KeyCache {
     pub(crate) fn new(ttl: Duration) -> Self {
         KeyCache {
             ttl,
             slots: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            next_sweep_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Drops every expired key if a sweep is due: at most one sweep per
+    /// `min(TTL, 60 s)`, so the lookup path pays one atomic load.
+    fn sweep_if_due(&self, now: Instant) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let at = nanos(now.saturating_duration_since(self.epoch));
+        let due = self.next_sweep_ns.load(Ordering::Relaxed);
+        if at < due {
+            return;
+        }
+        let next = at.saturating_add(nanos(self.ttl.min(MAX_SWEEP_INTERVAL)));
+        if self
+            .next_sweep_ns
+            .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.evict_expired_at(now);
         }
     }
 
@@ -141,8 +171,10 @@ impl KeyCache {
         let slot = self.slot(version);
         let seen = slot.attempts.load(Ordering::SeqCst);
         let mut state = slot.state.lock().await;
+        let now = Instant::now();
+        self.sweep_if_due(now);
         if let Some((key, expires)) = &state.key {
-            if Instant::now() < *expires {
+            if now < *expires {
                 return Ok(Arc::clone(key));
             }
             state.key = None;
@@ -185,7 +217,10 @@ impl KeyCache {
 
     /// Drops every key whose TTL has passed; returns how many.
     pub(crate) fn evict_expired(&self) -> usize {
-        let now = Instant::now();
+        self.evict_expired_at(Instant::now())
+    }
+
+    fn evict_expired_at(&self, now: Instant) -> usize {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let before = slots.len();
         slots.retain(|_, slot| match slot.state.try_lock() {
@@ -220,5 +255,41 @@ impl KeyCache {
             .collect();
         out.sort_unstable();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretKey;
+
+    fn key(version: u32) -> Arc<MasterKey> {
+        Arc::new(MasterKey::new(
+            version,
+            SecretKey::from_bytes(&mut [7u8; 32]),
+        ))
+    }
+
+    /// A version nobody looks up again still loses its key soon after its
+    /// TTL, as long as the cache is used at all.
+    #[tokio::test(start_paused = true)]
+    async fn lookups_sweep_out_other_versions_expired_keys() {
+        let cache = KeyCache::new(Duration::from_secs(10));
+        let old = key(1);
+        let dropped = Arc::downgrade(&old);
+        cache.insert(old).await;
+        let load2 = || async { Ok(MasterKey::new(2, SecretKey::from_bytes(&mut [8u8; 32]))) };
+        let get2 =
+            || cache.get_or_load(2, || Ok(()), load2, |_| false, crate::time::Timestamp::now);
+        get2().await.unwrap();
+        assert!(dropped.upgrade().is_some(), "v1 is still within its TTL");
+
+        tokio::time::advance(Duration::from_secs(11)).await;
+        get2().await.unwrap();
+        assert!(
+            dropped.upgrade().is_none(),
+            "v1's expired key is still held"
+        );
+        assert!(!cache.slots.lock().unwrap().contains_key(&1));
     }
 }

@@ -680,7 +680,10 @@ impl Keyring {
     }
 
     /// Drops cached keys whose TTL has passed (they are zeroized once no
-    /// caller holds them); returns how many. Lookups also skip expired keys.
+    /// caller holds them); returns how many. Lookups also skip expired keys,
+    /// and sweep out every version's expired keys at most once per
+    /// `min(cache TTL, 60 s)`; call this on a timer to bound an idle
+    /// keyring's key lifetime too.
     pub fn evict_expired(&self) -> usize {
         self.cache.evict_expired()
     }
