@@ -85,17 +85,18 @@ impl fmt::Display for WrapAlgorithm {
 ///   the key's type once with `get` (the Crypto User role grants it) unless
 ///   [`AzureKeyWrapperBuilder::algorithm`] pins it.
 ///
-/// # No AAD: the binding lives in keyfold's header
+/// # No AAD: the binding lives in keyfold's key check value
 ///
 /// Unlike AWS KMS (encryption context) and Cloud KMS (AAD), Key Vault's
 /// `wrapKey` takes no associated data, so the KMS does not bind a wrapped
 /// master key to its keyring (tenant) or master key version: the
 /// [`WrapContext`] is ignored here, and a wrapped blob copied to another
-/// keyring entry would unwrap. keyfold's own record format carries that
-/// binding: every data key is sealed under the master key with the format
-/// version, suite, master key version and the caller's encryption context as
-/// associated data, so a moved master key or record fails at keyfold's AEAD,
-/// not at the KMS. Run the conformance suite with `binds_context: false`.
+/// keyring entry would unwrap at the KMS. The record header's AEAD does not
+/// close this on its own (a version holding another version's key seals and
+/// opens consistently); the keyring does, by checking every unwrapped key
+/// against the key check value stored with its version, which binds the
+/// key to its keyring and version (docs/THREAT_MODEL.md, "Provider
+/// differences"). Run the conformance suite with `binds_context: false`.
 ///
 /// # Secrets in memory
 ///
