@@ -267,10 +267,37 @@ async fn step_up(State(app): State<App>, admin: Admin) -> ApiResult {
 const PROVIDERS: [&str; 4] = ["local", "aws", "gcp", "azure"];
 
 /// Turns the request body into a provider config, naming the problem on failure.
-fn provider_config(app: &App, body: Value) -> ApiResult<ProviderConfig> {
+/// The AWS external id this service assigns a tenant: its role's trust
+/// policy must demand exactly this (`sts:ExternalId`). Assigned, not chosen,
+/// so one tenant cannot have the service assume another tenant's role (the
+/// confused deputy that external ids exist to stop).
+pub fn aws_external_id(tenant_id: &str) -> String {
+    format!("tenant-{tenant_id}")
+}
+
+fn provider_config(app: &App, tenant_id: &str, mut body: Value) -> ApiResult<ProviderConfig> {
     let object = body
-        .as_object()
+        .as_object_mut()
         .ok_or_else(|| ApiError::bad_request("malformed_json", "expected a JSON object"))?;
+    if object.get("provider").and_then(Value::as_str) == Some("aws") {
+        let assigned = aws_external_id(tenant_id);
+        match object.get("external_id") {
+            None => {
+                object.insert("external_id".into(), Value::String(assigned));
+            }
+            Some(given) if given.as_str() == Some(assigned.as_str()) => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "external_id_mismatch",
+                    format!(
+                        "this service assigns your AWS external id: {assigned:?} (require it in the role's trust policy, or omit the field)"
+                    ),
+                )
+                .with("field", "external_id"));
+            }
+        }
+    }
+    let object = &*object;
     let provider = object
         .get("provider")
         .and_then(Value::as_str)
@@ -340,7 +367,7 @@ async fn onboard(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let value: Value = parse_json(body)?;
-    let config = provider_config(&app, value)?;
+    let config = provider_config(&app, &admin.tenant.config.id, value)?;
     let (provider, key_ref) = (config.provider(), config.kms_key_ref().to_owned());
     let done = app
         .shared

@@ -117,8 +117,26 @@ async fn onboarding_on_aws_kms_in_moto() {
     assert_eq!(s, StatusCode::CONFLICT, "nothing stored");
     assert_eq!(names(&svc.audit(GLOBEX).await), ["kms.probe.failed"]);
 
-    // Globex onboards straight onto its AWS key.
+    // Globex onboards straight onto its AWS key, under the external id the
+    // service assigned it: naming another tenant's is refused before any
+    // AWS call (it would let Globex have the service assume Acme's role).
     let globex_key = moto.create_key().await;
+    let (s, v) = svc
+        .post(
+            "/admin/tenant-kms",
+            GLOBEX,
+            moto.config(&globex_key, "tenant-acme"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"], "external_id_mismatch");
+    assert_eq!(v["field"], "external_id");
+    assert!(
+        v["message"].as_str().unwrap().contains("tenant-globex"),
+        "{v}"
+    );
+    let (s, _) = svc.get("/admin/tenant-kms", GLOBEX).await;
+    assert_eq!(s, StatusCode::CONFLICT, "nothing stored");
     let (s, v) = svc
         .post(
             "/admin/tenant-kms",
@@ -142,13 +160,10 @@ async fn onboarding_on_aws_kms_in_moto() {
             .await;
     }
     let acme_key = moto.create_key().await;
-    let (s, v) = svc
-        .post(
-            "/admin/tenant-kms",
-            ACME,
-            moto.config(&acme_key, "tenant-acme"),
-        )
-        .await;
+    // Without `external_id`, the service fills in the one it assigned.
+    let mut acme_config = moto.config(&acme_key, "unused");
+    acme_config.as_object_mut().unwrap().remove("external_id");
+    let (s, v) = svc.post("/admin/tenant-kms", ACME, acme_config).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["new_key_version"], 2);
     let lease = v["rewrap_lease_id"].as_str().unwrap().to_owned();
