@@ -58,6 +58,10 @@ pub enum JobError {
     /// The checkpoint does not fit the sources or keyring given.
     #[error("checkpoint does not match this job: {0}")]
     CheckpointMismatch(String),
+    /// No sources were given: such a job would finish at once, and its
+    /// evidence would authorize destroying versions records still use.
+    #[error("a rewrap job needs at least one source")]
+    NoSources,
     /// The target version cannot be used (sealed keyring, unknown version...).
     #[error("rewrap target key unavailable: {0}")]
     Keyring(#[source] CoreError),
@@ -231,8 +235,12 @@ impl RewrapJobBuilder {
     /// Creates the job, pinning the keyring's active version as its target.
     ///
     /// # Errors
+    /// [`JobError::NoSources`] for an empty source list;
     /// [`JobError::Keyring`] when the keyring has no active version.
     pub fn create(self) -> Result<RewrapJob, JobError> {
+        if self.sources.is_empty() {
+            return Err(JobError::NoSources);
+        }
         let target = self
             .keyring
             .active_version()
@@ -288,8 +296,11 @@ impl RewrapJobBuilder {
     /// the same, in the same order.
     ///
     /// # Errors
-    /// [`JobError::CheckpointMismatch`].
+    /// [`JobError::NoSources`]; [`JobError::CheckpointMismatch`].
     pub fn resume(self, checkpoint: Checkpoint) -> Result<RewrapJob, JobError> {
+        if self.sources.is_empty() {
+            return Err(JobError::NoSources);
+        }
         let names: Vec<&str> = self.sources.iter().map(|s| s.name()).collect();
         let saved: Vec<&str> = checkpoint.sources.iter().map(|s| s.name.as_str()).collect();
         if names != saved {

@@ -518,6 +518,15 @@ async fn lazy_reads_hand_back_an_upgraded_record() {
     );
 }
 
+/// A job over no sources would complete at once and its evidence would
+/// authorize destroying a version records still use: refused.
+#[tokio::test(start_paused = true)]
+async fn a_job_without_sources_is_refused() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let err = RewrapJob::builder(ring, Vec::new()).create().unwrap_err();
+    assert!(matches!(err, JobError::NoSources), "{err:?}");
+}
+
 /// Two instances over one store: B rotates, and once A's view is older
 /// than the max staleness, A's lazy reads upgrade onto B's new version,
 /// never onto the one B retired.
