@@ -314,7 +314,8 @@ async fn every_earlier_record_decrypts_after_many_rotations_until_disabled_or_de
     f.ring.enable(3, &a).await.unwrap();
     assert!(f.ring.decrypt(&ctx(2), &records[2]).await.is_ok());
     f.ring.disable(3, &a).await.unwrap();
-    f.clock.advance(Duration::from_secs(30));
+    // Max staleness (30 s) plus the second timestamps cannot resolve.
+    f.clock.advance(Duration::from_secs(31));
     f.ring.destroy(3, evidence(3, &f.clock), &a).await.unwrap();
     let err = f.ring.decrypt(&ctx(2), &records[2]).await.unwrap_err();
     assert!(matches!(err, Error::KeyDestroyed { version: 3 }), "{err}");
@@ -817,7 +818,8 @@ async fn kms_rewrap_moves_every_live_version_or_nothing() {
     }
     f.ring.disable(1, &a).await.unwrap();
     f.ring.disable(2, &a).await.unwrap();
-    f.clock.advance(Duration::from_secs(30));
+    // Max staleness (30 s) plus the second timestamps cannot resolve.
+    f.clock.advance(Duration::from_secs(31));
     f.ring.destroy(2, evidence(2, &f.clock), &a).await.unwrap();
     // A new wrapper that cannot wrap: nothing changes.
     let broken = CountingWrapper::shared(kek("kek-b"));

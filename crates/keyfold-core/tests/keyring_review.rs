@@ -396,6 +396,58 @@ async fn a_stale_instance_stops_encrypting_under_a_retired_or_disabled_version()
     assert_eq!(b.active_key().await.unwrap().version(), 2);
 }
 
+/// A KEK whose first unwrap is slow: while it runs, the clock moves past
+/// the max staleness and another instance rotates.
+#[derive(Debug)]
+struct SlowFirstUnwrap {
+    inner: Arc<LocalKek>,
+    on_first_unwrap: tokio::sync::Mutex<Option<(ManualClock, Keyring)>>,
+}
+
+#[async_trait]
+impl KeyWrapper for SlowFirstUnwrap {
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
+    fn key_ref(&self) -> &str {
+        self.inner.key_ref()
+    }
+    async fn wrap(&self, key: &SecretKey, ctx: &WrapContext) -> Result<WrappedKey, WrapError> {
+        self.inner.wrap(key, ctx).await
+    }
+    async fn unwrap(&self, w: &WrappedKey, ctx: &WrapContext) -> Result<SecretKey, WrapError> {
+        if let Some((clock, other)) = self.on_first_unwrap.lock().await.take() {
+            clock.advance(std::time::Duration::from_secs(31));
+            other.rotate(&admin()).await.unwrap();
+        }
+        self.inner.unwrap(w, ctx).await
+    }
+}
+
+#[tokio::test]
+async fn a_slow_unwrap_does_not_let_a_retired_version_encrypt() {
+    let store = Arc::new(MemoryStore::new());
+    let kek = kek("kek");
+    let clock = start();
+    let a = clocked(&store, &kek, &clock).await;
+    a.rotate(&admin()).await.unwrap();
+    let slow = Arc::new(SlowFirstUnwrap {
+        inner: kek.clone(),
+        on_first_unwrap: tokio::sync::Mutex::new(Some((clock.clone(), a))),
+    });
+    // B's view is fresh when it picks v1, but v1's cold unwrap outlasts the
+    // max staleness and A rotates meanwhile: B must encrypt under v2.
+    let b = Keyring::builder("tenant-a", slow, store.clone())
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(RetryPolicy::none())
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(b.active_version(), Some(1));
+    let record = b.encrypt(&ctx(), b"x").await.unwrap();
+    assert_eq!(version_of(&record), 2);
+}
+
 #[tokio::test]
 async fn max_staleness_is_a_builder_option() {
     let store = Arc::new(MemoryStore::new());
@@ -437,14 +489,15 @@ async fn evidence_gathered_within_max_staleness_of_the_retirement_is_refused() {
         })
     };
     clock.advance(std::time::Duration::from_secs(3600));
-    match ring.destroy(1, evidence(29), &admin()).await {
+    // Max staleness 30 s, plus one second for whole-second timestamps.
+    match ring.destroy(1, evidence(30), &admin()).await {
         Err(Error::DestroyRefused { version: 1, reason }) => {
             assert!(reason.contains("too soon"), "{reason}");
         }
-        other => panic!("evidence 29 s after retirement must be refused: {other:?}"),
+        other => panic!("evidence 30 s after retirement must be refused: {other:?}"),
     }
     assert_eq!(ring.version_state(1), Some(KeyState::Disabled));
-    ring.destroy(1, evidence(30), &admin()).await.unwrap();
+    ring.destroy(1, evidence(31), &admin()).await.unwrap();
     assert_eq!(ring.version_state(1), Some(KeyState::Destroyed));
 }
 

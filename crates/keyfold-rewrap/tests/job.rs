@@ -421,11 +421,13 @@ async fn reencrypt_mode_draws_fresh_data_keys() {
 
 #[tokio::test(start_paused = true)]
 async fn the_completion_report_lets_the_keyring_destroy_the_old_version() {
-    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let (ring, clock) = keyring_on_manual_clock(Arc::new(Switchable::new()), LONG).await;
     let a = Table::new("a");
     a.fill(&ring, 30).await;
     ring.rotate(&admin()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
     let job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .clock(clock.clone())
         .create()
         .unwrap();
     let reports: Vec<_> = job.into_stream().collect().await;
@@ -435,6 +437,7 @@ async fn the_completion_report_lets_the_keyring_destroy_the_old_version() {
 
     // Rebuild the report through a finished job to get the evidence.
     let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .clock(clock.clone())
         .create()
         .unwrap();
     while job.next_batch().await.unwrap().is_some() {}

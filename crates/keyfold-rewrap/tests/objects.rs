@@ -63,13 +63,15 @@ fn sources(table: &Arc<Table>) -> Vec<Arc<dyn RowSource>> {
 
 #[tokio::test(start_paused = true)]
 async fn objects_and_header_only_rows_are_rewrapped_without_their_payload() {
-    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let (ring, clock) = keyring_on_manual_clock(Arc::new(Switchable::new()), LONG).await;
     let table = Table::new(TABLE);
     let bucket = fill(&ring, &table).await;
     let before = table.snapshot();
     ring.rotate(&admin()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
 
     let mut job = RewrapJob::builder(ring.clone(), sources(&table))
+        .clock(clock.clone())
         .create()
         .unwrap();
     let report = job.next_batch().await.unwrap().unwrap();

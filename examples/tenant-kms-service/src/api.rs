@@ -567,11 +567,13 @@ struct PutSecret {
 /// one; as it is when it cannot be (its version is disabled: the destroy
 /// check will still find it).
 async fn upgraded(keyring: &Keyring, tenant: &str, row: SecretRow) -> SecretRow {
-    let Some(active) = keyring.active_version() else {
+    // `active_key` reloads a stale view first: never upgrade onto a version
+    // another instance has retired.
+    let Ok(active) = keyring.active_key().await else {
         return row;
     };
     let ctx = secret_context(tenant, &row.name, row.version);
-    match keyring.rewrap(&ctx, &row.ciphertext, active).await {
+    match keyring.rewrap(&ctx, &row.ciphertext, active.version()).await {
         Ok(Some(ciphertext)) => SecretRow { ciphertext, ..row },
         _ => row,
     }

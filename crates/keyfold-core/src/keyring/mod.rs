@@ -268,7 +268,8 @@ impl KeyringBuilder {
     /// [`Error::KeyringExists`] when the store already holds the id;
     /// [`Error::Store`] on store failure.
     pub async fn create(self) -> Result<Keyring, Error> {
-        let stored = StoredKeyring::new(self.id.clone(), self.options.clock.now());
+        let as_of = self.options.clock.now();
+        let stored = StoredKeyring::new(self.id.clone(), as_of);
         stored
             .validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
@@ -277,7 +278,7 @@ impl KeyringBuilder {
             Err(StoreError::Conflict { .. }) => return Err(Error::KeyringExists(self.id)),
             Err(e) => return Err(e.into()),
         };
-        Ok(self.build(revision, stored))
+        Ok(self.build(revision, stored, as_of))
     }
 
     /// Opens the stored keyring.
@@ -286,8 +287,9 @@ impl KeyringBuilder {
     /// [`Error::KeyringNotFound`], or [`Error::Store`] when the stored form
     /// is invalid or unreadable.
     pub async fn open(self) -> Result<Keyring, Error> {
+        let as_of = self.options.clock.now();
         match load_checked(self.store.as_ref(), &self.id).await? {
-            Some((revision, stored)) => Ok(self.build(revision, stored)),
+            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
             None => Err(Error::KeyringNotFound(self.id)),
         }
     }
@@ -297,13 +299,15 @@ impl KeyringBuilder {
     /// # Errors
     /// As [`open`](Self::open) and [`create`](Self::create).
     pub async fn open_or_create(self) -> Result<Keyring, Error> {
+        let as_of = self.options.clock.now();
         match load_checked(self.store.as_ref(), &self.id).await? {
-            Some((revision, stored)) => Ok(self.build(revision, stored)),
+            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
             None => self.create().await,
         }
     }
 
-    fn build(self, revision: Revision, stored: StoredKeyring) -> Keyring {
+    /// `as_of`: when the store operation that produced `stored` started.
+    fn build(self, revision: Revision, stored: StoredKeyring, as_of: Timestamp) -> Keyring {
         Keyring {
             cache: KeyCache::new(self.options.cache_ttl),
             id: self.id,
@@ -313,7 +317,7 @@ impl KeyringBuilder {
             write: tokio::sync::Mutex::new(()),
             sealed: Mutex::new(None),
             last_auto_refresh: Mutex::new(None),
-            loaded_at: Mutex::new(self.options.clock.now()),
+            loaded_at: Mutex::new(as_of),
             options: self.options,
         }
     }
@@ -547,9 +551,21 @@ impl Keyring {
     /// # Errors
     /// [`Error::NoActiveVersion`], and as [`master_key`](Self::master_key).
     pub async fn active_key(&self) -> Result<Arc<MasterKey>, Error> {
-        self.refresh_if_stale().await?;
-        let version = self.active_version().ok_or(Error::NoActiveVersion)?;
-        self.master_key(version).await
+        loop {
+            self.refresh_if_stale().await?;
+            let version = self.active_version().ok_or(Error::NoActiveVersion)?;
+            let key = self.master_key(version).await?;
+            // A cold unwrap can take long (KMS retries): if the view aged
+            // past the max staleness meanwhile, another instance may have
+            // rotated. Use the key only if a fresh view still shows it active.
+            if self.is_stale() {
+                self.refresh_if_stale().await?;
+                if self.active_version() != Some(version) {
+                    continue;
+                }
+            }
+            return Ok(key);
+        }
     }
 
     async fn known_version(
@@ -773,20 +789,26 @@ impl Keyring {
 
     /// Installs a newer state, and with it the wrapper its keys are under
     /// when that changed; readers of [`view`](Self::view) see both or neither.
+    ///
+    /// `as_of` is when the store read or write that produced `stored`
+    /// *started*: a change another instance made while it ran may be
+    /// missing, so the view is only as fresh as that start.
     fn install(
         &self,
         revision: Revision,
         stored: StoredKeyring,
         wrapper: Option<Arc<dyn KeyWrapper>>,
+        as_of: Timestamp,
     ) {
         let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
-        // Just read from or written to the store: the view is fresh (an
-        // older revision than ours means ours is the newer state).
-        *self
-            .loaded_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = self.options.clock.now();
+        // An older revision than ours means ours is the newer state, seen
+        // by an operation whose own start set `loaded_at`.
         if revision >= cur.0 {
+            // Just read from or written to the store: fresh as of `as_of`.
+            *self
+                .loaded_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = as_of;
             *cur = (revision, Arc::new(stored));
             if let Some(w) = wrapper {
                 *self.wrapper.write().unwrap_or_else(PoisonError::into_inner) = w;
@@ -804,9 +826,10 @@ impl Keyring {
     ) -> Result<Revision, Error> {
         next.validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+        let as_of = self.options.clock.now();
         match self.store.save(&self.id, Some(expected), &next).await {
             Ok(revision) => {
-                self.install(revision, next, new_wrapper);
+                self.install(revision, next, new_wrapper, as_of);
                 Ok(revision)
             }
             Err(StoreError::Conflict {
@@ -823,6 +846,7 @@ impl Keyring {
     }
 
     async fn reload(&self) -> Result<Revision, Error> {
+        let as_of = self.options.clock.now();
         let (revision, stored) = load_checked(self.store.as_ref(), &self.id)
             .await?
             .ok_or_else(|| Error::KeyringNotFound(self.id.clone()))?;
@@ -831,7 +855,7 @@ impl Keyring {
                 self.cache.evict(v.version);
             }
         }
-        self.install(revision, stored, None);
+        self.install(revision, stored, None, as_of);
         Ok(revision)
     }
 
@@ -1255,8 +1279,11 @@ fn check_evidence(
             });
         }
         // An instance that had not yet seen the rotation may have encrypted
-        // under the version for up to max_staleness after it.
-        let settled = retired.saturating_add(max_staleness);
+        // under the version for up to max_staleness after it. Timestamps are
+        // whole seconds (floored), so round the staleness up and add one
+        // second for the retirement's own fraction.
+        let whole_secs = max_staleness.as_secs() + u64::from(max_staleness.subsec_nanos() > 0);
+        let settled = retired.saturating_add(Duration::from_secs(whole_secs.saturating_add(1)));
         if e.checked_at < settled {
             return Err(Error::DestroyRefused {
                 version,

@@ -61,7 +61,10 @@
 //! ring.rotate(&Actor::new("admin")).await?;
 //! let ctx = EncryptionContext::new().with("object", "export.csv");
 //!
-//! let active = ring.master_key(ring.active_version().unwrap_or_default()).await?;
+//! // `active_key`, not `master_key(active_version())`: it reloads a view
+//! // older than the max staleness, so a stale instance never encrypts
+//! // under a version another instance retired.
+//! let active = ring.active_key().await?;
 //! let mut object = Vec::new();
 //! stream::encrypt(&active, Default::default(), &ctx, &b"rows..."[..], &mut object)?;
 //!

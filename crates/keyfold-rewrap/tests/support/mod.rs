@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use keyfold_core::audit::Actor;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::store::MemoryStore;
+use keyfold_core::time::{Clock, ManualClock, SystemClock, Timestamp};
 use keyfold_core::{
     EncryptionContext, KeyWrapper, LocalKek, SecretKey, WrapContext, WrapError, WrapErrorKind,
     WrapOperation, WrappedKey, format,
@@ -71,11 +72,32 @@ impl KeyWrapper for Switchable {
 }
 
 pub async fn keyring(wrapper: Arc<Switchable>, ttl: Duration) -> Arc<Keyring> {
+    keyring_on(wrapper, ttl, Arc::new(SystemClock)).await
+}
+
+/// As [`keyring`], on a manual clock: for tests that destroy on a job's
+/// evidence, which must start at least a second after the retirement
+/// (whole-second timestamps), so the test advances the clock instead of
+/// sleeping. Give the job the same clock.
+pub async fn keyring_on_manual_clock(
+    wrapper: Arc<Switchable>,
+    ttl: Duration,
+) -> (Arc<Keyring>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+    (keyring_on(wrapper, ttl, clock.clone()).await, clock)
+}
+
+async fn keyring_on(
+    wrapper: Arc<Switchable>,
+    ttl: Duration,
+    clock: Arc<dyn Clock>,
+) -> Arc<Keyring> {
     let ring = Keyring::builder("tenant", wrapper, Arc::new(MemoryStore::new()))
         .cache_ttl(ttl)
-        // One instance per test, on the system clock: no other instance's
-        // stale view to wait out before a job's evidence may destroy.
+        // One instance per test: no other instance's stale view to wait
+        // out before a job's evidence may destroy.
         .max_staleness(Duration::ZERO)
+        .clock(clock)
         .create()
         .await
         .unwrap();
