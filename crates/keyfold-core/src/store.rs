@@ -275,13 +275,20 @@ impl FileStore {
     #[deprecated(note = "FileStore uses OS file locks; there is no stale lock to take over")]
     pub const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
 
-    /// A store in `dir` (created if missing).
+    /// A store in `dir` (created if missing, owner-only on Unix: the
+    /// files hold wrapped keys and key check values).
     ///
     /// # Errors
     /// [`StoreError::Io`] if the directory cannot be created.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| io_err(&dir, source))?;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(&dir)
+            .map_err(|source| io_err(&dir, source))?;
         Ok(FileStore {
             dir,
             local: Mutex::new(()),
@@ -308,17 +315,24 @@ impl FileStore {
         }
     }
 
+    /// Opens a new file for writing, owner-only on Unix.
+    fn create_private(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+        let mut options = std::fs::OpenOptions::new();
+        options
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(truncate);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(path)
+    }
+
     /// Opens (creating it if needed) and exclusively locks the lock file;
     /// the lock is released when the returned file is dropped.
     fn lock(&self, keyring_id: &str) -> Result<std::fs::File, StoreError> {
         let path = self.lock_path_of(keyring_id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| io_err(&path, source))?;
+        let file = Self::create_private(&path, false).map_err(|source| io_err(&path, source))?;
         file.lock().map_err(|source| io_err(&path, source))?;
         Ok(file)
     }
@@ -337,7 +351,23 @@ impl KeyringStore for FileStore {
         &self,
         keyring_id: &str,
     ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
-        self.read(keyring_id)
+        let found = self.read(keyring_id)?;
+        // The lock file is made by the first save and never removed: with it
+        // and no keyring file, the keyring existed and its file is gone.
+        // Answering "none" would let `open_or_create` start an empty keyring
+        // over records only the lost one can open.
+        if found.is_none() && self.lock_path_of(keyring_id).exists() {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!(
+                    "{} is missing but its lock file exists: the keyring was stored here; \
+                     restore the file from a backup (delete the lock file only if the \
+                     keyring was never created)",
+                    self.path_of(keyring_id).display()
+                ),
+            });
+        }
+        Ok(found)
     }
 
     async fn save(
@@ -366,14 +396,17 @@ impl KeyringStore for FileStore {
         let path = self.path_of(keyring_id);
         let tmp = self.dir.join(format!("{keyring_id}.json.tmp"));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            // A leftover from a crashed save may have other permissions.
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = Self::create_private(&tmp, true)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            // Make the rename itself durable where the platform allows.
-            if let Ok(d) = std::fs::File::open(&self.dir) {
-                let _ = d.sync_all();
-            }
+            // The rename is durable only once the directory is synced: a
+            // save reported done must survive a power loss (a lost rotation
+            // would hand its version number to a different key next time).
+            #[cfg(unix)]
+            std::fs::File::open(&self.dir)?.sync_all()?;
             Ok(())
         };
         write().map_err(|source| io_err(&path, source))?;

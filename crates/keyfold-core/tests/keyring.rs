@@ -465,6 +465,46 @@ fn tempdir() -> std::path::PathBuf {
     dir
 }
 
+/// A lost keyring file is not a new keyring: `open_or_create` must not
+/// start an empty one over records only the lost one can open.
+#[tokio::test]
+async fn a_deleted_keyring_file_is_refused_not_recreated() {
+    let dir = tempdir();
+    let kek = Arc::new(kek("k"));
+    let store = Arc::new(FileStore::new(&dir).unwrap());
+    let ring = Keyring::builder("t", kek.clone(), store.clone())
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    std::fs::remove_file(store.path_of("t")).unwrap();
+    let err = Keyring::builder("t", kek.clone(), store.clone())
+        .open_or_create()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lock file exists"), "{err}");
+    // A keyring never stored here is still simply absent.
+    assert!(store.load("other").await.unwrap().is_none());
+}
+
+/// The store's files hold wrapped keys: owner-only on Unix.
+#[cfg(unix)]
+#[tokio::test]
+async fn file_store_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir().join("fresh");
+    let store = Arc::new(FileStore::new(&dir).unwrap());
+    let ring = Keyring::builder("t", Arc::new(kek("k")), store.clone())
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&store.path_of("t")), 0o600);
+    assert_eq!(mode(&store.lock_path_of("t")), 0o600);
+}
+
 #[tokio::test]
 async fn a_reopened_keyring_decrypts_old_records_and_refuses_corrupt_stores() {
     let dir = tempdir();

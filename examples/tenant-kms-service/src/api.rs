@@ -573,7 +573,10 @@ async fn upgraded(keyring: &Keyring, tenant: &str, row: SecretRow) -> SecretRow 
         return row;
     };
     let ctx = secret_context(tenant, &row.name, row.version);
-    match keyring.rewrap(&ctx, &row.ciphertext, active.version()).await {
+    match keyring
+        .rewrap(&ctx, &row.ciphertext, active.version())
+        .await
+    {
         Ok(Some(ciphertext)) => SecretRow { ciphertext, ..row },
         _ => row,
     }
