@@ -199,7 +199,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 
     step(9, "Destroy v1, with evidence that no record is left on it");
-    // In production this evidence comes from the rewrap job's report.
+    // Evidence counts only if gathered once v1's retirement has settled:
+    // max staleness (zero here) plus one second, because timestamps are
+    // whole seconds. In production it comes from the rewrap job's report.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let evidence = NoRecordsLeft {
         keyring_id: ring.id().to_owned(),
         version: 1,
