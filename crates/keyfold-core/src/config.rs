@@ -339,7 +339,7 @@ impl<'a> Endpoint<'a> {
         let plain_name = !host.is_empty()
             && host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !plain_name && !authority.starts_with('[') {
             return None;
         }
@@ -477,7 +477,12 @@ impl GcpConfig {
         // Google API host (private endpoints included) or a loopback proxy,
         // never to a host a tenant's config names.
         let google_or_local = |e: &Endpoint<'_>| {
-            let host = e.host.to_ascii_lowercase();
+            // A fully qualified name may end in a dot.
+            let host = e
+                .host
+                .strip_suffix('.')
+                .unwrap_or(e.host)
+                .to_ascii_lowercase();
             e.is_loopback() || host == "googleapis.com" || host.ends_with(".googleapis.com")
         };
         match self.endpoint_url.as_deref().and_then(Endpoint::parse) {

@@ -282,13 +282,21 @@ impl FileStore {
     /// [`StoreError::Io`] if the directory cannot be created.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(&dir)
-            .map_err(|source| io_err(&dir, source))?;
+        if !dir.is_dir() {
+            // Parents as usual; only the store's own directory owner-only.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|source| io_err(parent, source))?;
+            }
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            match builder.create(&dir) {
+                Ok(()) => {}
+                // Made meanwhile by someone else: fine.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(source) => return Err(io_err(&dir, source)),
+            }
+        }
         Ok(FileStore {
             dir,
             local: Mutex::new(()),
@@ -352,11 +360,14 @@ impl KeyringStore for FileStore {
         keyring_id: &str,
     ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
         let found = self.read(keyring_id)?;
-        // The lock file is made by the first save and never removed: with it
-        // and no keyring file, the keyring existed and its file is gone.
-        // Answering "none" would let `open_or_create` start an empty keyring
-        // over records only the lost one can open.
-        if found.is_none() && self.lock_path_of(keyring_id).exists() {
+        // Every successful save leaves a marker in the lock file, which is
+        // never removed: with it and no keyring file, the keyring existed
+        // and its file is gone. Answering "none" would let `open_or_create`
+        // start an empty keyring over records only the lost one can open.
+        // (A first save that failed leaves the lock file empty: no refusal.)
+        let stored_before =
+            std::fs::metadata(self.lock_path_of(keyring_id)).is_ok_and(|m| m.len() > 0);
+        if found.is_none() && stored_before {
             return Err(StoreError::Corrupt {
                 keyring_id: keyring_id.to_owned(),
                 reason: format!(
@@ -389,7 +400,7 @@ impl KeyringStore for FileStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Held until the end of the save: the revision check and the
         // write-and-rename happen under the lock.
-        let _lock = self.lock(keyring_id)?;
+        let lock = self.lock(keyring_id)?;
         let found = self.read(keyring_id)?.map(|(r, _)| r);
         let revision = next_revision(keyring_id, expected, found)?;
         let bytes = to_bytes(revision, keyring)?;
@@ -406,10 +417,29 @@ impl KeyringStore for FileStore {
             // save reported done must survive a power loss (a lost rotation
             // would hand its version number to a different key next time).
             #[cfg(unix)]
-            std::fs::File::open(&self.dir)?.sync_all()?;
+            match std::fs::File::open(&self.dir)?.sync_all() {
+                // Some file systems (FUSE, network mounts) cannot sync a
+                // directory; as PostgreSQL does, take that as done.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+                    ) => {}
+                other => other?,
+            }
             Ok(())
         };
+        // An error after the rename (the directory sync) means the new
+        // state may be stored; the caller's reload sees which.
         write().map_err(|source| io_err(&path, source))?;
+        if lock.metadata().is_ok_and(|m| m.len() == 0) {
+            // Marks the keyring as stored (see `load`).
+            let mut marker = &lock;
+            marker
+                .write_all(b"keyring stored\n")
+                .and_then(|()| marker.sync_all())
+                .map_err(|source| io_err(&self.lock_path_of(keyring_id), source))?;
+        }
         Ok(revision)
     }
 }

@@ -483,8 +483,15 @@ async fn a_deleted_keyring_file_is_refused_not_recreated() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("lock file exists"), "{err}");
-    // A keyring never stored here is still simply absent.
+    // A keyring never stored here is still simply absent, even when a
+    // first save failed after making its (empty) lock file.
     assert!(store.load("other").await.unwrap().is_none());
+    std::fs::write(store.lock_path_of("crashed"), b"").unwrap();
+    assert!(store.load("crashed").await.unwrap().is_none());
+    Keyring::builder("crashed", kek.clone(), store.clone())
+        .open_or_create()
+        .await
+        .unwrap();
 }
 
 /// The store's files hold wrapped keys: owner-only on Unix.

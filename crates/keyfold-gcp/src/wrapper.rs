@@ -226,7 +226,8 @@ fn impersonated_credentials(config: &GcpConfig) -> Result<Credentials, String> {
 fn https_host(url: &str) -> Option<String> {
     EndpointUrl::parse(url)
         .filter(|e| e.https)
-        .map(|e| e.host.to_owned())
+        // The certificate names the host without a fully qualified name's dot.
+        .map(|e| e.host.strip_suffix('.').unwrap_or(e.host).to_owned())
 }
 
 fn is_local_plaintext(url: &str) -> bool {

@@ -169,6 +169,9 @@ async fn tokens_are_never_sent_over_plain_http_to_a_remote_host() {
     GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://127.0.0.1:8443")))
         .build()
         .unwrap();
+    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://CloudKMS.googleapis.com.:443/")))
+        .build()
+        .unwrap();
 }
 
 #[tokio::test]

@@ -63,7 +63,12 @@ pub async fn decrypt_and_upgrade(
             }
         }
         Ok(_) | Err(Error::NoActiveVersion) => (None, None),
-        Err(e) => (None, Some(e)),
+        // No fresh view (store down, keyring sealed): worth reporting only
+        // if the last view says the record needed an upgrade.
+        Err(e) => match keyring.active_version() {
+            Some(active) if version < active => (None, Some(e)),
+            _ => (None, None),
+        },
     };
     Ok(LazyRead {
         plaintext,

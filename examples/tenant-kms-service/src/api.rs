@@ -266,7 +266,6 @@ async fn step_up(State(app): State<App>, admin: Admin) -> ApiResult {
 
 const PROVIDERS: [&str; 4] = ["local", "aws", "gcp", "azure"];
 
-/// Turns the request body into a provider config, naming the problem on failure.
 /// The AWS external id this service assigns a tenant: its role's trust
 /// policy must demand exactly this (`sts:ExternalId`). Assigned, not chosen,
 /// so one tenant cannot have the service assume another tenant's role (the
@@ -275,6 +274,7 @@ pub fn aws_external_id(tenant_id: &str) -> String {
     format!("tenant-{tenant_id}")
 }
 
+/// Turns the request body into a provider config, naming the problem on failure.
 fn provider_config(app: &App, tenant_id: &str, mut body: Value) -> ApiResult<ProviderConfig> {
     let object = body
         .as_object_mut()

@@ -223,10 +223,17 @@ impl KeyCache {
     fn evict_expired_at(&self, now: Instant) -> usize {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let before = slots.len();
-        slots.retain(|_, slot| match slot.state.try_lock() {
-            Ok(state) => state.key.as_ref().is_some_and(|(_, exp)| now < *exp),
-            // Being loaded right now: keep.
-            Err(_) => true,
+        slots.retain(|_, slot| {
+            // Held by a lookup that took it from the map and has not locked
+            // it yet: keep, or that lookup would fill a slot no longer here.
+            if Arc::strong_count(slot) > 1 {
+                return true;
+            }
+            match slot.state.try_lock() {
+                Ok(state) => state.key.as_ref().is_some_and(|(_, exp)| now < *exp),
+                // Being loaded right now: keep.
+                Err(_) => true,
+            }
         });
         before.saturating_sub(slots.len())
     }

@@ -551,14 +551,22 @@ impl Keyring {
     /// # Errors
     /// [`Error::NoActiveVersion`], and as [`master_key`](Self::master_key).
     pub async fn active_key(&self) -> Result<Arc<MasterKey>, Error> {
+        // Rounds after which the key is used as it is: each extra round
+        // needs another instance to rotate during this one's cold unwrap.
+        const ROUNDS: u32 = 3;
+        let mut round = 0;
         loop {
+            round += 1;
             self.refresh_if_stale().await?;
+            let picked_at = self.options.clock.now();
             let version = self.active_version().ok_or(Error::NoActiveVersion)?;
             let key = self.master_key(version).await?;
-            // A cold unwrap can take long (KMS retries): if the view aged
-            // past the max staleness meanwhile, another instance may have
-            // rotated. Use the key only if a fresh view still shows it active.
-            if self.is_stale() {
+            // A cold unwrap can take long (KMS retries): if time passed and
+            // the view aged past the max staleness meanwhile, another
+            // instance may have rotated. Use the key only if a fresh view
+            // still shows it active. (A cached key takes no time, so this
+            // costs no extra store read, even with a zero max staleness.)
+            if round < ROUNDS && self.options.clock.now() > picked_at && self.is_stale() {
                 self.refresh_if_stale().await?;
                 if self.active_version() != Some(version) {
                     continue;
