@@ -465,18 +465,24 @@ fn tempdir() -> std::path::PathBuf {
     dir
 }
 
+/// Keyring "t" with version 1 active, in a `FileStore` at `dir`.
+async fn file_keyring(dir: &std::path::Path, kek: &Arc<LocalKek>) -> (Arc<FileStore>, Keyring) {
+    let store = Arc::new(FileStore::new(dir).unwrap());
+    let ring = Keyring::builder("t", kek.clone(), store.clone())
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    (store, ring)
+}
+
 /// A lost keyring file is not a new keyring: `open_or_create` must not
 /// start an empty one over records only the lost one can open.
 #[tokio::test]
 async fn a_deleted_keyring_file_is_refused_not_recreated() {
     let dir = tempdir();
     let kek = Arc::new(kek("k"));
-    let store = Arc::new(FileStore::new(&dir).unwrap());
-    let ring = Keyring::builder("t", kek.clone(), store.clone())
-        .create()
-        .await
-        .unwrap();
-    ring.rotate(&admin()).await.unwrap();
+    let (store, _ring) = file_keyring(&dir, &kek).await;
     std::fs::remove_file(store.path_of("t")).unwrap();
     let err = Keyring::builder("t", kek.clone(), store.clone())
         .open_or_create()
@@ -500,12 +506,7 @@ async fn a_deleted_keyring_file_is_refused_not_recreated() {
 async fn file_store_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempdir().join("fresh");
-    let store = Arc::new(FileStore::new(&dir).unwrap());
-    let ring = Keyring::builder("t", Arc::new(kek("k")), store.clone())
-        .create()
-        .await
-        .unwrap();
-    ring.rotate(&admin()).await.unwrap();
+    let (store, _ring) = file_keyring(&dir, &Arc::new(kek("k"))).await;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&store.path_of("t")), 0o600);
@@ -516,12 +517,7 @@ async fn file_store_files_are_owner_only() {
 async fn a_reopened_keyring_decrypts_old_records_and_refuses_corrupt_stores() {
     let dir = tempdir();
     let kek = Arc::new(kek("k"));
-    let store = Arc::new(FileStore::new(&dir).unwrap());
-    let ring = Keyring::builder("t", kek.clone(), store.clone())
-        .create()
-        .await
-        .unwrap();
-    ring.rotate(&admin()).await.unwrap();
+    let (store, ring) = file_keyring(&dir, &kek).await;
     let ct = ring.encrypt(&ctx(1), b"kept").await.unwrap();
     ring.rotate(&admin()).await.unwrap();
     assert!(matches!(
