@@ -424,6 +424,26 @@ impl KeyWrapper for SlowFirstUnwrap {
     }
 }
 
+/// Another instance over `store` whose first unwrap runs `other`'s rotation
+/// and moves the clock past the max staleness.
+async fn slow_instance(
+    store: &Arc<MemoryStore>,
+    kek: &Arc<LocalKek>,
+    clock: &ManualClock,
+    other: Keyring,
+) -> Keyring {
+    let slow = Arc::new(SlowFirstUnwrap {
+        inner: kek.clone(),
+        on_first_unwrap: tokio::sync::Mutex::new(Some((clock.clone(), other))),
+    });
+    Keyring::builder("tenant-a", slow, store.clone())
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(RetryPolicy::none())
+        .open()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_slow_unwrap_does_not_let_a_retired_version_encrypt() {
     let store = Arc::new(MemoryStore::new());
@@ -431,21 +451,36 @@ async fn a_slow_unwrap_does_not_let_a_retired_version_encrypt() {
     let clock = start();
     let a = clocked(&store, &kek, &clock).await;
     a.rotate(&admin()).await.unwrap();
-    let slow = Arc::new(SlowFirstUnwrap {
-        inner: kek.clone(),
-        on_first_unwrap: tokio::sync::Mutex::new(Some((clock.clone(), a))),
-    });
     // B's view is fresh when it picks v1, but v1's cold unwrap outlasts the
     // max staleness and A rotates meanwhile: B must encrypt under v2.
-    let b = Keyring::builder("tenant-a", slow, store.clone())
-        .clock(Arc::new(clock.clone()))
-        .retry_policy(RetryPolicy::none())
-        .open()
-        .await
-        .unwrap();
+    let b = slow_instance(&store, &kek, &clock, a).await;
     assert_eq!(b.active_version(), Some(1));
     let record = b.encrypt(&ctx(), b"x").await.unwrap();
     assert_eq!(version_of(&record), 2);
+}
+
+#[tokio::test]
+async fn a_slow_unwrap_does_not_let_a_rewrap_land_on_a_retired_version() {
+    let store = Arc::new(MemoryStore::new());
+    let kek = kek("kek");
+    let clock = start();
+    let a = clocked(&store, &kek, &clock).await;
+    a.rotate(&admin()).await.unwrap();
+    let old = a.encrypt(&ctx(), b"x").await.unwrap();
+    a.rotate(&admin()).await.unwrap();
+    let b = slow_instance(&store, &kek, &clock, a).await;
+    // v2 is active when B starts; while B unwraps v1, A rotates to v3.
+    let err = b.rewrap(&ctx(), &old, 2).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::KeyState {
+                version: 2,
+                state: KeyState::Retired
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

@@ -287,11 +287,9 @@ impl KeyringBuilder {
     /// [`Error::KeyringNotFound`], or [`Error::Store`] when the stored form
     /// is invalid or unreadable.
     pub async fn open(self) -> Result<Keyring, Error> {
-        let as_of = self.options.clock.now();
-        match load_checked(self.store.as_ref(), &self.id).await? {
-            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
-            None => Err(Error::KeyringNotFound(self.id)),
-        }
+        self.load_existing()
+            .await?
+            .map_err(|builder| Error::KeyringNotFound(builder.id))
     }
 
     /// Opens the stored keyring, or creates it when there is none.
@@ -299,11 +297,19 @@ impl KeyringBuilder {
     /// # Errors
     /// As [`open`](Self::open) and [`create`](Self::create).
     pub async fn open_or_create(self) -> Result<Keyring, Error> {
-        let as_of = self.options.clock.now();
-        match load_checked(self.store.as_ref(), &self.id).await? {
-            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
-            None => self.create().await,
+        match self.load_existing().await? {
+            Ok(ring) => Ok(ring),
+            Err(builder) => builder.create().await,
         }
+    }
+
+    /// The stored keyring, or the builder back when the store has none.
+    async fn load_existing(self) -> Result<Result<Keyring, Self>, Error> {
+        let as_of = self.options.clock.now();
+        Ok(match load_checked(self.store.as_ref(), &self.id).await? {
+            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
+            None => Err(self),
+        })
     }
 
     /// `as_of`: when the store operation that produced `stored` started.
@@ -765,23 +771,29 @@ impl Keyring {
         // Judge `target` on a view no older than the max staleness: another
         // instance may have rotated past it, or disabled it.
         self.refresh_if_stale().await?;
-        match self.version_state(target) {
-            Some(KeyState::Active) => {}
-            Some(KeyState::Destroyed) => return Err(Error::KeyDestroyed { version: target }),
-            Some(state) => {
-                return Err(Error::KeyState {
-                    version: target,
-                    state,
-                });
-            }
-            None => return Err(Error::UnknownVersion { version: target }),
-        }
+        self.require_active(target)?;
         if info.key_version >= target {
             return Ok(None);
         }
+        let picked_at = self.options.clock.now();
         let from = self.master_key(info.key_version).await?;
         let to = self.master_key(target).await?;
+        // As in `active_key`: cold unwraps can outlast the max staleness.
+        if self.options.clock.now() > picked_at && self.is_stale() {
+            self.refresh_if_stale().await?;
+            self.require_active(target)?;
+        }
         record::rewrap(record, &from, &to, context).map(Some)
+    }
+
+    /// `Ok` when this instance's view shows `version` active.
+    fn require_active(&self, version: u32) -> Result<(), Error> {
+        match self.version_state(version) {
+            Some(KeyState::Active) => Ok(()),
+            Some(KeyState::Destroyed) => Err(Error::KeyDestroyed { version }),
+            Some(state) => Err(Error::KeyState { version, state }),
+            None => Err(Error::UnknownVersion { version }),
+        }
     }
 
     // ----- changes ----------------------------------------------------------
