@@ -42,7 +42,7 @@ pub use keyring::{
 pub use local::LocalKek;
 pub use policy::RotationPolicy;
 pub use secret::{MasterKey, SecretKey};
-pub use store::{FileStore, KeyringStore, MemoryStore, Revision};
+pub use store::{FileStore, KeyringStore, MemoryStore, Revision, StoreEvent};
 pub use suite::Suite;
 pub use wrap::{KeyWrapper, WrapContext, WrappedKey};
 

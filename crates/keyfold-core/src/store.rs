@@ -96,6 +96,32 @@ pub trait KeyringStore: Send + Sync + fmt::Debug {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError>;
+
+    /// Subscribes to this store's change notifications, if it can push them
+    /// (a database's `LISTEN`/`NOTIFY`, a file store's poller).
+    ///
+    /// `None` (the default) means it cannot: instances then rely on the
+    /// max-staleness bound alone. A receiver that lags
+    /// (`RecvError::Lagged`) or closes must be treated as [`StoreEvent::Resync`]:
+    /// a lost notification never removes the staleness bound, it only stops
+    /// shortening it.
+    fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
+}
+
+/// A change notification from a [`KeyringStore`] (see [`KeyringStore::watch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// This keyring was saved, by this instance or another one.
+    Changed {
+        /// The keyring.
+        keyring_id: String,
+    },
+    /// Notifications may have been missed (a connection was lost and
+    /// regained): treat every keyring as changed.
+    Resync,
 }
 
 #[async_trait]
@@ -113,6 +139,9 @@ impl<T: KeyringStore + ?Sized> KeyringStore for std::sync::Arc<T> {
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
         (**self).save(keyring_id, expected, keyring).await
+    }
+    fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        (**self).watch()
     }
 }
 
