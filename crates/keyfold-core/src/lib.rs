@@ -8,42 +8,43 @@
     reason = "a security library answers bad input with a typed error, never a panic"
 )]
 
-pub mod audit;
-pub mod config;
-pub mod context;
-pub mod error;
+// The three layers, lowest first; each module doc says what it may import
+// (docs/FORMAT.md for the format, docs/LIFECYCLE.md for the keyring).
 pub mod format;
-mod kdf;
 pub mod keyring;
-mod keywrap;
-pub mod local;
-pub mod policy;
-pub mod probe;
-pub mod record;
-pub mod retry;
-pub mod rng;
-pub mod secret;
-pub mod store;
-pub mod stream;
-pub mod suite;
-#[cfg(feature = "testkit")]
-pub mod testkit;
-pub mod time;
-#[cfg(test)]
-mod vectors;
 pub mod wrap;
 
-pub use audit::{Actor, AuditEvent, AuditKind, AuditSink};
-pub use context::EncryptionContext;
-pub use error::{Error, FormatError, StreamError, WrapError, WrapErrorKind, WrapOperation};
+pub mod error;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+// The modules' paths from before the layers had folders, kept so that
+// `keyfold_core::record::encrypt`, `keyfold_core::store::FileStore` and the
+// rest read as they did. Code inside the crate uses the layered paths.
+pub use format::{context, record, rng, secret, stream, suite};
+pub use keyring::{audit, policy, store, time};
+pub use wrap::{config, local, retry};
+
+/// The onboarding probe ([`wrap::probe`]) and the config slot that keeps
+/// what passed it ([`keyring::onboarding`]), under their former path.
+pub mod probe {
+    pub use crate::keyring::onboarding::{ConfigSlot, ProbedConfig};
+    pub use crate::wrap::probe::*;
+}
+
+pub use format::context::EncryptionContext;
+pub use format::error::{CryptoError, FormatError, StreamError};
+pub use format::secret::{MasterKey, SecretKey};
+pub use format::suite::Suite;
+pub use keyring::audit::{Actor, AuditEvent, AuditKind, AuditSink};
+pub use keyring::error::Error;
+pub use keyring::policy::RotationPolicy;
+pub use keyring::store::{FileStore, KeyringStore, MemoryStore, Revision, StoreEvent};
 pub use keyring::{
     DestroyAuthorization, KeyState, Keyring, KeyringMetadata, NoRecordsLeft, Rotation,
 };
-pub use local::LocalKek;
-pub use policy::RotationPolicy;
-pub use secret::{MasterKey, SecretKey};
-pub use store::{FileStore, KeyringStore, MemoryStore, Revision, StoreEvent};
-pub use suite::Suite;
+pub use wrap::error::{WrapError, WrapErrorKind, WrapOperation};
+pub use wrap::local::LocalKek;
 pub use wrap::{KeyWrapper, WrapContext, WrappedKey};
 
 /// The repository README's examples, run as doctests so they stay true.

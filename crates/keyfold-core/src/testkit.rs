@@ -28,8 +28,8 @@ mod store;
 pub use counting::CountingWrapper;
 pub use store::store_conformance;
 
-use crate::error::WrapErrorKind;
-use crate::secret::SecretKey;
+use crate::format::secret::SecretKey;
+use crate::wrap::error::WrapErrorKind;
 use crate::wrap::{KeyWrapper, WrapContext, WrappedKey};
 
 /// What a provider can promise; checks that depend on it adapt.

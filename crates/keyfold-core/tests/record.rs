@@ -1,7 +1,9 @@
 //! Record format v1 behaviour, as a user of the format sees it.
 
 use keyfold_core::format::{self, RECORD_OVERHEAD};
-use keyfold_core::{EncryptionContext, Error, FormatError, MasterKey, SecretKey, Suite, record};
+use keyfold_core::{
+    CryptoError as Error, EncryptionContext, FormatError, MasterKey, SecretKey, Suite, record,
+};
 use proptest::prelude::*;
 
 fn master(version: u32) -> MasterKey {

@@ -8,7 +8,9 @@ use keyfold_core::format::{self, HeaderKind, STREAM_HEADER_LEN};
 use keyfold_core::stream::{
     self, Decryptor, Encryptor, SeekDecryptor, StreamHeader, StreamOptions, ciphertext_len,
 };
-use keyfold_core::{EncryptionContext, Error, FormatError, MasterKey, SecretKey, Suite, record};
+use keyfold_core::{
+    CryptoError as Error, EncryptionContext, FormatError, MasterKey, SecretKey, Suite, record,
+};
 use proptest::prelude::*;
 
 const SEG: usize = 64;

@@ -8,7 +8,7 @@ use std::io::Write;
 use keyfold_core::error::StreamError;
 use keyfold_core::format::STREAM_HEADER_LEN;
 use keyfold_core::stream::{self, AsyncDecryptor, AsyncEncryptor, StreamOptions};
-use keyfold_core::{EncryptionContext, Error, MasterKey, SecretKey, Suite};
+use keyfold_core::{CryptoError as Error, EncryptionContext, MasterKey, SecretKey, Suite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn key() -> MasterKey {

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{Error, WrapError, WrapErrorKind, WrapOperation};
-use crate::secret::MasterKey;
+use super::error::Error;
+use crate::format::secret::MasterKey;
+use crate::wrap::error::{WrapError, WrapErrorKind, WrapOperation};
 
 // A cached `MasterKey` holds its key and its wrap cipher; on the pure-Rust
 // backend that is an AES-256 key schedule (GCM-SIV's key-generating key,
@@ -68,7 +69,7 @@ impl SharedFailure {
         }
     }
 
-    pub(crate) fn to_error(&self, since: crate::time::Timestamp) -> Error {
+    pub(crate) fn to_error(&self, since: crate::keyring::time::Timestamp) -> Error {
         if let Some(version) = self.key_check_failed {
             Error::KeyCheckFailed { version }
         } else if self.sealing {
@@ -162,7 +163,7 @@ impl KeyCache {
         on_miss: impl FnOnce() -> Result<(), Error>,
         load: F,
         is_sealing: impl FnOnce(&Error) -> bool,
-        since: impl FnOnce() -> crate::time::Timestamp,
+        since: impl FnOnce() -> crate::keyring::time::Timestamp,
     ) -> Result<Arc<MasterKey>, Error>
     where
         F: FnOnce() -> Fut,
@@ -268,7 +269,7 @@ impl KeyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretKey;
+    use crate::format::secret::SecretKey;
 
     fn key(version: u32) -> Arc<MasterKey> {
         Arc::new(MasterKey::new(
@@ -286,8 +287,15 @@ mod tests {
         let dropped = Arc::downgrade(&old);
         cache.insert(old).await;
         let load2 = || async { Ok(MasterKey::new(2, SecretKey::from_bytes(&mut [8u8; 32]))) };
-        let get2 =
-            || cache.get_or_load(2, || Ok(()), load2, |_| false, crate::time::Timestamp::now);
+        let get2 = || {
+            cache.get_or_load(
+                2,
+                || Ok(()),
+                load2,
+                |_| false,
+                crate::keyring::time::Timestamp::now,
+            )
+        };
         get2().await.unwrap();
         assert!(dropped.upgrade().is_some(), "v1 is still within its TTL");
 

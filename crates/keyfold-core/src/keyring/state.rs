@@ -5,8 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
-use crate::time::Timestamp;
+use super::time::Timestamp;
 use crate::wrap::WrappedKey;
 
 /// The stored form's schema version this build reads and writes.
@@ -151,7 +150,7 @@ pub struct StoredVersion {
     pub destroyed_at: Option<Timestamp>,
 }
 
-/// A keyring as persisted through a [`KeyringStore`](crate::store::KeyringStore).
+/// A keyring as persisted through a [`KeyringStore`](crate::keyring::store::KeyringStore).
 ///
 /// Serde, with a schema version; holds wrapped keys only. [`validate`](Self::validate)
 /// checks every lifecycle invariant; stores and the keyring call it on load and save.
@@ -316,9 +315,9 @@ impl StoredKeyring {
     }
 
     /// Reserves the next version number.
-    pub(crate) fn peek_next_version(&self) -> Result<u32, Error> {
+    pub(crate) fn peek_next_version(&self) -> Result<u32, StateError> {
         if self.next_version == u32::MAX {
-            return Err(Error::VersionsExhausted);
+            return Err(StateError::VersionsExhausted);
         }
         Ok(self.next_version)
     }
@@ -331,9 +330,9 @@ impl StoredKeyring {
         wrapped: WrappedKey,
         key_check: String,
         now: Timestamp,
-    ) -> Result<(), Error> {
+    ) -> Result<(), StateError> {
         if version != self.next_version || version == u32::MAX {
-            return Err(Error::VersionsExhausted);
+            return Err(StateError::VersionsExhausted);
         }
         self.versions.push(StoredVersion {
             version,
@@ -356,26 +355,28 @@ impl StoredKeyring {
     /// requested version's first. On error nothing has changed.
     ///
     /// # Errors
-    /// [`Error::UnknownVersion`] or [`Error::IllegalTransition`].
+    /// [`StateError::UnknownVersion`] or [`StateError::IllegalTransition`].
     pub(crate) fn apply(
         &mut self,
         version: u32,
         transition: Transition,
         now: Timestamp,
-    ) -> Result<Vec<StateChange>, Error> {
+    ) -> Result<Vec<StateChange>, StateError> {
         let from = self
             .get(version)
-            .ok_or(Error::UnknownVersion { version })?
+            .ok_or(StateError::UnknownVersion { version })?
             .state;
-        let to = from.after(transition).ok_or(Error::IllegalTransition {
-            version,
-            from,
-            transition,
-        })?;
+        let to = from
+            .after(transition)
+            .ok_or(StateError::IllegalTransition {
+                version,
+                from,
+                transition,
+            })?;
         if transition == Transition::Retire {
             // Only as a side effect: retiring the sole active version by
             // itself would leave the keyring without one.
-            return Err(Error::IllegalTransition {
+            return Err(StateError::IllegalTransition {
                 version,
                 from,
                 transition,
@@ -418,4 +419,27 @@ impl StoredKeyring {
         }
         Ok(changes)
     }
+}
+
+/// Why the state machine refused a change to a [`StoredKeyring`]; the
+/// crate-level [`Error`](crate::Error) has a variant of the same name for
+/// each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StateError {
+    /// All 2^32 - 1 version numbers have been used.
+    VersionsExhausted,
+    /// No such version.
+    UnknownVersion {
+        /// The version.
+        version: u32,
+    },
+    /// The transition is not allowed from the version's state.
+    IllegalTransition {
+        /// The version.
+        version: u32,
+        /// Its state.
+        from: KeyState,
+        /// The transition refused.
+        transition: Transition,
+    },
 }

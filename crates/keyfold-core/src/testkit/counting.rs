@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::{WrapError, WrapErrorKind, WrapOperation};
-use crate::secret::SecretKey;
+use crate::format::secret::SecretKey;
+use crate::wrap::error::{WrapError, WrapErrorKind, WrapOperation};
 use crate::wrap::{KeyWrapper, WrapContext, WrappedKey};
 
 /// Wraps another [`KeyWrapper`], counting calls; can inject failures and delay.

@@ -1,9 +1,9 @@
 //! The shared [`KeyringStore`] conformance checks: run them on a host's own
 //! store (database table, object store...) as the shipped stores do.
 
+use crate::keyring::store::{KeyringStore, Revision, StoreError};
+use crate::keyring::time::Timestamp;
 use crate::keyring::{KeyState, StoredKeyring, StoredVersion};
-use crate::store::{KeyringStore, Revision, StoreError};
-use crate::time::Timestamp;
 use crate::wrap::WrappedKey;
 
 fn keyring(id: &str, versions: u32) -> StoredKeyring {

@@ -12,12 +12,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::context::EncryptionContext;
-use crate::error::{Error, FormatError};
 use crate::format::WRAP_NONCE_LEN;
-use crate::record::{decrypt_with, seal_with};
-use crate::secret::{KEY_LEN, MasterKey, SecretKey};
-use crate::suite::Suite;
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, FormatError};
+use crate::format::record::{decrypt_with, seal_with};
+use crate::format::secret::{KEY_LEN, MasterKey, SecretKey};
+use crate::format::suite::Suite;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
@@ -112,7 +112,7 @@ fn vectors() {
     assert!(files.len() >= 10, "vectors missing from {:?}", dir());
     for path in files {
         // Every vector on every backend: their output must be byte-identical.
-        for &backend in crate::suite::Backend::all() {
+        for &backend in crate::format::suite::Backend::all() {
             let name = format!("{} ({backend:?})", path.display());
             let v = Vector::parse(&std::fs::read_to_string(&path).unwrap());
             check(&v, backend, &name);
@@ -120,7 +120,7 @@ fn vectors() {
     }
 }
 
-fn check(v: &Vector, backend: crate::suite::Backend, name: &str) {
+fn check(v: &Vector, backend: crate::format::suite::Backend, name: &str) {
     let record = v.hex("record");
     let result = decrypt_with(backend, &v.master(), &v.context(), &record);
     match v.get("expect") {
@@ -141,11 +141,14 @@ fn check(v: &Vector, backend: crate::suite::Backend, name: &str) {
             .unwrap();
             assert_eq!(hex::encode(ours), v.get("record"), "{name}");
         }
-        "decrypt-error" => assert!(matches!(result, Err(Error::Decrypt)), "{name}: {result:?}"),
+        "decrypt-error" => assert!(
+            matches!(result, Err(CryptoError::Decrypt)),
+            "{name}: {result:?}"
+        ),
         other => {
             let want = other.strip_prefix("format-error ").expect("known expect");
             match result {
-                Err(Error::Format(e)) => assert_eq!(format_error_name(&e), want, "{name}"),
+                Err(CryptoError::Format(e)) => assert_eq!(format_error_name(&e), want, "{name}"),
                 r => panic!("{name}: expected format error {want}, got {r:?}"),
             }
         }
@@ -242,7 +245,7 @@ fn generate() {
         let master = MasterKey::new(c.version, SecretKey::from_bytes(&mut mk(c.mk)));
         let ctx: EncryptionContext = c.ctx.iter().map(|(k, v)| (*k, *v)).collect();
         let record = seal_with(
-            crate::suite::Backend::default(),
+            crate::format::suite::Backend::default(),
             &master,
             c.suite,
             &ctx.encode().unwrap(),

@@ -10,17 +10,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use super::read::DecodeCore;
 use super::write::EncodeCore;
 use super::{StreamHeader, StreamOptions};
-use crate::context::EncryptionContext;
-use crate::error::Error;
 use crate::format::STREAM_HEADER_LEN;
-use crate::secret::MasterKey;
+use crate::format::context::EncryptionContext;
+use crate::format::error::CryptoError;
+use crate::format::secret::MasterKey;
 
 impl StreamHeader {
     /// Reads exactly the header from an async reader.
     ///
     /// # Errors
     /// As [`StreamHeader::read`].
-    pub async fn read_async<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, Error> {
+    pub async fn read_async<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, CryptoError> {
         let mut bytes = [0u8; STREAM_HEADER_LEN];
         let mut got = 0;
         while let Some(rest) = bytes.get_mut(got..) {
@@ -84,7 +84,7 @@ impl<W: AsyncWrite + Unpin> AsyncEncryptor<W> {
         options: StreamOptions,
         context: &EncryptionContext,
         inner: W,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         Ok(AsyncEncryptor {
             inner,
             core: EncodeCore::new(master, options, context)?,
@@ -186,7 +186,7 @@ impl<R: AsyncRead + Unpin> AsyncDecryptor<R> {
         master: &MasterKey,
         context: &EncryptionContext,
         inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         Ok(AsyncDecryptor {
             inner,
             core: DecodeCore::new(header, master, context)?,
@@ -201,7 +201,7 @@ impl<R: AsyncRead + Unpin> AsyncDecryptor<R> {
         master: &MasterKey,
         context: &EncryptionContext,
         mut inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         let header = StreamHeader::read_async(&mut inner).await?;
         Self::new(header, master, context, inner)
     }
@@ -238,7 +238,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for AsyncDecryptor<R> {
             }
             match this.core.status() {
                 Some(Ok(())) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(Error::Stream(e).into())),
+                Some(Err(e)) => return Poll::Ready(Err(CryptoError::Stream(e).into())),
                 None => {}
             }
             let mut spare = ReadBuf::new(this.core.spare());
@@ -246,7 +246,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for AsyncDecryptor<R> {
             let n = spare.filled().len();
             this.core
                 .filled(n, None)
-                .map_err(|e| io::Error::from(Error::Stream(e)))?;
+                .map_err(|e| io::Error::from(CryptoError::Stream(e)))?;
         }
     }
 }

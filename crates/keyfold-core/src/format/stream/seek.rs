@@ -7,11 +7,11 @@ use std::ops::Range;
 use zeroize::Zeroizing;
 
 use super::{MAX_SEGMENTS, Segments, StreamHeader, split_tag};
-use crate::context::EncryptionContext;
-use crate::error::{Error, FormatError, StreamError};
 use crate::format::STREAM_HEADER_LEN;
-use crate::secret::MasterKey;
-use crate::suite::TAG_LEN;
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, FormatError, StreamError};
+use crate::format::secret::MasterKey;
+use crate::format::suite::TAG_LEN;
 
 /// Decrypts any byte range of a stream stored in a `Read + Seek` source
 /// (a file, an object-store range reader), reading only the header, the
@@ -77,13 +77,13 @@ impl<R: Read + Seek> SeekDecryptor<R> {
     /// # Errors
     /// As [`Decryptor::new`](super::Decryptor::new), and
     /// [`StreamError::Truncated`] / [`StreamError::Segment`] when the final
-    /// segment is missing or fails; [`Error::Io`].
+    /// segment is missing or fails; [`CryptoError::Io`].
     pub fn new(
         header: StreamHeader,
         master: &MasterKey,
         context: &EncryptionContext,
         mut inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         let segments = header.open(master, context)?;
         let seg = segments.segment_size() as u64;
         let full = seg + TAG_LEN as u64;
@@ -155,7 +155,7 @@ impl<R: Read + Seek> SeekDecryptor<R> {
     }
 
     /// Reads and authenticates segment `index` into `plain`.
-    fn load(&mut self, index: u64) -> Result<(), Error> {
+    fn load(&mut self, index: u64) -> Result<(), CryptoError> {
         if self.cached == Some(index) {
             return Ok(());
         }
@@ -192,8 +192,8 @@ impl<R: Read + Seek> SeekDecryptor<R> {
     ///
     /// # Errors
     /// [`StreamError::Segment`] when a segment read fails to authenticate,
-    /// [`Error::Io`].
-    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<usize, Error> {
+    /// [`CryptoError::Io`].
+    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<usize, CryptoError> {
         let seg = self.segments.segment_size() as u64;
         let mut done = 0usize;
         let mut offset = offset;
@@ -221,7 +221,7 @@ impl<R: Read + Seek> SeekDecryptor<R> {
     /// # Errors
     /// [`StreamError::Range`] when the range is reversed or ends past the
     /// plaintext; as [`read_at`](Self::read_at).
-    pub fn read_range(&mut self, range: Range<u64>) -> Result<Vec<u8>, Error> {
+    pub fn read_range(&mut self, range: Range<u64>) -> Result<Vec<u8>, CryptoError> {
         if range.start > range.end || range.end > self.plaintext_len {
             return Err(StreamError::Range {
                 start: range.start,

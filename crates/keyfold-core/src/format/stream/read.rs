@@ -6,10 +6,10 @@ use std::io::{self, BufRead, Read};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{Segments, StreamHeader, split_tag};
-use crate::context::EncryptionContext;
-use crate::error::{Error, StreamError};
-use crate::secret::MasterKey;
-use crate::suite::TAG_LEN;
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, StreamError};
+use crate::format::secret::MasterKey;
+use crate::format::suite::TAG_LEN;
 
 enum State {
     /// Filling the ciphertext buffer / draining plaintext.
@@ -52,7 +52,7 @@ impl DecodeCore {
         header: StreamHeader,
         master: &MasterKey,
         context: &EncryptionContext,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         let segments = header.open(master, context)?;
         let size = segments.segment_size();
         Ok(DecodeCore {
@@ -111,7 +111,7 @@ impl DecodeCore {
             return Some(Ok(self.copy_out(out)));
         }
         self.status()
-            .map(|end| end.map(|()| 0).map_err(|e| Error::Stream(e).into()))
+            .map(|end| end.map(|()| 0).map_err(|e| CryptoError::Stream(e).into()))
     }
 
     /// Where the adapter reads the next ciphertext bytes into.
@@ -229,7 +229,7 @@ impl DecodeCore {
         Ok((false, len))
     }
 
-    pub(crate) fn set_backend(&mut self, backend: crate::suite::Backend) {
+    pub(crate) fn set_backend(&mut self, backend: crate::format::suite::Backend) {
         self.segments.set_backend(backend);
     }
 
@@ -244,7 +244,7 @@ impl DecodeCore {
 /// segment, each only after it authenticated. At the end of the input a
 /// missing final segment is an error, never a clean end of file.
 ///
-/// Errors come as `io::Error` carrying a keyfold [`Error`]
+/// Errors come as `io::Error` carrying a keyfold [`CryptoError`]
 /// (`keyfold_core::Error::from(io_error)` gets it back): a truncation has
 /// kind `UnexpectedEof`, a failed segment `InvalidData`.
 ///
@@ -254,7 +254,7 @@ impl DecodeCore {
 ///
 /// ```
 /// use std::io::Read;
-/// use keyfold_core::{stream, EncryptionContext, Error, MasterKey, SecretKey};
+/// use keyfold_core::{stream, EncryptionContext, CryptoError, MasterKey, SecretKey};
 /// use keyfold_core::error::StreamError;
 /// let master = MasterKey::new(1, SecretKey::generate()?);
 /// let ctx = EncryptionContext::new();
@@ -270,7 +270,7 @@ impl DecodeCore {
 /// let cut = &object[..111 + 2 * (64 + 16)];
 /// let mut dec = stream::Decryptor::open(&master, &ctx, cut)?;
 /// let err = dec.read_to_end(&mut Vec::new()).unwrap_err();
-/// assert!(matches!(Error::from(err), Error::Stream(StreamError::Truncated { segments: 2 })));
+/// assert!(matches!(CryptoError::from(err), CryptoError::Stream(StreamError::Truncated { segments: 2 })));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Decryptor<R: Read> {
@@ -292,15 +292,15 @@ impl<R: Read> Decryptor<R> {
     /// the commitment before reading any segment.
     ///
     /// # Errors
-    /// [`Error::VersionMismatch`] when `master` is not the header's
-    /// version, [`Error::Decrypt`] for a wrong key or context or a modified
-    /// header, [`Error::Context`].
+    /// [`CryptoError::VersionMismatch`] when `master` is not the header's
+    /// version, [`CryptoError::Decrypt`] for a wrong key or context or a modified
+    /// header, [`CryptoError::Context`].
     pub fn new(
         header: StreamHeader,
         master: &MasterKey,
         context: &EncryptionContext,
         inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         Ok(Decryptor {
             inner,
             core: DecodeCore::new(header, master, context)?,
@@ -315,15 +315,15 @@ impl<R: Read> Decryptor<R> {
         master: &MasterKey,
         context: &EncryptionContext,
         mut inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         let header = StreamHeader::read(&mut inner)?;
         Self::new(header, master, context, inner)
     }
 
     /// Opens the segments with `backend` (the result is the same whichever
-    /// runs; default [`Backend::default`](crate::suite::Backend::default)).
+    /// runs; default [`Backend::default`](crate::format::suite::Backend::default)).
     #[must_use]
-    pub fn with_backend(mut self, backend: crate::suite::Backend) -> Self {
+    pub fn with_backend(mut self, backend: crate::format::suite::Backend) -> Self {
         self.core.set_backend(backend);
         self
     }
@@ -347,7 +347,7 @@ impl<R: Read> Decryptor<R> {
     /// Decrypts the rest of the stream into `writer`, handing it each
     /// segment's plaintext as soon as it authenticated (no intermediate
     /// copy). Returns the plaintext bytes written.
-    pub(crate) fn write_to<W: io::Write>(&mut self, writer: &mut W) -> Result<u64, Error> {
+    pub(crate) fn write_to<W: io::Write>(&mut self, writer: &mut W) -> Result<u64, CryptoError> {
         let mut total = 0u64;
         loop {
             let available = self.core.available();
@@ -360,7 +360,7 @@ impl<R: Read> Decryptor<R> {
             }
             match self.core.status() {
                 Some(Ok(())) => return Ok(total),
-                Some(Err(e)) => return Err(Error::Stream(e)),
+                Some(Err(e)) => return Err(CryptoError::Stream(e)),
                 None => {}
             }
             match self.inner.read(self.core.spare()) {
@@ -387,7 +387,7 @@ impl<R: Read> Read for Decryptor<R> {
                     let direct = self
                         .core
                         .filled(n, Some(out))
-                        .map_err(|e| io::Error::from(Error::Stream(e)))?;
+                        .map_err(|e| io::Error::from(CryptoError::Stream(e)))?;
                     if direct > 0 {
                         return Ok(direct);
                     }
@@ -444,7 +444,7 @@ impl<R: BufRead> BufDecryptor<R> {
         master: &MasterKey,
         context: &EncryptionContext,
         inner: R,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         Decryptor::new(header, master, context, inner).map(BufDecryptor)
     }
 
@@ -452,13 +452,17 @@ impl<R: BufRead> BufDecryptor<R> {
     ///
     /// # Errors
     /// As [`Decryptor::open`].
-    pub fn open(master: &MasterKey, context: &EncryptionContext, inner: R) -> Result<Self, Error> {
+    pub fn open(
+        master: &MasterKey,
+        context: &EncryptionContext,
+        inner: R,
+    ) -> Result<Self, CryptoError> {
         Decryptor::open(master, context, inner).map(BufDecryptor)
     }
 
     /// As [`Decryptor::with_backend`].
     #[must_use]
-    pub fn with_backend(self, backend: crate::suite::Backend) -> Self {
+    pub fn with_backend(self, backend: crate::format::suite::Backend) -> Self {
         BufDecryptor(self.0.with_backend(backend))
     }
 
@@ -480,7 +484,7 @@ impl<R: BufRead> BufDecryptor<R> {
 
 impl<R: BufRead> Read for BufDecryptor<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let stream_err = |e| io::Error::from(Error::Stream(e));
+        let stream_err = |e| io::Error::from(CryptoError::Stream(e));
         loop {
             if let Some(answer) = self.0.core.answer_without_input(out) {
                 return answer;

@@ -14,8 +14,8 @@
 //!  100+n   16  payload tag
 //! ```
 
-use crate::error::FormatError;
-use crate::suite::{Suite, TAG_LEN};
+use crate::format::error::FormatError;
+use crate::format::suite::{Suite, TAG_LEN};
 
 /// The first two bytes of every keyfold record.
 pub const MAGIC: [u8; 2] = *b"KF";
@@ -25,8 +25,8 @@ pub const FORMAT_V1: u8 = 1;
 pub const STREAMING_SUITE_FLAG: u8 = 0x80;
 
 pub(crate) const COMMITMENT_LEN: usize = 32;
-pub(crate) const WRAP_NONCE_LEN: usize = crate::keywrap::WRAP_NONCE_LEN;
-pub(crate) const WRAPPED_DATA_KEY_LEN: usize = crate::secret::KEY_LEN + TAG_LEN;
+pub(crate) const WRAP_NONCE_LEN: usize = crate::format::keywrap::WRAP_NONCE_LEN;
+pub(crate) const WRAPPED_DATA_KEY_LEN: usize = crate::format::secret::KEY_LEN + TAG_LEN;
 
 /// End of the part a rewrap never changes (magic, format, suite, commitment).
 pub(crate) const IMMUTABLE_END: usize = 2 + 1 + 1 + COMMITMENT_LEN;

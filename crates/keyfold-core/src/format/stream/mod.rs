@@ -17,7 +17,7 @@
 //!   the object's size.
 //! - [`SeekDecryptor`] decrypts byte ranges of a `Read + Seek` source,
 //!   reading only the segments a range needs.
-//! - Rotation: [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place)
+//! - Rotation: [`record::rewrap_header_in_place`](crate::format::record::rewrap_header_in_place)
 //!   rewraps the header alone (of a stream or a record); [`rewrap_in_place`]
 //!   does it on a `Read + Write + Seek` object. Re-encryption ([`reencrypt`])
 //!   streams too.
@@ -82,18 +82,18 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use zeroize::Zeroizing;
 
-use crate::context::EncryptionContext;
-use crate::error::{Error, FormatError, StreamError};
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, FormatError, StreamError};
+use crate::format::kdf;
+use crate::format::record::{commitment, open_committed, with_context, write_wrap};
+use crate::format::rng;
+use crate::format::secret::{KEY_LEN, MasterKey};
+use crate::format::suite::{self, Backend, Suite, TAG_LEN};
 use crate::format::{
     DEFAULT_SEGMENT_SIZE, FORMAT_V1, HeaderKind, HeaderView, MAGIC, MAX_SEGMENT_SIZE,
     MIN_SEGMENT_SIZE, NONCE_PREFIX_LEN, STREAM_HEADER_LEN, STREAM_IMMUTABLE_END, WRAP_NONCE_LEN,
     stream_suite_id,
 };
-use crate::kdf;
-use crate::record::{commitment, open_committed, with_context, write_wrap};
-use crate::rng;
-use crate::secret::{KEY_LEN, MasterKey};
-use crate::suite::{self, Backend, Suite, TAG_LEN};
 
 mod read;
 mod seek;
@@ -231,10 +231,10 @@ impl StreamHeader {
     /// ignored).
     ///
     /// # Errors
-    /// [`Error::Format`] for a malformed or short header, or a record header
+    /// [`CryptoError::Format`] for a malformed or short header, or a record header
     /// ([`FormatError::UnknownSuite`]); [`StreamError::SegmentSize`] for a
     /// segment size out of bounds.
-    pub fn parse(bytes: &[u8]) -> Result<Self, Error> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, CryptoError> {
         let view = HeaderView::parse_prefix(bytes)?;
         if view.kind != HeaderKind::Stream {
             return Err(FormatError::UnknownSuite(view.suite_id).into());
@@ -259,8 +259,8 @@ impl StreamHeader {
     ///
     /// # Errors
     /// As [`parse`](Self::parse); a source shorter than a header is
-    /// [`FormatError::TooShort`]; other read failures are [`Error::Io`].
-    pub fn read<R: Read>(reader: &mut R) -> Result<Self, Error> {
+    /// [`FormatError::TooShort`]; other read failures are [`CryptoError::Io`].
+    pub fn read<R: Read>(reader: &mut R) -> Result<Self, CryptoError> {
         let mut bytes = [0u8; STREAM_HEADER_LEN];
         let got = read_full(reader, &mut bytes)?;
         Self::parse_read(&bytes, got)
@@ -269,11 +269,14 @@ impl StreamHeader {
     /// Parses a header buffer of which a reader filled the first `got`
     /// bytes; short of a whole header, the most precise error for what is
     /// there.
-    pub(crate) fn parse_read(bytes: &[u8; STREAM_HEADER_LEN], got: usize) -> Result<Self, Error> {
+    pub(crate) fn parse_read(
+        bytes: &[u8; STREAM_HEADER_LEN],
+        got: usize,
+    ) -> Result<Self, CryptoError> {
         if got < STREAM_HEADER_LEN {
             return Err(Self::parse(bytes.get(..got).unwrap_or_default())
                 .err()
-                .unwrap_or(Error::Format(FormatError::TooShort {
+                .unwrap_or(CryptoError::Format(FormatError::TooShort {
                     what: "stream header",
                     needed: STREAM_HEADER_LEN,
                     got,
@@ -302,13 +305,17 @@ impl StreamHeader {
         self.segment_size
     }
 
-    fn view(&self) -> Result<HeaderView<'_>, Error> {
+    fn view(&self) -> Result<HeaderView<'_>, CryptoError> {
         Ok(HeaderView::parse_prefix(&self.bytes)?)
     }
 
     /// Opens the data key under `master` (checking the commitment) and
     /// derives the segment state.
-    fn open(&self, master: &MasterKey, context: &EncryptionContext) -> Result<Segments, Error> {
+    fn open(
+        &self,
+        master: &MasterKey,
+        context: &EncryptionContext,
+    ) -> Result<Segments, CryptoError> {
         let context = context.encode()?;
         let data_key = open_committed(&self.view()?, master, &context)?;
         Ok(Segments::new(&data_key, self, &context))
@@ -316,7 +323,7 @@ impl StreamHeader {
 }
 
 /// Reads until `buf` is full or the reader ends; returns the bytes read.
-fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<usize, Error> {
+fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<usize, CryptoError> {
     let mut got = 0;
     while let Some(rest) = buf.get_mut(got..) {
         if rest.is_empty() {
@@ -342,7 +349,7 @@ pub(crate) fn seal_header(
     data_key: &[u8; KEY_LEN],
     wrap_nonce: &[u8; WRAP_NONCE_LEN],
     nonce_prefix: &[u8; NONCE_PREFIX_LEN],
-) -> Result<(StreamHeader, Segments), Error> {
+) -> Result<(StreamHeader, Segments), CryptoError> {
     check_segment_size(segment_size)?;
     let suite_id = stream_suite_id(suite);
     let mut header = Vec::with_capacity(STREAM_HEADER_LEN);
@@ -365,7 +372,7 @@ fn fresh_header(
     master: &MasterKey,
     options: StreamOptions,
     context: &EncryptionContext,
-) -> Result<(StreamHeader, Segments), Error> {
+) -> Result<(StreamHeader, Segments), CryptoError> {
     let context = context.encode()?;
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     rng::fill(&mut *data_key)?;
@@ -444,10 +451,10 @@ impl Segments {
         index: u64,
         last: bool,
         buf: &mut [u8],
-    ) -> Result<[u8; TAG_LEN], Error> {
+    ) -> Result<[u8; TAG_LEN], CryptoError> {
         let nonce = self.nonce(index, last)?;
         suite::seal(self.backend, self.suite, &self.key, &nonce, &self.aad, buf)
-            .map_err(|_| Error::Encrypt)
+            .map_err(|_| CryptoError::Encrypt)
     }
 
     /// Seals segment `index` from `plaintext` into `out` (same length);
@@ -458,7 +465,7 @@ impl Segments {
         last: bool,
         plaintext: &[u8],
         out: &mut [u8],
-    ) -> Result<[u8; TAG_LEN], Error> {
+    ) -> Result<[u8; TAG_LEN], CryptoError> {
         let nonce = self.nonce(index, last)?;
         suite::seal_out_of_place(
             self.backend,
@@ -469,7 +476,7 @@ impl Segments {
             plaintext,
             out,
         )
-        .map_err(|_| Error::Encrypt)
+        .map_err(|_| CryptoError::Encrypt)
     }
 
     /// Opens segment `index` (`ciphertext ‖ tag`) into `out`. On failure
@@ -526,15 +533,15 @@ fn split_tag(segment: &[u8]) -> Option<(&[u8], &[u8; TAG_LEN])> {
 /// ```
 ///
 /// # Errors
-/// [`Error::Io`] when reading or writing fails, [`StreamError::SegmentSize`]
-/// for bad options, [`Error::Context`], [`Error::Rng`].
+/// [`CryptoError::Io`] when reading or writing fails, [`StreamError::SegmentSize`]
+/// for bad options, [`CryptoError::Context`], [`CryptoError::Rng`].
 pub fn encrypt<R: Read, W: Write>(
     master: &MasterKey,
     options: StreamOptions,
     context: &EncryptionContext,
     mut reader: R,
     writer: W,
-) -> Result<u64, Error> {
+) -> Result<u64, CryptoError> {
     let mut enc = Encryptor::new(master, options, context, writer)?;
     // Reads straight into the segment buffer: no intermediate copy.
     while enc.fill_from(&mut reader)? > 0 {}
@@ -549,14 +556,14 @@ pub fn encrypt<R: Read, W: Write>(
 /// of the object, and the caller must discard it.
 ///
 /// # Errors
-/// [`Error::Format`], [`Error::VersionMismatch`], [`Error::Decrypt`] for
-/// the header; [`StreamError`] for the segments; [`Error::Io`].
+/// [`CryptoError::Format`], [`CryptoError::VersionMismatch`], [`CryptoError::Decrypt`] for
+/// the header; [`StreamError`] for the segments; [`CryptoError::Io`].
 pub fn decrypt<R: Read, W: Write>(
     master: &MasterKey,
     context: &EncryptionContext,
     reader: R,
     mut writer: W,
-) -> Result<u64, Error> {
+) -> Result<u64, CryptoError> {
     let mut dec = Decryptor::open(master, context, reader)?;
     dec.write_to(&mut writer)
 }
@@ -577,7 +584,7 @@ pub fn reencrypt<R: Read, W: Write>(
     context: &EncryptionContext,
     reader: R,
     writer: W,
-) -> Result<u64, Error> {
+) -> Result<u64, CryptoError> {
     let mut dec = Decryptor::open(from, context, reader)?;
     let options = StreamOptions::default()
         .suite(dec.header().suite())
@@ -589,8 +596,8 @@ pub fn reencrypt<R: Read, W: Write>(
 
 /// Header-only rewrap of a stored stream: reads its 111-byte header from
 /// the start of `object`, rewraps the data key from `from` to `to` (see
-/// [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place))
-/// checks the result (commitment included, [`record::check_header`](crate::record::check_header))
+/// [`record::rewrap_header_in_place`](crate::format::record::rewrap_header_in_place))
+/// checks the result (commitment included, [`record::check_header`](crate::format::record::check_header))
 /// and writes the header back at offset 0. The payload is neither read nor
 /// written: re-keying a 10 GiB object costs 111 bytes of I/O.
 ///
@@ -614,21 +621,21 @@ pub fn reencrypt<R: Read, W: Write>(
 /// ```
 ///
 /// # Errors
-/// As [`record::rewrap_header_in_place`](crate::record::rewrap_header_in_place),
-/// and [`Error::Io`]. On an error before the write, `object` is unchanged.
+/// As [`record::rewrap_header_in_place`](crate::format::record::rewrap_header_in_place),
+/// and [`CryptoError::Io`]. On an error before the write, `object` is unchanged.
 pub fn rewrap_in_place<F: Read + Write + Seek>(
     object: &mut F,
     from: &MasterKey,
     to: &MasterKey,
     context: &EncryptionContext,
-) -> Result<StreamHeader, Error> {
+) -> Result<StreamHeader, CryptoError> {
     object.seek(SeekFrom::Start(0))?;
     let header = StreamHeader::read(object)?;
     let mut bytes = *header.as_bytes();
-    crate::record::rewrap_header_in_place(&mut bytes, from, to, context)?;
+    crate::format::record::rewrap_header_in_place(&mut bytes, from, to, context)?;
     // The rewrap carries the commitment over unchecked: check it before
     // anything is written.
-    crate::record::check_header(&bytes, to, context)?;
+    crate::format::record::check_header(&bytes, to, context)?;
     object.seek(SeekFrom::Start(0))?;
     object.write_all(&bytes)?;
     object.flush()?;
@@ -671,7 +678,10 @@ pub mod fuzz_hooks {
     /// its plaintext, a changed one must be rejected.
     #[allow(clippy::panic, reason = "a broken property must crash the fuzzer")]
     pub fn decrypt(data: &[u8]) {
-        let master = MasterKey::new(1, crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]));
+        let master = MasterKey::new(
+            1,
+            crate::format::secret::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
+        );
         let ctx = EncryptionContext::new().with("fuzz", data.get(1..3).unwrap_or_default());
         let Some((&mode, rest)) = data.split_first() else {
             return;
@@ -719,7 +729,7 @@ pub mod fuzz_hooks {
         master: &MasterKey,
         ctx: &EncryptionContext,
         object: &[u8],
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<Vec<u8>, CryptoError> {
         let mut plain = Vec::new();
         let streamed = super::decrypt(master, ctx, object, &mut plain).map(|_| plain);
         let seeked = StreamHeader::parse(object).and_then(|header| {
@@ -742,7 +752,7 @@ pub mod fuzz_hooks {
                 match io::Read::read(&mut dec, &mut buf) {
                     Ok(0) => return Ok(out),
                     Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
-                    Err(e) => return Err(Error::from(e)),
+                    Err(e) => return Err(CryptoError::from(e)),
                 }
             }
         });

@@ -1,7 +1,23 @@
-//! The `KeyWrapper` trait: the one seam between keyfold and a KMS.
+//! Layer 2, key wrapping: the [`KeyWrapper`] trait every KMS provider
+//! implements, its error kinds ([`error::WrapError`]), the local KEK
+//! ([`local::LocalKek`]), the retry helper, provider configs and the
+//! onboarding probe (docs/LIFECYCLE.md, "Onboarding").
 //!
-//! Shaped like age's `Recipient`/`Identity`: a provider wraps and unwraps a
-//! 32-byte master key and emits a small typed record, [`WrappedKey`].
+//! It builds on the format layer ([`crate::format`]: secret key types, the
+//! random generator) and knows nothing of the keyring ([`crate::keyring`]):
+//! no lifecycle states, no stores, no audit events.
+//!
+//! The `KeyWrapper` trait is the one seam between keyfold and a KMS. Shaped
+//! like age's `Recipient`/`Identity`: a provider wraps and unwraps a 32-byte
+//! master key and emits a small typed record, [`WrappedKey`].
+
+pub mod config;
+pub mod error;
+pub mod local;
+pub mod probe;
+pub mod retry;
+
+pub use error::{WrapError, WrapErrorKind, WrapOperation};
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,8 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::error::WrapError;
-use crate::secret::SecretKey;
+use crate::format::secret::SecretKey;
 
 /// What a wrap is bound to: the keyring (tenant) and the master key version.
 /// Providers that take a context pass it to the KMS (AWS encryption context,

@@ -2,22 +2,21 @@
 //! "Onboarding").
 //!
 //! Before a KMS config is accepted, [`probe`] makes a live wrap + unwrap
-//! round trip of a random 32-byte payload. [`ConfigSlot::upsert`] replaces
-//! the current config only when the new one validates, builds and probes;
-//! otherwise the old config and wrapper stay exactly as they were.
+//! round trip of a random 32-byte payload; [`probe_config`] validates a
+//! config, builds its wrapper and probes it. Keeping the accepted config and
+//! auditing the attempt is the keyring layer's job
+//! (`keyfold_core::probe::ConfigSlot`, in `keyring::onboarding`).
 
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Actor, AuditEvent, AuditKind, AuditSink};
-use crate::config::ProviderConfig;
-use crate::error::{WrapError, WrapErrorKind, WrapOperation};
-use crate::local::LocalKek;
-use crate::secret::SecretKey;
-use crate::time::Timestamp;
+use crate::format::secret::SecretKey;
+use crate::wrap::config::ProviderConfig;
+use crate::wrap::error::{WrapError, WrapErrorKind, WrapOperation};
+use crate::wrap::local::LocalKek;
 use crate::wrap::{KeyWrapper, WrapContext};
 
 /// The keyring id bound into probe wraps; never a real keyring's.
@@ -190,117 +189,40 @@ impl WrapperFactory for LocalFactory {
     }
 }
 
-/// A config together with the wrapper built from it and probed.
-#[derive(Debug, Clone)]
-pub struct ProbedConfig {
-    /// The config.
-    pub config: ProviderConfig,
-    /// Its wrapper.
-    pub wrapper: Arc<dyn KeyWrapper>,
-}
-
-/// A tenant's current provider config, replaced only by one that probes.
-#[derive(Debug, Default)]
-pub struct ConfigSlot {
-    current: RwLock<Option<ProbedConfig>>,
-}
-
-impl ConfigSlot {
-    /// An empty slot.
-    pub fn new() -> Self {
-        Self::default()
+/// Validates `config`, builds its wrapper with `factory` and probes it: the
+/// checks onboarding runs before a config is accepted. Changes nothing.
+///
+/// # Errors
+/// [`ProbeFailure`] naming the step that failed.
+pub async fn probe_config(
+    config: &ProviderConfig,
+    factory: &dyn WrapperFactory,
+) -> Result<Arc<dyn KeyWrapper>, ProbeFailure> {
+    let fail = |step, kind, message: String| ProbeFailure {
+        step,
+        kind,
+        provider: config.provider().to_owned(),
+        key_ref: config.kms_key_ref().to_owned(),
+        message,
+    };
+    config
+        .validate()
+        .map_err(|e| fail(ProbeStep::Validate, None, e.to_string()))?;
+    let wrapper = factory
+        .build(config)
+        .await
+        .map_err(|e| fail(ProbeStep::Build, Some(e.kind), e.to_string()))?;
+    if wrapper.provider() != config.provider() {
+        return Err(fail(
+            ProbeStep::Build,
+            Some(WrapErrorKind::Misconfigured),
+            format!(
+                "the factory built a {} wrapper for a {} config",
+                wrapper.provider(),
+                config.provider()
+            ),
+        ));
     }
-
-    /// The current config and wrapper.
-    pub fn current(&self) -> Option<ProbedConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Validates `config`, builds its wrapper with `factory` and probes it;
-    /// only then replaces the current config (`kms.config.updated`). On
-    /// failure emits `kms.probe.failed` and leaves the slot unchanged.
-    ///
-    /// Switching an existing keyring to the new wrapper is a separate step:
-    /// [`Keyring::rewrap_master_keys`](crate::keyring::Keyring::rewrap_master_keys).
-    ///
-    /// # Errors
-    /// [`ProbeFailure`] naming the step that failed.
-    pub async fn upsert(
-        &self,
-        config: ProviderConfig,
-        factory: &dyn WrapperFactory,
-        keyring_id: &str,
-        audit: &dyn AuditSink,
-        actor: &Actor,
-    ) -> Result<ProbedConfig, ProbeFailure> {
-        let result = Self::check(&config, factory).await;
-        let event = |kind| AuditEvent {
-            keyring_id: keyring_id.to_owned(),
-            actor: actor.clone(),
-            at: Timestamp::now(),
-            kind,
-        };
-        match result {
-            Ok(wrapper) => {
-                let probed = ProbedConfig { config, wrapper };
-                let previous = self
-                    .current
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .replace(probed.clone());
-                audit.record(event(AuditKind::ConfigUpdated {
-                    provider: probed.config.provider().to_owned(),
-                    key_ref: probed.config.kms_key_ref().to_owned(),
-                    previous_key_ref: previous.map(|p| p.config.kms_key_ref().to_owned()),
-                }));
-                Ok(probed)
-            }
-            Err(f) => {
-                audit.record(event(AuditKind::ProbeFailed {
-                    provider: f.provider.clone(),
-                    key_ref: f.key_ref.clone(),
-                    step: f.step,
-                    error_kind: f.kind,
-                    message: f.message.clone(),
-                }));
-                Err(f)
-            }
-        }
-    }
-
-    async fn check(
-        config: &ProviderConfig,
-        factory: &dyn WrapperFactory,
-    ) -> Result<Arc<dyn KeyWrapper>, ProbeFailure> {
-        let fail = |step, kind, message: String| ProbeFailure {
-            step,
-            kind,
-            provider: config.provider().to_owned(),
-            key_ref: config.kms_key_ref().to_owned(),
-            message,
-        };
-        config
-            .validate()
-            .map_err(|e| fail(ProbeStep::Validate, None, e.to_string()))?;
-        let wrapper = factory
-            .build(config)
-            .await
-            .map_err(|e| fail(ProbeStep::Build, Some(e.kind), e.to_string()))?;
-        if wrapper.provider() != config.provider() {
-            return Err(fail(
-                ProbeStep::Build,
-                Some(WrapErrorKind::Misconfigured),
-                format!(
-                    "the factory built a {} wrapper for a {} config",
-                    wrapper.provider(),
-                    config.provider()
-                ),
-            ));
-        }
-        probe(wrapper.as_ref()).await?;
-        Ok(wrapper)
-    }
+    probe(wrapper.as_ref()).await?;
+    Ok(wrapper)
 }

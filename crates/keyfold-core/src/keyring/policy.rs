@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::time::Timestamp;
+use super::time::Timestamp;
 
 /// Shortest allowed rotation period, in days.
 pub const MIN_PERIOD_DAYS: u32 = 1;

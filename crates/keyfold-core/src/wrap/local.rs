@@ -18,11 +18,11 @@ use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use zeroize::Zeroizing;
 
-use crate::error::{WrapError, WrapErrorKind, WrapOperation};
 use crate::format::Reader;
-use crate::rng;
-use crate::secret::{KEY_LEN, SecretKey};
-use crate::suite::TAG_LEN;
+use crate::format::rng;
+use crate::format::secret::{KEY_LEN, SecretKey};
+use crate::format::suite::TAG_LEN;
+use crate::wrap::error::{WrapError, WrapErrorKind, WrapOperation};
 use crate::wrap::{KeyWrapper, WrapContext, WrappedKey};
 
 /// Provider name of the local wrapper.

@@ -10,10 +10,10 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::WrapErrorKind;
-use crate::keyring::{KeyState, StateChange, Transition};
-use crate::probe::ProbeStep;
-use crate::time::Timestamp;
+use super::state::{KeyState, StateChange, Transition};
+use super::time::Timestamp;
+use crate::wrap::error::WrapErrorKind;
+use crate::wrap::probe::ProbeStep;
 
 /// Who asked for an operation: a user, a service or a scheduler, as the host names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -14,7 +14,7 @@
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::secret::KEY_LEN;
+use crate::format::secret::KEY_LEN;
 
 /// `SHA-256(00000001 || secret || info[0] || info[1] || ...)`.
 pub(crate) fn derive(secret: &[u8; KEY_LEN], info: &[&[u8]]) -> Zeroizing<[u8; KEY_LEN]> {

@@ -17,8 +17,8 @@ use aes_gcm_siv::Aes256GcmSiv;
 use aes_gcm_siv::aead::inout::InOutBuf;
 use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 
-use crate::secret::KEY_LEN;
-use crate::suite::{AeadFailure, Backend, TAG_LEN};
+use crate::format::secret::KEY_LEN;
+use crate::format::suite::{AeadFailure, Backend, TAG_LEN};
 
 /// Length of a wrap nonce.
 pub(crate) const WRAP_NONCE_LEN: usize = 12;

@@ -7,7 +7,7 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::ChaCha20Poly1305;
 use serde::{Deserialize, Serialize};
 
-use crate::secret::KEY_LEN;
+use crate::format::secret::KEY_LEN;
 
 /// Length of every AEAD tag keyfold writes.
 pub const TAG_LEN: usize = 16;

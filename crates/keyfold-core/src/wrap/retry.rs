@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::WrapError;
+use crate::wrap::error::WrapError;
 
 /// How [`retry`] retries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +74,7 @@ impl RetryPolicy {
 fn jitter(cap: Duration) -> Duration {
     let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
     match nanos.checked_add(1) {
-        Some(range) => Duration::from_nanos(crate::rng::u64() % range),
+        Some(range) => Duration::from_nanos(crate::format::rng::u64() % range),
         None => cap,
     }
 }
@@ -168,7 +168,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{WrapErrorKind, WrapOperation};
+    use crate::wrap::error::{WrapErrorKind, WrapOperation};
 
     fn err(kind: WrapErrorKind) -> WrapError {
         WrapError::new(kind, "test", "k", WrapOperation::Unwrap)

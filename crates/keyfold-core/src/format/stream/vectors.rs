@@ -14,12 +14,12 @@ use std::path::PathBuf;
 
 use super::write::EncodeCore;
 use super::{Decryptor, StreamHeader, seal_header};
-use crate::context::EncryptionContext;
-use crate::error::{Error, StreamError};
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, StreamError};
+use crate::format::secret::{KEY_LEN, MasterKey, SecretKey};
+use crate::format::suite::{Backend, Suite, TAG_LEN};
+use crate::format::vectors::{Vector, context_text, format_error_name, write_if_missing};
 use crate::format::{NONCE_PREFIX_LEN, STREAM_HEADER_LEN, WRAP_NONCE_LEN};
-use crate::secret::{KEY_LEN, MasterKey, SecretKey};
-use crate::suite::{Backend, Suite, TAG_LEN};
-use crate::vectors::{Vector, context_text, format_error_name, write_if_missing};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/stream")
@@ -66,7 +66,7 @@ fn encode(
     out
 }
 
-fn decrypt(v: &Vector, object: &[u8]) -> Result<Vec<u8>, Error> {
+fn decrypt(v: &Vector, object: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let header = StreamHeader::parse(object)?;
     let mut dec = Decryptor::new(
         header,
@@ -79,10 +79,10 @@ fn decrypt(v: &Vector, object: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-fn error_name(e: &Error) -> String {
+fn error_name(e: &CryptoError) -> String {
     match e {
-        Error::Decrypt => "decrypt-error".into(),
-        Error::Stream(s) => format!(
+        CryptoError::Decrypt => "decrypt-error".into(),
+        CryptoError::Stream(s) => format!(
             "stream-error {}",
             match s {
                 StreamError::SegmentSize { .. } => "SegmentSize",
@@ -92,7 +92,7 @@ fn error_name(e: &Error) -> String {
                 _ => "other",
             }
         ),
-        Error::Format(f) => format!("format-error {}", format_error_name(f)),
+        CryptoError::Format(f) => format!("format-error {}", format_error_name(f)),
         other => format!("other {other}"),
     }
 }

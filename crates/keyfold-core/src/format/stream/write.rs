@@ -6,10 +6,10 @@ use std::io::{self, Read, Write};
 use zeroize::Zeroizing;
 
 use super::{Segments, StreamHeader, StreamOptions, fresh_header};
-use crate::context::EncryptionContext;
-use crate::error::{Error, StreamError};
-use crate::secret::MasterKey;
-use crate::suite::TAG_LEN;
+use crate::format::context::EncryptionContext;
+use crate::format::error::{CryptoError, StreamError};
+use crate::format::secret::MasterKey;
+use crate::format::suite::TAG_LEN;
 
 /// Collects plaintext into one segment buffer, seals it in place when it is
 /// full, and hands out the bytes to write (header first). Sans-I/O: the
@@ -43,7 +43,7 @@ impl EncodeCore {
         master: &MasterKey,
         options: StreamOptions,
         context: &EncryptionContext,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         let (header, segments) = fresh_header(master, options, context)?;
         Ok(Self::from_parts(header, segments))
     }
@@ -99,7 +99,7 @@ impl EncodeCore {
     /// Takes plaintext from `data` into the segment buffer; seals the
     /// segment when it is full. Returns how many bytes were taken: 0 only
     /// when output is pending (drain it first) or `data` is empty.
-    pub(crate) fn accept(&mut self, data: &[u8]) -> Result<usize, Error> {
+    pub(crate) fn accept(&mut self, data: &[u8]) -> Result<usize, CryptoError> {
         if self.finished {
             return Err(StreamError::Finished.into());
         }
@@ -136,7 +136,7 @@ impl EncodeCore {
 
     /// `n` bytes were put into [`room`](Self::room); seals the segment
     /// when it is full.
-    pub(crate) fn filled(&mut self, n: usize) -> Result<(), Error> {
+    pub(crate) fn filled(&mut self, n: usize) -> Result<(), CryptoError> {
         if self.sealed {
             return Ok(());
         }
@@ -149,7 +149,7 @@ impl EncodeCore {
     }
 
     /// Seals the collected plaintext as the final segment.
-    pub(crate) fn finish(&mut self) -> Result<(), Error> {
+    pub(crate) fn finish(&mut self) -> Result<(), CryptoError> {
         if self.finished {
             return Ok(());
         }
@@ -163,15 +163,15 @@ impl EncodeCore {
 
     /// Seals `plaintext`, a whole segment (so not the final one), from the
     /// caller's buffer into ours.
-    fn seal_whole(&mut self, plaintext: &[u8]) -> Result<(), Error> {
+    fn seal_whole(&mut self, plaintext: &[u8]) -> Result<(), CryptoError> {
         self.check_counter(false)?;
         let (out, rest) = self
             .buf
             .split_at_mut_checked(plaintext.len())
-            .ok_or(Error::Encrypt)?;
+            .ok_or(CryptoError::Encrypt)?;
         let tag = self.segments.seal_from(self.index, false, plaintext, out)?;
         rest.get_mut(..TAG_LEN)
-            .ok_or(Error::Encrypt)?
+            .ok_or(CryptoError::Encrypt)?
             .copy_from_slice(&tag);
         self.len = plaintext.len() + TAG_LEN;
         self.sealed = true;
@@ -180,7 +180,7 @@ impl EncodeCore {
         Ok(())
     }
 
-    fn check_counter(&self, last: bool) -> Result<(), Error> {
+    fn check_counter(&self, last: bool) -> Result<(), CryptoError> {
         if !last && self.index >= super::MAX_SEGMENTS - 1 {
             // The final segment would have no counter left.
             return Err(StreamError::TooLong {
@@ -191,15 +191,15 @@ impl EncodeCore {
         Ok(())
     }
 
-    fn seal(&mut self, last: bool) -> Result<(), Error> {
+    fn seal(&mut self, last: bool) -> Result<(), CryptoError> {
         self.check_counter(last)?;
         let (plaintext, rest) = self
             .buf
             .split_at_mut_checked(self.len)
-            .ok_or(Error::Encrypt)?;
+            .ok_or(CryptoError::Encrypt)?;
         let tag = self.segments.seal(self.index, last, plaintext)?;
         rest.get_mut(..TAG_LEN)
-            .ok_or(Error::Encrypt)?
+            .ok_or(CryptoError::Encrypt)?
             .copy_from_slice(&tag);
         self.len += TAG_LEN;
         self.sealed = true;
@@ -264,13 +264,13 @@ impl<W: Write> Encryptor<W> {
     /// [`finish`](Self::finish)).
     ///
     /// # Errors
-    /// [`StreamError::SegmentSize`], [`Error::Context`], [`Error::Rng`].
+    /// [`StreamError::SegmentSize`], [`CryptoError::Context`], [`CryptoError::Rng`].
     pub fn new(
         master: &MasterKey,
         options: StreamOptions,
         context: &EncryptionContext,
         inner: W,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, CryptoError> {
         Ok(Encryptor {
             inner,
             core: EncodeCore::new(master, options, context)?,
@@ -292,8 +292,8 @@ impl<W: Write> Encryptor<W> {
     /// the inner writer.
     ///
     /// # Errors
-    /// [`Error::Io`] when writing fails (the stream is then incomplete).
-    pub fn finish(mut self) -> Result<W, Error> {
+    /// [`CryptoError::Io`] when writing fails (the stream is then incomplete).
+    pub fn finish(mut self) -> Result<W, CryptoError> {
         self.drain()?;
         if !self.core.is_finished() {
             self.core.finish()?;
@@ -305,7 +305,7 @@ impl<W: Write> Encryptor<W> {
 
     /// Reads plaintext from `reader` straight into the segment buffer;
     /// returns the bytes read (0 at the end of `reader`).
-    pub(crate) fn fill_from<R: Read>(&mut self, reader: &mut R) -> Result<usize, Error> {
+    pub(crate) fn fill_from<R: Read>(&mut self, reader: &mut R) -> Result<usize, CryptoError> {
         loop {
             self.drain()?;
             match reader.read(self.core.room()) {
@@ -320,7 +320,7 @@ impl<W: Write> Encryptor<W> {
     }
 
     /// [`finish`](Self::finish), returning the plaintext length instead.
-    pub(crate) fn finish_len(self) -> Result<u64, Error> {
+    pub(crate) fn finish_len(self) -> Result<u64, CryptoError> {
         let len = self.core.plaintext_len();
         self.finish()?;
         Ok(len)

@@ -5,9 +5,9 @@ use std::fmt;
 use secrecy::{ExposeSecret, SecretBox};
 use zeroize::Zeroize;
 
-use crate::keywrap::WrapCipher;
-use crate::rng;
-use crate::suite::Backend;
+use crate::format::keywrap::WrapCipher;
+use crate::format::rng;
+use crate::format::suite::Backend;
 
 /// Length in bytes of every symmetric key keyfold handles (master keys, data keys, KEKs).
 pub const KEY_LEN: usize = 32;
@@ -90,7 +90,7 @@ const LABEL_WRAP: &[u8] = b"keyfold1 wrap";
 impl MasterKey {
     /// A master key for `version` made of `key`.
     pub fn new(version: u32, key: SecretKey) -> Self {
-        let wrap_key = crate::kdf::derive(key.expose(), &[LABEL_WRAP]);
+        let wrap_key = crate::format::kdf::derive(key.expose(), &[LABEL_WRAP]);
         // aws-lc refuses only a key of the wrong length, which a 32-byte array
         // cannot be. Were it ever to refuse, the pure-Rust backend runs the
         // same AES-256-GCM-SIV (byte-identical, tested): not a weaker

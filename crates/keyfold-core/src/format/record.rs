@@ -6,18 +6,18 @@
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::context::EncryptionContext;
-use crate::error::Error;
+use crate::format::context::EncryptionContext;
+use crate::format::error::CryptoError;
+use crate::format::kdf;
+use crate::format::rng;
+use crate::format::secret::{KEY_LEN, MasterKey};
+use crate::format::suite::{
+    Backend, Suite, TAG_LEN, open_single_use, open_single_use_in_place, seal_single_use,
+};
 use crate::format::{
     COMMITMENT_LEN, FORMAT_V1, HEADER_LEN, HeaderInfo, HeaderKind, HeaderView, IMMUTABLE_END,
     MAGIC, MAX_RECORD_PLAINTEXT, RECORD_OVERHEAD, REWRAP_PART_LEN, RecordView, STREAM_HEADER_LEN,
     WRAP_NONCE_LEN, WRAPPED_DATA_KEY_LEN,
-};
-use crate::kdf;
-use crate::rng;
-use crate::secret::{KEY_LEN, MasterKey};
-use crate::suite::{
-    Backend, Suite, TAG_LEN, open_single_use, open_single_use_in_place, seal_single_use,
 };
 
 // KDF labels (docs/FORMAT.md, "Key derivation"), each followed by the suite
@@ -73,30 +73,32 @@ pub(crate) fn write_wrap(
     data_key: &[u8; KEY_LEN],
     nonce: &[u8; WRAP_NONCE_LEN],
     context: &[u8],
-) -> Result<(), Error> {
+) -> Result<(), CryptoError> {
     let immutable_end = header
         .len()
         .checked_sub(REWRAP_PART_LEN)
-        .ok_or(Error::Encrypt)?;
+        .ok_or(CryptoError::Encrypt)?;
     let wrapped_at = immutable_end + REWRAP_PART_LEN - WRAPPED_DATA_KEY_LEN;
     let (aad_part, wrapped) = header
         .split_at_mut_checked(wrapped_at)
-        .ok_or(Error::Encrypt)?;
+        .ok_or(CryptoError::Encrypt)?;
     let (_, mutable) = aad_part
         .split_at_mut_checked(immutable_end)
-        .ok_or(Error::Encrypt)?;
-    let (version, nonce_out) = mutable.split_at_mut_checked(4).ok_or(Error::Encrypt)?;
+        .ok_or(CryptoError::Encrypt)?;
+    let (version, nonce_out) = mutable
+        .split_at_mut_checked(4)
+        .ok_or(CryptoError::Encrypt)?;
     version.copy_from_slice(&master.version().to_be_bytes());
     nonce_out.copy_from_slice(nonce);
     let aad = with_context(aad_part, context);
     let (sealed, tag_out) = wrapped
         .split_at_mut_checked(KEY_LEN)
-        .ok_or(Error::Encrypt)?;
+        .ok_or(CryptoError::Encrypt)?;
     sealed.copy_from_slice(data_key);
     let tag = master
         .wrap_cipher()
         .seal(nonce, &aad, sealed)
-        .map_err(|_| Error::Encrypt)?;
+        .map_err(|_| CryptoError::Encrypt)?;
     tag_out.copy_from_slice(&tag);
     Ok(())
 }
@@ -109,9 +111,9 @@ fn open_wrap(
     view: &HeaderView<'_>,
     master: &MasterKey,
     context: &[u8],
-) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
+) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
     if view.version != master.version() {
-        return Err(Error::VersionMismatch {
+        return Err(CryptoError::VersionMismatch {
             record: view.version,
             supplied: master.version(),
         });
@@ -119,11 +121,11 @@ fn open_wrap(
     let aad = with_context(view.wrap_aad(), context);
     let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
     let (sealed, tag) = view.wrapped_data_key.split_at(KEY_LEN);
-    let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| Error::Decrypt)?;
+    let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Decrypt)?;
     master
         .wrap_cipher()
         .open(view.wrap_nonce, &aad, sealed, tag, &mut *data_key)
-        .map_err(|_| Error::Decrypt)?;
+        .map_err(|_| CryptoError::Decrypt)?;
     Ok(data_key)
 }
 
@@ -155,11 +157,11 @@ pub(crate) fn open_committed(
     view: &HeaderView<'_>,
     master: &MasterKey,
     context: &[u8],
-) -> Result<Zeroizing<[u8; KEY_LEN]>, Error> {
+) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
     let data_key = open_wrap(view, master, context)?;
     let expected = commitment(&data_key, view.kind, view.suite_id);
     if !commitments_match(&expected, view.commitment) {
-        return Err(Error::Decrypt);
+        return Err(CryptoError::Decrypt);
     }
     Ok(data_key)
 }
@@ -180,14 +182,14 @@ pub(crate) fn open_committed(
 /// ```
 ///
 /// # Errors
-/// [`Error::Context`] for an oversized context, [`Error::PlaintextTooLarge`]
-/// above 4 GiB, [`Error::Rng`] if the OS generator fails.
+/// [`CryptoError::Context`] for an oversized context, [`CryptoError::PlaintextTooLarge`]
+/// above 4 GiB, [`CryptoError::Rng`] if the OS generator fails.
 pub fn encrypt(
     master: &MasterKey,
     suite: Suite,
     context: &EncryptionContext,
     plaintext: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     encrypt_with(Backend::default(), master, suite, context, plaintext)
 }
 
@@ -202,7 +204,7 @@ pub fn encrypt_with(
     suite: Suite,
     context: &EncryptionContext,
     plaintext: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     let (context, fresh) = prepare(plaintext.len(), context)?;
     seal_with(
         backend,
@@ -228,9 +230,9 @@ struct FreshSecrets {
 fn prepare(
     plaintext_len: usize,
     context: &EncryptionContext,
-) -> Result<(Vec<u8>, FreshSecrets), Error> {
+) -> Result<(Vec<u8>, FreshSecrets), CryptoError> {
     if plaintext_len as u64 > MAX_RECORD_PLAINTEXT {
-        return Err(Error::PlaintextTooLarge {
+        return Err(CryptoError::PlaintextTooLarge {
             len: plaintext_len as u64,
             max: MAX_RECORD_PLAINTEXT,
         });
@@ -258,7 +260,7 @@ pub(crate) fn seal_with(
     data_key: &[u8; KEY_LEN],
     nonce: &[u8; WRAP_NONCE_LEN],
     plaintext: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     // Sealed from `plaintext` straight into the new record: zero-filling
     // the output is cheaper than copying the plaintext in first.
     let mut out = vec![0u8; RECORD_OVERHEAD + plaintext.len()];
@@ -292,10 +294,15 @@ fn seal_laid_out(
     nonce: &[u8; WRAP_NONCE_LEN],
     buf: &mut [u8],
     source: Option<&[u8]>,
-) -> Result<(), Error> {
+) -> Result<(), CryptoError> {
     let keys = payload_keys(data_key, suite);
-    let (header, rest) = buf.split_at_mut_checked(HEADER_LEN).ok_or(Error::Encrypt)?;
-    let payload_len = rest.len().checked_sub(TAG_LEN).ok_or(Error::Encrypt)?;
+    let (header, rest) = buf
+        .split_at_mut_checked(HEADER_LEN)
+        .ok_or(CryptoError::Encrypt)?;
+    let payload_len = rest
+        .len()
+        .checked_sub(TAG_LEN)
+        .ok_or(CryptoError::Encrypt)?;
     let (payload, tag_out) = rest.split_at_mut(payload_len);
     let (preamble, rewrap_part) = header.split_at_mut(IMMUTABLE_END);
     rewrap_part.fill(0);
@@ -308,18 +315,18 @@ fn seal_laid_out(
     // The payload key is derived from a data key used for this one payload:
     // the fixed nonce is never reused (docs/FORMAT.md, "Nonces").
     let tag = match source {
-        Some(plaintext) => crate::suite::seal_out_of_place(
+        Some(plaintext) => crate::format::suite::seal_out_of_place(
             backend,
             suite,
             &keys.key,
-            &[0; crate::suite::NONCE_LEN],
+            &[0; crate::format::suite::NONCE_LEN],
             &aad,
             plaintext,
             payload,
         ),
         None => seal_single_use(backend, suite, &keys.key, &aad, payload),
     }
-    .map_err(|_| Error::Encrypt)?;
+    .map_err(|_| CryptoError::Encrypt)?;
     tag_out.copy_from_slice(&tag);
     Ok(())
 }
@@ -344,22 +351,21 @@ fn seal_laid_out(
 /// ```
 ///
 /// # Errors
-/// [`Error::Format`] when `buf` is shorter than [`RECORD_OVERHEAD`], else
+/// [`CryptoError::Format`] when `buf` is shorter than [`RECORD_OVERHEAD`], else
 /// as [`encrypt`]. On error `buf`'s contents are unspecified.
 pub fn encrypt_in_place(
     master: &MasterKey,
     suite: Suite,
     context: &EncryptionContext,
     buf: &mut [u8],
-) -> Result<(), Error> {
-    let plaintext_len =
-        buf.len()
-            .checked_sub(RECORD_OVERHEAD)
-            .ok_or(crate::error::FormatError::TooShort {
-                what: "record buffer",
-                needed: RECORD_OVERHEAD,
-                got: buf.len(),
-            })?;
+) -> Result<(), CryptoError> {
+    let plaintext_len = buf.len().checked_sub(RECORD_OVERHEAD).ok_or(
+        crate::format::error::FormatError::TooShort {
+            what: "record buffer",
+            needed: RECORD_OVERHEAD,
+            got: buf.len(),
+        },
+    )?;
     let (context, fresh) = prepare(plaintext_len, context)?;
     seal_laid_out(
         Backend::default(),
@@ -377,14 +383,14 @@ pub fn encrypt_in_place(
 /// ([`format::inspect`](crate::format::inspect) reads it).
 ///
 /// # Errors
-/// [`Error::Format`] for malformed input, [`Error::VersionMismatch`] when
-/// `master` is another version, [`Error::Decrypt`] when the key, the context
+/// [`CryptoError::Format`] for malformed input, [`CryptoError::VersionMismatch`] when
+/// `master` is another version, [`CryptoError::Decrypt`] when the key, the context
 /// or any byte of the record is wrong.
 pub fn decrypt(
     master: &MasterKey,
     context: &EncryptionContext,
     record: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     decrypt_with(Backend::default(), master, context, record)
 }
 
@@ -397,7 +403,7 @@ pub fn decrypt_with(
     master: &MasterKey,
     context: &EncryptionContext,
     record: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     let view = RecordView::parse(record)?;
     let context = context.encode()?;
     let data_key = open_committed(&view.header(), master, &context)?;
@@ -409,7 +415,7 @@ fn open_payload(
     view: &RecordView<'_>,
     data_key: &[u8; KEY_LEN],
     context: &[u8],
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     // The commitment was checked when the wrap was opened: derive the key only.
     let key = kdf::derive(data_key, &[LABEL_PAYLOAD, &[view.suite.id()]]);
     let aad = with_context(view.immutable_header(), context);
@@ -426,7 +432,7 @@ fn open_payload(
     if opened.is_err() {
         // Don't hand back unauthenticated bytes, even by accident.
         zeroize::Zeroize::zeroize(&mut plaintext);
-        return Err(Error::Decrypt);
+        return Err(CryptoError::Decrypt);
     }
     Ok(plaintext)
 }
@@ -443,7 +449,7 @@ pub fn decrypt_in_place<'a>(
     master: &MasterKey,
     context: &EncryptionContext,
     record: &'a mut [u8],
-) -> Result<&'a mut [u8], Error> {
+) -> Result<&'a mut [u8], CryptoError> {
     let context = context.encode()?;
     let (key, suite, aad, tag) = {
         let view = RecordView::parse(record)?;
@@ -456,12 +462,14 @@ pub fn decrypt_in_place<'a>(
         )
     };
     let end = record.len().saturating_sub(TAG_LEN);
-    let payload = record.get_mut(HEADER_LEN..end).ok_or(Error::Decrypt)?;
+    let payload = record
+        .get_mut(HEADER_LEN..end)
+        .ok_or(CryptoError::Decrypt)?;
     match open_single_use_in_place(Backend::default(), suite, &key, &aad, payload, &tag) {
         Ok(()) => Ok(payload),
         Err(_) => {
             zeroize::Zeroize::zeroize(payload);
-            Err(Error::Decrypt)
+            Err(CryptoError::Decrypt)
         }
     }
 }
@@ -485,7 +493,7 @@ pub fn decrypt_in_place<'a>(
 /// ```
 ///
 /// # Errors
-/// [`Error::Format`], [`Error::VersionMismatch`], or [`Error::Decrypt`] when
+/// [`CryptoError::Format`], [`CryptoError::VersionMismatch`], or [`CryptoError::Decrypt`] when
 /// `from` or the context is wrong or the header's rewrap part was modified;
 /// the input is never modified. A header whose commitment does not match its
 /// data key is rewrapped as it is and still fails to decrypt afterwards
@@ -495,7 +503,7 @@ pub fn rewrap(
     from: &MasterKey,
     to: &MasterKey,
     context: &EncryptionContext,
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     let mut out = record.to_vec();
     rewrap_in_place(&mut out, from, to, context)?;
     Ok(out)
@@ -510,10 +518,10 @@ pub fn rewrap_in_place(
     from: &MasterKey,
     to: &MasterKey,
     context: &EncryptionContext,
-) -> Result<(), Error> {
+) -> Result<(), CryptoError> {
     let context = context.encode()?;
     let len = RecordView::parse(record)?.header().bytes.len();
-    let header = record.get_mut(..len).ok_or(Error::Decrypt)?;
+    let header = record.get_mut(..len).ok_or(CryptoError::Decrypt)?;
     rewrite_wrap(header, from, to, &context)
 }
 
@@ -534,13 +542,13 @@ fn rewrite_wrap(
     from: &MasterKey,
     to: &MasterKey,
     context: &[u8],
-) -> Result<(), Error> {
+) -> Result<(), CryptoError> {
     let view = HeaderView::parse_prefix(header)?;
     let nonce = *view.wrap_nonce;
     let data_key = open_wrap(&view, from, context)?;
     // Build the new header aside, so a failure leaves the input untouched.
     let mut aside = [0u8; STREAM_HEADER_LEN];
-    let new = aside.get_mut(..header.len()).ok_or(Error::Decrypt)?;
+    let new = aside.get_mut(..header.len()).ok_or(CryptoError::Decrypt)?;
     new.copy_from_slice(header);
     write_wrap(new, to, &data_key, &nonce, context)?;
     header.copy_from_slice(new);
@@ -576,18 +584,18 @@ fn rewrite_wrap(
 /// ```
 ///
 /// # Errors
-/// [`Error::Format`] when `buf` does not start with a whole header,
-/// [`Error::VersionMismatch`], or [`Error::Decrypt`] when `from`, the
+/// [`CryptoError::Format`] when `buf` does not start with a whole header,
+/// [`CryptoError::VersionMismatch`], or [`CryptoError::Decrypt`] when `from`, the
 /// context or the header is wrong. On error `buf` is unchanged.
 pub fn rewrap_header_in_place(
     buf: &mut [u8],
     from: &MasterKey,
     to: &MasterKey,
     context: &EncryptionContext,
-) -> Result<HeaderInfo, Error> {
+) -> Result<HeaderInfo, CryptoError> {
     let context = context.encode()?;
     let len = HeaderView::parse_prefix(buf)?.bytes.len();
-    let header = buf.get_mut(..len).ok_or(Error::Decrypt)?;
+    let header = buf.get_mut(..len).ok_or(CryptoError::Decrypt)?;
     rewrite_wrap(header, from, to, &context)?;
     Ok(crate::format::inspect_header(buf)?)
 }
@@ -612,7 +620,7 @@ pub fn check_header(
     buf: &[u8],
     master: &MasterKey,
     context: &EncryptionContext,
-) -> Result<HeaderInfo, Error> {
+) -> Result<HeaderInfo, CryptoError> {
     let context = context.encode()?;
     let view = HeaderView::parse_prefix(buf)?;
     open_committed(&view, master, &context)?;
@@ -630,7 +638,7 @@ pub fn reencrypt(
     from: &MasterKey,
     to: &MasterKey,
     context: &EncryptionContext,
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, CryptoError> {
     let view = RecordView::parse(record)?;
     let plaintext = Zeroizing::new(decrypt(from, context, record)?);
     encrypt(to, view.suite, context, &plaintext)
@@ -651,7 +659,7 @@ pub mod fuzz_hooks {
     pub fn decrypt(data: &[u8]) {
         let master = MasterKey::new(
             u32::from(data.first().copied().unwrap_or(0)),
-            crate::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
+            crate::format::secret::SecretKey::from_bytes(&mut [0x42; KEY_LEN]),
         );
         let ctx = EncryptionContext::new().with("fuzz", data.get(1..3).unwrap_or_default());
         let _ = super::decrypt(&master, &ctx, data.get(3..).unwrap_or_default());
@@ -661,7 +669,7 @@ pub mod fuzz_hooks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::SecretKey;
+    use crate::format::secret::SecretKey;
 
     /// A record whose wrap opens to a data key other than the one its
     /// commitment names, with a payload that opens under that other key:
@@ -693,7 +701,7 @@ mod tests {
             for &backend in Backend::all() {
                 assert!(matches!(
                     decrypt_with(backend, &master, &ctx, &record),
-                    Err(Error::Decrypt)
+                    Err(CryptoError::Decrypt)
                 ));
             }
             assert!(check_header(&record, &master, &ctx).is_err());
@@ -701,7 +709,10 @@ mod tests {
             // record into one that decrypts, and the check still refuses it.
             let other = MasterKey::new(2, SecretKey::generate().unwrap());
             let moved = rewrap(&record, &master, &other, &ctx).unwrap();
-            assert!(matches!(decrypt(&other, &ctx, &moved), Err(Error::Decrypt)));
+            assert!(matches!(
+                decrypt(&other, &ctx, &moved),
+                Err(CryptoError::Decrypt)
+            ));
             assert!(check_header(&moved, &other, &ctx).is_err());
         }
     }

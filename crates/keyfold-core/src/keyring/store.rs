@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::keyring::{InvariantViolation, StoredKeyring};
+use super::state::{InvariantViolation, StoredKeyring};
 
 /// A keyring's revision in its store: 1 after creation, +1 per save.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

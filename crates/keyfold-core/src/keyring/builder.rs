@@ -1,0 +1,191 @@
+//! Building a [`Keyring`]: the options, [`KeyringBuilder`] and the first
+//! load from the store.
+
+use super::*;
+
+/// Options of a [`Keyring`]; see [`KeyringBuilder`].
+#[derive(Debug, Clone)]
+pub(super) struct Options {
+    pub(super) cache_ttl: Duration,
+    pub(super) max_staleness: Duration,
+    pub(super) retry: RetryPolicy,
+    pub(super) suite: Suite,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) audit: Arc<dyn AuditSink>,
+    pub(super) leases: Option<Arc<dyn LeaseIssuer>>,
+}
+
+/// Builds a [`Keyring`]: [`create`](Self::create) a new one or
+/// [`open`](Self::open) a stored one.
+#[derive(Debug)]
+#[must_use]
+pub struct KeyringBuilder {
+    pub(super) id: String,
+    pub(super) wrapper: Arc<dyn KeyWrapper>,
+    pub(super) store: Arc<dyn KeyringStore>,
+    pub(super) options: Options,
+}
+
+impl KeyringBuilder {
+    /// How long an unwrapped master key stays cached (default 5 minutes).
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.options.cache_ttl = ttl;
+        self
+    }
+
+    /// How old this instance's view of the stored keyring may be when it
+    /// encrypts (default [`DEFAULT_MAX_STALENESS`], 30 s, read from the
+    /// keyring's [`Clock`]): [`Keyring::encrypt`] and [`Keyring::active_key`]
+    /// reload the store first when the view is older, so an instance that
+    /// missed another's rotation or disable stops encrypting under the old
+    /// version within this bound. [`Keyring::destroy`] accordingly refuses
+    /// evidence gathered less than this long after the version's retirement.
+    /// Use the same value on every instance of a keyring.
+    pub fn max_staleness(mut self, max: Duration) -> Self {
+        self.options.max_staleness = max;
+        self
+    }
+
+    /// How KMS calls are retried (default [`RetryPolicy::default`]).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = policy;
+        self
+    }
+
+    /// The suite new records are encrypted with (default [`Suite::default`]).
+    pub fn suite(mut self, suite: Suite) -> Self {
+        self.options.suite = suite;
+        self
+    }
+
+    /// The clock for metadata timestamps and the rotation policy.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.options.clock = clock;
+        self
+    }
+
+    /// Where audit events go (default: nowhere).
+    pub fn audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.options.audit = sink;
+        self
+    }
+
+    /// The hook that issues a rewrap lease on each rotation.
+    pub fn lease_issuer(mut self, issuer: Arc<dyn LeaseIssuer>) -> Self {
+        self.options.leases = Some(issuer);
+        self
+    }
+
+    /// Creates an empty keyring in the store. [`Keyring::rotate`] then
+    /// creates and activates version 1.
+    ///
+    /// # Errors
+    /// [`Error::KeyringExists`] when the store already holds the id;
+    /// [`Error::Store`] on store failure.
+    pub async fn create(self) -> Result<Keyring, Error> {
+        let as_of = self.options.clock.now();
+        let stored = StoredKeyring::new(self.id.clone(), as_of);
+        stored
+            .validate()
+            .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+        let revision = match self.store.save(&self.id, None, &stored).await {
+            Ok(r) => r,
+            Err(StoreError::Conflict { .. }) => return Err(Error::KeyringExists(self.id)),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(self.build(revision, stored, as_of))
+    }
+
+    /// Opens the stored keyring.
+    ///
+    /// # Errors
+    /// [`Error::KeyringNotFound`], or [`Error::Store`] when the stored form
+    /// is invalid or unreadable.
+    pub async fn open(self) -> Result<Keyring, Error> {
+        self.load_existing()
+            .await?
+            .map_err(|builder| Error::KeyringNotFound(builder.id))
+    }
+
+    /// Opens the stored keyring, or creates it when there is none.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open) and [`create`](Self::create).
+    pub async fn open_or_create(self) -> Result<Keyring, Error> {
+        match self.load_existing().await? {
+            Ok(ring) => Ok(ring),
+            Err(builder) => builder.create().await,
+        }
+    }
+
+    /// The stored keyring, or the builder back when the store has none.
+    async fn load_existing(self) -> Result<Result<Keyring, Self>, Error> {
+        let as_of = self.options.clock.now();
+        Ok(match load_checked(self.store.as_ref(), &self.id).await? {
+            Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
+            None => Err(self),
+        })
+    }
+
+    /// `as_of`: when the store operation that produced `stored` started.
+    fn build(self, revision: Revision, stored: StoredKeyring, as_of: Timestamp) -> Keyring {
+        Keyring {
+            cache: KeyCache::new(self.options.cache_ttl),
+            id: self.id,
+            wrapper: RwLock::new(self.wrapper),
+            store: self.store,
+            current: RwLock::new((revision, Arc::new(stored))),
+            write: tokio::sync::Mutex::new(()),
+            sealed: Mutex::new(None),
+            last_auto_refresh: Mutex::new(None),
+            loaded_at: Mutex::new(as_of),
+            options: self.options,
+        }
+    }
+}
+
+/// Loads keyring `id` from the host's store and refuses what the keyring
+/// must not run on: a keyring breaking an invariant, or another keyring
+/// (a store handing back tenant B's keyring for tenant A).
+pub(super) async fn load_checked(
+    store: &dyn KeyringStore,
+    id: &str,
+) -> Result<Option<(Revision, StoredKeyring)>, Error> {
+    let Some((revision, stored)) = store.load(id).await? else {
+        return Ok(None);
+    };
+    if stored.keyring_id != id {
+        return Err(Error::Store(StoreError::Corrupt {
+            keyring_id: id.to_owned(),
+            reason: format!("the store returned keyring {:?}", stored.keyring_id),
+        }));
+    }
+    stored
+        .validate()
+        .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
+    Ok(Some((revision, stored)))
+}
+
+impl Keyring {
+    /// Starts building keyring `id`, wrapped by `wrapper`, kept in `store`.
+    pub fn builder(
+        id: impl Into<String>,
+        wrapper: Arc<dyn KeyWrapper>,
+        store: Arc<dyn KeyringStore>,
+    ) -> KeyringBuilder {
+        KeyringBuilder {
+            id: id.into(),
+            wrapper,
+            store,
+            options: Options {
+                cache_ttl: DEFAULT_CACHE_TTL,
+                max_staleness: DEFAULT_MAX_STALENESS,
+                retry: RetryPolicy::default(),
+                suite: Suite::default(),
+                clock: Arc::new(SystemClock),
+                audit: Arc::new(NoAudit),
+                leases: None,
+            },
+        }
+    }
+}
