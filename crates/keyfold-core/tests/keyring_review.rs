@@ -483,6 +483,25 @@ async fn a_slow_unwrap_does_not_let_a_rewrap_land_on_a_retired_version() {
     );
 }
 
+/// A store that forwards to another but pushes no change notifications.
+#[derive(Debug)]
+struct Unwatched(Arc<MemoryStore>);
+
+#[async_trait]
+impl KeyringStore for Unwatched {
+    async fn load(&self, id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        self.0.load(id).await
+    }
+    async fn save(
+        &self,
+        id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        self.0.save(id, expected, keyring).await
+    }
+}
+
 #[tokio::test]
 async fn max_staleness_is_a_builder_option() {
     let store = Arc::new(MemoryStore::new());
@@ -490,7 +509,9 @@ async fn max_staleness_is_a_builder_option() {
     let clock = start();
     let a = clocked(&store, &kek, &clock).await;
     a.rotate(&admin()).await.unwrap();
-    let b = Keyring::builder("tenant-a", kek.clone(), store.clone())
+    // B hears of no change but through its max staleness: a store that
+    // cannot push changes.
+    let b = Keyring::builder("tenant-a", kek.clone(), Arc::new(Unwatched(store.clone())))
         .clock(Arc::new(clock.clone()))
         .max_staleness(std::time::Duration::from_secs(5))
         .open()

@@ -83,8 +83,8 @@ impl KeyringBuilder {
     /// [`Error::KeyringExists`] when the store already holds the id;
     /// [`Error::Store`] on store failure.
     pub async fn create(self) -> Result<Keyring, Error> {
-        let as_of = self.options.clock.now();
-        let stored = StoredKeyring::new(self.id.clone(), as_of);
+        let as_of = self.options.clock.monotonic();
+        let stored = StoredKeyring::new(self.id.clone(), self.options.clock.now());
         stored
             .validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
@@ -120,15 +120,17 @@ impl KeyringBuilder {
 
     /// The stored keyring, or the builder back when the store has none.
     async fn load_existing(self) -> Result<Result<Keyring, Self>, Error> {
-        let as_of = self.options.clock.now();
+        let as_of = self.options.clock.monotonic();
         Ok(match load_checked(self.store.as_ref(), &self.id).await? {
             Some((revision, stored)) => Ok(self.build(revision, stored, as_of)),
             None => Err(self),
         })
     }
 
-    /// `as_of`: when the store operation that produced `stored` started.
-    fn build(self, revision: Revision, stored: StoredKeyring, as_of: Timestamp) -> Keyring {
+    /// `as_of`: when the store operation that produced `stored` started, on
+    /// the clock's monotonic reading.
+    fn build(self, revision: Revision, stored: StoredKeyring, as_of: Duration) -> Keyring {
+        let changes = self.store.watch();
         Keyring {
             cache: KeyCache::new(self.options.cache_ttl),
             id: self.id,
@@ -139,6 +141,8 @@ impl KeyringBuilder {
             sealed: Mutex::new(None),
             last_auto_refresh: Mutex::new(None),
             loaded_at: Mutex::new(as_of),
+            changes: Mutex::new(changes),
+            dirty: std::sync::atomic::AtomicBool::new(false),
             options: self.options,
         }
     }

@@ -53,6 +53,14 @@ impl Keyring {
     /// [`Error::UnknownVersion`], [`Error::KeyState`] (disabled),
     /// [`Error::KeyDestroyed`], [`Error::Sealed`], [`Error::Wrap`].
     pub async fn master_key(&self, version: u32) -> Result<Arc<MasterKey>, Error> {
+        // A cold load judges the version on a view no older than the max
+        // staleness (or newer than the last change notification); a cached
+        // key is used on the view it was loaded under, for at most its TTL.
+        // So no instance decrypts with a version disabled or destroyed
+        // elsewhere after max staleness + cache TTL (docs/THREAT_MODEL.md).
+        if self.dirty() || self.view_expired() && !self.cache.is_fresh(version) {
+            self.refresh_if_stale().await?;
+        }
         let (v, wrapper) = self.known_version(version).await?;
         match v.state {
             s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
@@ -73,7 +81,7 @@ impl Keyring {
         loop {
             round += 1;
             self.refresh_if_stale().await?;
-            let picked_at = self.options.clock.now();
+            let picked_at = self.options.clock.monotonic();
             let version = self.active_version().ok_or(Error::NoActiveVersion)?;
             let key = self.master_key(version).await?;
             // A cold unwrap can take long (KMS retries): if time passed and
@@ -81,8 +89,12 @@ impl Keyring {
             // instance may have rotated. Use the key only if a fresh view
             // still shows it active. (A cached key takes no time, so this
             // costs no extra store read, even with a zero max staleness.)
-            if round < ROUNDS && self.options.clock.now() > picked_at && self.is_stale() {
-                self.refresh_if_stale().await?;
+            // The view may also have moved during the unwrap (a change
+            // notification reloads it): judge the version on the newest.
+            if round < ROUNDS {
+                if self.options.clock.monotonic() > picked_at && self.is_stale() {
+                    self.refresh_if_stale().await?;
+                }
                 if self.active_version() != Some(version) {
                     continue;
                 }
@@ -128,11 +140,41 @@ impl Keyring {
     }
 
     pub(super) fn is_stale(&self) -> bool {
+        self.dirty() || self.view_expired()
+    }
+
+    /// The view is older than the max staleness, on the monotonic clock.
+    fn view_expired(&self) -> bool {
         let loaded = *self
             .loaded_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.options.clock.now().since(loaded) >= self.options.max_staleness
+        self.options.clock.monotonic().saturating_sub(loaded) >= self.options.max_staleness
+    }
+
+    /// Drains the store's change notifications; true when one since the
+    /// last reload concerned this keyring (or may have: a resync, a lag).
+    pub(super) fn dirty(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        use tokio::sync::broadcast::error::TryRecvError;
+        let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = changes.as_mut() {
+            loop {
+                match rx.try_recv() {
+                    Ok(StoreEvent::Changed { keyring_id }) if keyring_id != self.id => {}
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                        self.dirty.store(true, Ordering::SeqCst);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // The store stopped notifying: max staleness alone.
+                    Err(TryRecvError::Closed) => {
+                        *changes = None;
+                        break;
+                    }
+                }
+            }
+        }
+        self.dirty.load(Ordering::SeqCst)
     }
 
     pub(super) fn may_auto_refresh(&self) -> bool {
@@ -259,14 +301,15 @@ impl Keyring {
         if info.key_version >= target {
             return Ok(None);
         }
-        let picked_at = self.options.clock.now();
+        let picked_at = self.options.clock.monotonic();
         let from = self.master_key(info.key_version).await?;
         let to = self.master_key(target).await?;
         // As in `active_key`: cold unwraps can outlast the max staleness.
-        if self.options.clock.now() > picked_at && self.is_stale() {
+        if self.options.clock.monotonic() > picked_at && self.is_stale() {
             self.refresh_if_stale().await?;
-            self.require_active(target)?;
         }
+        // In memory: loading the keys may have reloaded the view.
+        self.require_active(target)?;
         Ok(Some(record::rewrap(record, &from, &to, context)?))
     }
 

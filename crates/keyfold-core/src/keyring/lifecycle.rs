@@ -37,14 +37,14 @@ impl Keyring {
     /// when that changed; readers of [`view`](Self::view) see both or neither.
     ///
     /// `as_of` is when the store read or write that produced `stored`
-    /// *started*: a change another instance made while it ran may be
+    /// *started* (monotonic): a change another instance made while it ran may be
     /// missing, so the view is only as fresh as that start.
     pub(super) fn install(
         &self,
         revision: Revision,
         stored: StoredKeyring,
         wrapper: Option<Arc<dyn KeyWrapper>>,
-        as_of: Timestamp,
+        as_of: Duration,
     ) {
         let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
         // An older revision than ours means ours is the newer state, seen
@@ -72,7 +72,7 @@ impl Keyring {
     ) -> Result<Revision, Error> {
         next.validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
-        let as_of = self.options.clock.now();
+        let as_of = self.options.clock.monotonic();
         match self.store.save(&self.id, Some(expected), &next).await {
             Ok(revision) => {
                 self.install(revision, next, new_wrapper, as_of);
@@ -92,7 +92,10 @@ impl Keyring {
     }
 
     pub(super) async fn reload(&self) -> Result<Revision, Error> {
-        let as_of = self.options.clock.now();
+        let as_of = self.options.clock.monotonic();
+        // Cleared before the read: a notification arriving while it runs
+        // may describe a change the read missed, and marks it again.
+        self.dirty.store(false, std::sync::atomic::Ordering::SeqCst);
         let (revision, stored) = load_checked(self.store.as_ref(), &self.id)
             .await?
             .ok_or_else(|| Error::KeyringNotFound(self.id.clone()))?;

@@ -56,7 +56,7 @@ use crate::format::secret::{MasterKey, SecretKey};
 use crate::format::suite::Suite;
 use crate::keyring::audit::{Actor, AuditEvent, AuditKind, AuditSink, NoAudit};
 use crate::keyring::policy::RotationPolicy;
-use crate::keyring::store::{KeyringStore, Revision, StoreError};
+use crate::keyring::store::{KeyringStore, Revision, StoreError, StoreEvent};
 use crate::keyring::time::{Clock, SystemClock, Timestamp};
 use crate::wrap::error::WrapErrorKind;
 use crate::wrap::retry::{RetryPolicy, retry};
@@ -111,9 +111,17 @@ pub struct Keyring {
     cache: KeyCache,
     sealed: Mutex<Option<SealInfo>>,
     last_auto_refresh: Mutex<Option<tokio::time::Instant>>,
-    /// When `current` was last read from (or written to) the store, by the
-    /// keyring's clock.
-    loaded_at: Mutex<Timestamp>,
+    /// When the store read (or write) that produced `current` started, on
+    /// the clock's monotonic reading ([`Clock::monotonic`]): a stepped wall
+    /// clock never freezes the view's age.
+    loaded_at: Mutex<Duration>,
+    /// The store's change notifications ([`KeyringStore::watch`]); `None`
+    /// when the store pushes none or the channel closed: the max-staleness
+    /// bound alone then applies.
+    changes: Mutex<Option<tokio::sync::broadcast::Receiver<StoreEvent>>>,
+    /// A notification said the stored keyring changed since the view was
+    /// read: the next use reloads, whatever the view's age.
+    dirty: std::sync::atomic::AtomicBool,
     options: Options,
 }
 

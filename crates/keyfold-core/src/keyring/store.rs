@@ -221,9 +221,25 @@ fn next_revision(
 }
 
 /// Keeps keyrings in process memory (serialized, as a real store would).
-#[derive(Debug, Default)]
+/// Every keyring built over one `MemoryStore` hears of every save at once
+/// ([`KeyringStore::watch`]).
+#[derive(Debug)]
 pub struct MemoryStore {
     map: Mutex<HashMap<String, Vec<u8>>>,
+    events: tokio::sync::broadcast::Sender<StoreEvent>,
+}
+
+/// How many change notifications a watcher may fall behind before it gets
+/// `Lagged` (and then reloads everything).
+const EVENT_BUFFER: usize = 1024;
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            map: Mutex::default(),
+            events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -275,7 +291,16 @@ impl KeyringStore for MemoryStore {
             });
         }
         map.insert(keyring_id.to_owned(), to_bytes(revision, keyring)?);
+        drop(map);
+        // No watcher is not an error.
+        let _ = self.events.send(StoreEvent::Changed {
+            keyring_id: keyring_id.to_owned(),
+        });
         Ok(revision)
+    }
+
+    fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        Some(self.events.subscribe())
     }
 }
 
@@ -292,10 +317,53 @@ impl KeyringStore for MemoryStore {
 ///
 /// Uses blocking file I/O on the calling task (files are small); a save
 /// waits while another writer holds the lock.
+///
+/// [`watch`](KeyringStore::watch) notifies this process's saves at once and
+/// other processes' saves within [`FILE_POLL_INTERVAL`] (a thread polls the
+/// directory while anyone watches).
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
     local: Mutex<()>,
+    events: Mutex<Option<tokio::sync::broadcast::Sender<StoreEvent>>>,
+}
+
+/// How often a watched [`FileStore`] looks for other processes' saves.
+pub const FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Polls `dir` for keyring files whose size or modification time changed
+/// and announces them; returns once nobody watches.
+fn poll_dir(dir: &Path, tx: &tokio::sync::broadcast::Sender<StoreEvent>) {
+    type Seen = HashMap<String, (u64, Option<std::time::SystemTime>)>;
+    let scan = || -> Seen {
+        let mut seen = Seen::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return seen;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if let Ok(meta) = entry.metadata() {
+                seen.insert(id.to_owned(), (meta.len(), meta.modified().ok()));
+            }
+        }
+        seen
+    };
+    let mut before = scan();
+    while tx.receiver_count() > 0 {
+        std::thread::sleep(FILE_POLL_INTERVAL);
+        let now = scan();
+        for (id, stamp) in &now {
+            if before.get(id) != Some(stamp) {
+                let _ = tx.send(StoreEvent::Changed {
+                    keyring_id: id.clone(),
+                });
+            }
+        }
+        before = now;
+    }
 }
 
 impl FileStore {
@@ -303,6 +371,19 @@ impl FileStore {
     /// now an OS file lock, released by the OS when its holder dies.
     #[deprecated(note = "FileStore uses OS file locks; there is no stale lock to take over")]
     pub const STALE_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Tells this process's watchers that `keyring_id` was saved.
+    fn notify(&self, keyring_id: &str) {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = events.as_ref() {
+            let _ = tx.send(StoreEvent::Changed {
+                keyring_id: keyring_id.to_owned(),
+            });
+        }
+    }
 
     /// A store in `dir` (created if missing, owner-only on Unix: the
     /// files hold wrapped keys and key check values).
@@ -329,6 +410,7 @@ impl FileStore {
         Ok(FileStore {
             dir,
             local: Mutex::new(()),
+            events: Mutex::new(None),
         })
     }
 
@@ -469,6 +551,30 @@ impl KeyringStore for FileStore {
                 .and_then(|()| marker.sync_all())
                 .map_err(|source| io_err(&self.lock_path_of(keyring_id), source))?;
         }
+        self.notify(keyring_id);
         Ok(revision)
+    }
+
+    fn watch(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        let mut events = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = events.as_ref().filter(|tx| tx.receiver_count() > 0) {
+            return Some(tx.subscribe());
+        }
+        // No poller running (never started, or it stopped when its last
+        // watcher left): start one.
+        let (tx, rx) = tokio::sync::broadcast::channel(EVENT_BUFFER);
+        let poller = tx.clone();
+        let dir = self.dir.clone();
+        let started = std::thread::Builder::new()
+            .name("keyfold-filestore-watch".into())
+            .spawn(move || poll_dir(&dir, &poller));
+        // Without a poller this process's own saves still notify; other
+        // processes' fall back to the max-staleness bound.
+        drop(started);
+        *events = Some(tx);
+        Some(rx)
     }
 }
