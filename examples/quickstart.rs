@@ -122,6 +122,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         // This demo is the only instance: no other instance's stale view to
         // wait out before destroying (production keeps the 30 s default).
         .max_staleness(std::time::Duration::ZERO)
+        // Nor does it wait out the 24 h grace period in `Disabled` or a
+        // write window (production keeps both; see docs/LIFECYCLE.md).
+        .destroy_grace(std::time::Duration::ZERO)
+        .write_window(std::time::Duration::ZERO)
         .create()
         .await?;
     let alice = Actor::new("alice@acme.example");

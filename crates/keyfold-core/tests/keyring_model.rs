@@ -197,6 +197,8 @@ impl World {
             .audit(self.sink.clone())
             .clock(Arc::new(self.clock.clone()))
             .retry_policy(RetryPolicy::none())
+            .destroy_grace(std::time::Duration::ZERO)
+            .write_window(std::time::Duration::ZERO)
             .open()
             .await
             .unwrap()
@@ -212,6 +214,8 @@ async fn run(ops: Vec<Op>) {
         .audit(sink.clone())
         .clock(Arc::new(clock.clone()))
         .retry_policy(RetryPolicy::none())
+        .destroy_grace(std::time::Duration::ZERO)
+        .write_window(std::time::Duration::ZERO)
         .create()
         .await
         .unwrap();
@@ -350,7 +354,10 @@ async fn run(ops: Vec<Op>) {
                 m.sealed = false;
             }
             Op::Outage(on) => {
-                w.kek.fail_with(on.then_some(WrapErrorKind::Unavailable));
+                // A lasting failure (access revoked): transient ones
+                // (unavailable, throttled) unseal by themselves, which
+                // tests/fleet.rs and tests/sealing.rs cover.
+                w.kek.fail_with(on.then_some(WrapErrorKind::AccessDenied));
                 m.outage = on;
             }
             Op::Unseal => {

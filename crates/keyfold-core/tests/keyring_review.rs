@@ -544,16 +544,26 @@ async fn evidence_gathered_within_max_staleness_of_the_retirement_is_refused() {
             checked_at: Timestamp(retired.0 + secs),
         })
     };
-    clock.advance(std::time::Duration::from_secs(3600));
-    // Max staleness 30 s, plus one second for whole-second timestamps.
-    match ring.destroy(1, evidence(30), &admin()).await {
-        Err(Error::DestroyRefused { version: 1, reason }) => {
-            assert!(reason.contains("too soon"), "{reason}");
+    // Past the default 24 h grace period.
+    clock.advance(std::time::Duration::from_secs(25 * 3600));
+    // Max staleness 30 s + write window 60 s, plus one second for
+    // whole-second timestamps.
+    match ring.destroy(1, evidence(90), &admin()).await {
+        Err(Error::DestroyRefused {
+            version: 1,
+            reason,
+            allowed_at,
+        }) => {
+            assert!(reason.to_string().contains("too soon"), "{reason}");
+            assert_eq!(
+                allowed_at,
+                Some(Timestamp(retired.0 + 91)).max(ring.destroy_allowed_at(1))
+            );
         }
-        other => panic!("evidence 30 s after retirement must be refused: {other:?}"),
+        other => panic!("evidence 90 s after retirement must be refused: {other:?}"),
     }
     assert_eq!(ring.version_state(1), Some(KeyState::Disabled));
-    ring.destroy(1, evidence(31), &admin()).await.unwrap();
+    ring.destroy(1, evidence(91), &admin()).await.unwrap();
     assert_eq!(ring.version_state(1), Some(KeyState::Destroyed));
 }
 

@@ -154,6 +154,31 @@ pub enum AuditKind {
         /// Its pinned target version.
         target_version: u32,
     },
+    /// An operator sealed the keyring (`kms.sealed.manual`).
+    SealedManually {
+        /// The operator's reason.
+        reason: String,
+    },
+    /// A destroy was scheduled (`kms.destroy.scheduled`).
+    DestroyScheduled {
+        /// The version.
+        version: u32,
+        /// When it will be destroyed (once evidence is in hand).
+        at: Timestamp,
+    },
+    /// Every version below `min_decryption_version` was disabled
+    /// (`kms.min_decryption_version.set`).
+    MinDecryptionVersionSet {
+        /// The new minimum.
+        min_decryption_version: u32,
+        /// The versions this call disabled.
+        disabled: Vec<u32>,
+    },
+    /// The stored rotation policy changed (`kms.rotation_policy.set`).
+    RotationPolicySet {
+        /// The new policy (`None`: removed).
+        policy: Option<super::policy::RotationPolicy>,
+    },
     /// `kms.rewrap.completed` (emitted by the rewrap job).
     RewrapCompleted {
         /// The job.
@@ -188,6 +213,10 @@ impl AuditKind {
             AuditKind::ConfigUpdated { .. } => "kms.config.updated",
             AuditKind::RewrapStarted { .. } => "kms.rewrap.started",
             AuditKind::RewrapCompleted { .. } => "kms.rewrap.completed",
+            AuditKind::SealedManually { .. } => "kms.sealed.manual",
+            AuditKind::DestroyScheduled { .. } => "kms.destroy.scheduled",
+            AuditKind::MinDecryptionVersionSet { .. } => "kms.min_decryption_version.set",
+            AuditKind::RotationPolicySet { .. } => "kms.rotation_policy.set",
         }
     }
 

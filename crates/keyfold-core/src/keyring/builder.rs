@@ -13,6 +13,8 @@ pub(super) struct Options {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) audit: Arc<dyn AuditSink>,
     pub(super) leases: Option<Arc<dyn LeaseIssuer>>,
+    pub(super) destroy_grace: Duration,
+    pub(super) write_window: Duration,
 }
 
 /// Builds a [`Keyring`]: [`create`](Self::create) a new one or
@@ -27,6 +29,26 @@ pub struct KeyringBuilder {
 }
 
 impl KeyringBuilder {
+    /// The minimum time a version stays `Disabled` before it may be
+    /// destroyed (default [`DEFAULT_DESTROY_GRACE`], 24 hours, as cloud KMSs
+    /// keep a pending-deletion window): enabling it within that time cancels.
+    /// Tests may set zero. A forced destroy ignores it.
+    pub fn destroy_grace(mut self, grace: Duration) -> Self {
+        self.options.destroy_grace = grace;
+        self
+    }
+
+    /// The host's declared write window (default [`DEFAULT_WRITE_WINDOW`],
+    /// 60 s): the longest time between sealing a ciphertext
+    /// ([`Keyring::encrypt_for_write`]) and persisting it. A ciphertext
+    /// older than that under a version no longer active is refused by
+    /// [`Keyring::ready_to_write`], and destroy waits this long (on top of
+    /// the max staleness) after a retirement before evidence counts.
+    pub fn write_window(mut self, window: Duration) -> Self {
+        self.options.write_window = window;
+        self
+    }
+
     /// How long an unwrapped master key stays cached (default 5 minutes).
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
         self.options.cache_ttl = ttl;
@@ -142,6 +164,9 @@ impl KeyringBuilder {
             last_auto_refresh: Mutex::new(None),
             loaded_at: Mutex::new(as_of),
             changes: Mutex::new(changes),
+            operator_seal: Mutex::new(None),
+            operator_sealed: std::sync::atomic::AtomicBool::new(false),
+            unseal_probe: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
             options: self.options,
         }
@@ -189,6 +214,8 @@ impl Keyring {
                 clock: Arc::new(SystemClock),
                 audit: Arc::new(NoAudit),
                 leases: None,
+                destroy_grace: DEFAULT_DESTROY_GRACE,
+                write_window: DEFAULT_WRITE_WINDOW,
             },
         }
     }

@@ -41,6 +41,23 @@ pub(super) fn check_key(
     }
 }
 
+/// A ciphertext sealed by [`Keyring::encrypt_for_write`], waiting to be
+/// persisted: pass it to [`Keyring::ready_to_write`] just before the write.
+#[derive(Debug)]
+#[must_use = "check it with Keyring::ready_to_write before persisting"]
+pub struct PendingWrite {
+    bytes: Vec<u8>,
+    version: u32,
+    sealed_at: Duration,
+}
+
+impl PendingWrite {
+    /// The master key version it is under.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl Keyring {
     /// The unwrapped master key of `version`, from the cache or the KMS.
     ///
@@ -58,8 +75,22 @@ impl Keyring {
         // key is used on the view it was loaded under, for at most its TTL.
         // So no instance decrypts with a version disabled or destroyed
         // elsewhere after max staleness + cache TTL (docs/THREAT_MODEL.md).
+        if self
+            .operator_sealed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.check_unsealed()?;
+        }
         if self.dirty() || self.view_expired() && !self.cache.is_fresh(version) {
             self.refresh_if_stale().await?;
+        }
+        if self
+            .sealed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            self.auto_unseal_if_due().await;
         }
         let (v, wrapper) = self.known_version(version).await?;
         match v.state {
@@ -208,7 +239,7 @@ impl Keyring {
                 check_key(v, &ctx, &key)?;
                 Ok(MasterKey::new(v.version, key))
             }
-            Err(e) if seals(e.kind) => Err(self.seal(e.kind)),
+            Err(e) if seals(e.kind) => Err(self.seal_on_failure(e.kind)),
             Err(e) => Err(e.into()),
         }
     }
@@ -262,6 +293,57 @@ impl Keyring {
             context,
             plaintext,
         )?)
+    }
+
+    /// Encrypts a record the host will persist later: the ciphertext with
+    /// its version and when it was sealed, for
+    /// [`ready_to_write`](Self::ready_to_write) to check just before the
+    /// write (docs/LIFECYCLE.md, "Write window").
+    ///
+    /// # Errors
+    /// As [`encrypt`](Self::encrypt).
+    pub async fn encrypt_for_write(
+        &self,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<PendingWrite, Error> {
+        let key = self.active_key().await?;
+        let sealed_at = self.options.clock.monotonic();
+        let bytes = record::encrypt(&key, self.options.suite, context, plaintext)?;
+        Ok(PendingWrite {
+            bytes,
+            version: key.version(),
+            sealed_at,
+        })
+    }
+
+    /// The ciphertext to persist now, if it may be: sealed within the write
+    /// window, or under a version a view no older than max staleness still
+    /// shows active. Call it just before the write; what happens between
+    /// this check and the write counts against the window too.
+    ///
+    /// # Errors
+    /// [`Error::WriteWindowExpired`]: encrypt again
+    /// ([`encrypt_for_write`](Self::encrypt_for_write)) and retry; or a
+    /// store error from the reload.
+    pub async fn ready_to_write(&self, pending: PendingWrite) -> Result<Vec<u8>, Error> {
+        let sealed_ago = self
+            .options
+            .clock
+            .monotonic()
+            .saturating_sub(pending.sealed_at);
+        if sealed_ago <= self.options.write_window {
+            return Ok(pending.bytes);
+        }
+        self.refresh_if_stale().await?;
+        if self.active_version() == Some(pending.version) {
+            return Ok(pending.bytes);
+        }
+        Err(Error::WriteWindowExpired {
+            version: pending.version,
+            sealed_ago,
+            window: self.options.write_window,
+        })
     }
 
     /// Decrypts a record with the version its header names.

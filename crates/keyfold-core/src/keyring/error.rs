@@ -9,6 +9,8 @@ use crate::format::error::{CryptoError, FormatError, StreamError};
 use crate::format::rng::RngError;
 use crate::wrap::error::{WrapError, WrapErrorKind};
 
+use std::time::Duration;
+
 use super::state::{KeyState, StateError, Transition};
 use super::store::StoreError;
 use super::time::Timestamp;
@@ -125,13 +127,49 @@ pub enum Error {
         /// The revision the store held.
         found: Option<u64>,
     },
-    /// A destroy was refused: the evidence does not show the version empty.
-    #[error("destroy of master key version {version} refused: {reason}")]
+    /// A destroy (or a schedule for one) was refused; nothing changed.
+    #[error("destroy of master key version {version} refused: {reason}{}", .allowed_at.map(|t| format!("; allowed from {t}")).unwrap_or_default())]
     DestroyRefused {
         /// The version.
         version: u32,
         /// Why.
+        reason: DestroyRefusal,
+        /// When a destroy will be allowed, when that depends only on time
+        /// (the grace period, or evidence to gather again after it).
+        allowed_at: Option<Timestamp>,
+    },
+    /// An operator sealed the keyring ([`Keyring::seal`](crate::Keyring::seal)):
+    /// nothing is encrypted or decrypted until an operator unseals it.
+    #[error("keyring sealed by an operator since {since}: {reason}")]
+    SealedByOperator {
+        /// Since when.
+        since: Timestamp,
+        /// The reason the operator gave.
         reason: String,
+    },
+    /// A ciphertext sealed longer ago than the keyring's write window, under
+    /// a version no longer active: persisting it now could put a record on a
+    /// version whose destruction is being authorized. Encrypt it again.
+    #[error(
+        "ciphertext under master key version {version} was sealed {}ms ago, past the write window of {}ms, and the version is no longer active: encrypt again",
+        .sealed_ago.as_millis(), .window.as_millis()
+    )]
+    WriteWindowExpired {
+        /// The version the ciphertext is under.
+        version: u32,
+        /// How long ago it was sealed.
+        sealed_ago: Duration,
+        /// The keyring's write window.
+        window: Duration,
+    },
+    /// The version is below the keyring's minimum decryption version and may
+    /// not be enabled again.
+    #[error("master key version {version} is below the minimum decryption version {min}")]
+    BelowMinDecryptionVersion {
+        /// The version.
+        version: u32,
+        /// The minimum decryption version.
+        min: u32,
     },
     /// All 2^32 - 1 version numbers have been used.
     #[error("master key version numbers exhausted")]
@@ -151,6 +189,55 @@ pub enum Error {
     /// The reader or writer under a stream failed.
     #[error("stream I/O failed: {0}")]
     Io(#[source] std::io::Error),
+}
+
+/// Why a destroy was refused (in [`Error::DestroyRefused`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DestroyRefusal {
+    /// The evidence is about another keyring.
+    #[error("the evidence is about keyring {keyring_id:?}")]
+    OtherKeyring {
+        /// The keyring the evidence names.
+        keyring_id: String,
+    },
+    /// The evidence is about another version.
+    #[error("the evidence is about version {version}")]
+    OtherVersion {
+        /// The version the evidence names.
+        version: u32,
+    },
+    /// The evidence was gathered before every instance had stopped writing
+    /// under the version: before it was disabled, or within max staleness
+    /// plus write window (plus one second) of its retirement. Gather it
+    /// again after `needed_after`.
+    #[error(
+        "the evidence ({checked_at}) was gathered too soon: records may still reach storage under the version until {needed_after}; gather it again after that"
+    )]
+    EvidenceTooEarly {
+        /// When the evidence was gathered.
+        checked_at: Timestamp,
+        /// The evidence must be gathered after this.
+        needed_after: Timestamp,
+    },
+    /// The version has not been disabled for the keyring's destroy grace
+    /// period yet; enabling it cancels.
+    #[error("the version was disabled at {disabled_at}; the grace period runs until {until}")]
+    GracePeriod {
+        /// When it was disabled.
+        disabled_at: Timestamp,
+        /// When the grace period ends.
+        until: Timestamp,
+    },
+    /// A forced destroy must give a reason for the audit trail.
+    #[error("a forced destroy needs a reason")]
+    ForcedWithoutReason,
+    /// A destroy can only be scheduled for a disabled version.
+    #[error("only a disabled version can be scheduled for destruction; it is {state}")]
+    NotDisabled {
+        /// Its state.
+        state: KeyState,
+    },
 }
 
 impl From<StateError> for Error {

@@ -33,67 +33,129 @@ pub enum DestroyAuthorization {
     },
 }
 
-pub(super) fn check_evidence(
-    keyring_id: &str,
-    stored: &StoredKeyring,
-    version: u32,
-    e: &NoRecordsLeft,
-    max_staleness: Duration,
-) -> Result<(), Error> {
-    if e.keyring_id != keyring_id {
-        return Err(Error::DestroyRefused {
-            version,
-            reason: format!("the evidence is about keyring {:?}", e.keyring_id),
+/// What a destroy of `version` needs, given the keyring's settings: when
+/// the grace period ends, and after when evidence must be gathered.
+pub(super) struct DestroyRules {
+    pub(super) max_staleness: Duration,
+    pub(super) write_window: Duration,
+    pub(super) grace: Duration,
+}
+
+/// Rounds up to whole seconds: stored timestamps are whole seconds
+/// (floored), so a bound must not lose its fraction.
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl DestroyRules {
+    /// The evidence must be gathered after this: once the version was
+    /// disabled, and once every instance's view shows it retired (max
+    /// staleness) and every ciphertext sealed under it before that has been
+    /// persisted (write window), plus one second for the retirement's own
+    /// fraction of a second.
+    pub(super) fn evidence_after(&self, v: &StoredVersion) -> Option<Timestamp> {
+        let disabled = v.disabled_at?;
+        let settled = v.retired_at.map(|retired| {
+            let secs = whole_secs(self.max_staleness)
+                .saturating_add(whole_secs(self.write_window))
+                .saturating_add(1);
+            retired.saturating_add(Duration::from_secs(secs))
         });
+        Some(settled.map_or(disabled, |s| s.max(disabled)))
     }
-    if e.version != version {
-        return Err(Error::DestroyRefused {
-            version,
-            reason: format!("the evidence is about version {}", e.version),
-        });
+
+    /// When the grace period in `Disabled` ends.
+    pub(super) fn grace_until(&self, v: &StoredVersion) -> Option<Timestamp> {
+        v.disabled_at
+            .map(|d| d.saturating_add(Duration::from_secs(whole_secs(self.grace))))
     }
-    if let Some(retired) = stored.get(version).and_then(|v| v.retired_at) {
-        if e.checked_at < retired {
-            return Err(Error::DestroyRefused {
-                version,
-                reason: format!(
-                    "the evidence ({}) predates the version's retirement ({retired})",
-                    e.checked_at
-                ),
-            });
+
+    /// Refuses a destroy of `v` at `now` with `authorization`.
+    pub(super) fn check(
+        &self,
+        keyring_id: &str,
+        v: &StoredVersion,
+        authorization: &DestroyAuthorization,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let refuse = |reason, allowed_at| Error::DestroyRefused {
+            version: v.version,
+            reason,
+            allowed_at,
+        };
+        let e = match authorization {
+            DestroyAuthorization::Forced { reason } if reason.trim().is_empty() => {
+                return Err(refuse(DestroyRefusal::ForcedWithoutReason, None));
+            }
+            // An incident: no grace, no evidence; audited as forced.
+            DestroyAuthorization::Forced { .. } => return Ok(()),
+            DestroyAuthorization::Evidence(e) => e,
+        };
+        if e.keyring_id != keyring_id {
+            return Err(refuse(
+                DestroyRefusal::OtherKeyring {
+                    keyring_id: e.keyring_id.clone(),
+                },
+                None,
+            ));
         }
-        // An instance that had not yet seen the rotation may have encrypted
-        // under the version for up to max_staleness after it. Timestamps are
-        // whole seconds (floored), so round the staleness up and add one
-        // second for the retirement's own fraction.
-        let whole_secs = max_staleness.as_secs() + u64::from(max_staleness.subsec_nanos() > 0);
-        let settled = retired.saturating_add(Duration::from_secs(whole_secs.saturating_add(1)));
-        if e.checked_at < settled {
-            return Err(Error::DestroyRefused {
-                version,
-                reason: format!(
-                    "the evidence ({}) was gathered too soon after the version's retirement \
-                     ({retired}): instances may encrypt under it until {settled} (max staleness \
-                     {}s); gather it again after that",
-                    e.checked_at,
-                    max_staleness.as_secs()
-                ),
-            });
+        if e.version != v.version {
+            return Err(refuse(
+                DestroyRefusal::OtherVersion { version: e.version },
+                None,
+            ));
         }
+        // Not disabled: the state machine refuses the transition itself.
+        let (Some(grace_until), Some(needed_after)) = (self.grace_until(v), self.evidence_after(v))
+        else {
+            return Ok(());
+        };
+        if e.checked_at < needed_after {
+            return Err(refuse(
+                DestroyRefusal::EvidenceTooEarly {
+                    checked_at: e.checked_at,
+                    needed_after,
+                },
+                Some(needed_after.max(grace_until)),
+            ));
+        }
+        if now < grace_until {
+            return Err(refuse(
+                DestroyRefusal::GracePeriod {
+                    disabled_at: v.disabled_at.unwrap_or(now),
+                    until: grace_until,
+                },
+                Some(grace_until),
+            ));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 impl Keyring {
+    pub(super) fn destroy_rules(&self) -> DestroyRules {
+        DestroyRules {
+            max_staleness: self.options.max_staleness,
+            write_window: self.options.write_window,
+            grace: self.options.destroy_grace,
+        }
+    }
+
     /// `Disabled` → `Destroyed`: the wrapped key is erased from the store and
     /// the cached key evicted; records on the version can never be decrypted
-    /// again. Needs [`NoRecordsLeft`] evidence for this version, gathered
-    /// after it last stopped being active, or an explicit force (which the
-    /// audit event records with its reason).
+    /// again (docs/LIFECYCLE.md, "Destroy"). Needs, unless forced:
+    /// - the version `Disabled` for at least the destroy grace period
+    ///   ([`KeyringBuilder::destroy_grace`], 24 h by default);
+    /// - [`NoRecordsLeft`] evidence for this version gathered after it was
+    ///   disabled and after max staleness + write window (+1 s) past its
+    ///   retirement ([`destroy_allowed_at`](Self::destroy_allowed_at)).
+    ///
+    /// A forced destroy (an incident) needs a non-empty reason and is
+    /// audited as forced.
     ///
     /// # Errors
-    /// [`Error::DestroyRefused`] when the evidence does not fit;
-    /// as [`activate`](Self::activate).
+    /// [`Error::DestroyRefused`] with the [`DestroyRefusal`] and, when only
+    /// time is missing, `allowed_at`; as [`activate`](Self::activate).
     pub async fn destroy(
         &self,
         version: u32,
@@ -103,5 +165,81 @@ impl Keyring {
         self.transition(version, Transition::Destroy, actor, Some(&authorization))
             .await
             .map(drop)
+    }
+
+    /// The earliest time a destroy of `version` can be authorized by
+    /// evidence: the end of its grace period, and the time after which
+    /// evidence must be gathered, whichever is later. `None` unless the
+    /// version is `Disabled`.
+    pub fn destroy_allowed_at(&self, version: u32) -> Option<Timestamp> {
+        let (_, stored) = self.snapshot();
+        let v = stored.get(version)?;
+        if v.state != KeyState::Disabled {
+            return None;
+        }
+        let rules = self.destroy_rules();
+        Some(rules.grace_until(v)?.max(rules.evidence_after(v)?))
+    }
+
+    /// Records that `version` (which must be `Disabled`) is to be destroyed
+    /// at `at` (no earlier than [`destroy_allowed_at`](Self::destroy_allowed_at)).
+    /// The maintenance task destroys it then, once the host's evidence is in
+    /// hand; enabling the version cancels. Emits `kms.destroy.scheduled`.
+    ///
+    /// # Errors
+    /// [`Error::DestroyRefused`] ([`DestroyRefusal::NotDisabled`], or
+    /// [`DestroyRefusal::GracePeriod`] with `allowed_at` when `at` is too
+    /// early); [`Error::UnknownVersion`], [`Error::Conflict`], [`Error::Store`].
+    pub async fn schedule_destroy(
+        &self,
+        version: u32,
+        at: Timestamp,
+        actor: &Actor,
+    ) -> Result<(), Error> {
+        let _guard = self.write.lock().await;
+        let (revision, stored) = self.snapshot();
+        let v = stored
+            .get(version)
+            .ok_or(Error::UnknownVersion { version })?;
+        if v.state != KeyState::Disabled {
+            return Err(Error::DestroyRefused {
+                version,
+                reason: DestroyRefusal::NotDisabled { state: v.state },
+                allowed_at: None,
+            });
+        }
+        let rules = self.destroy_rules();
+        if let (Some(disabled_at), Some(until), Some(after)) =
+            (v.disabled_at, rules.grace_until(v), rules.evidence_after(v))
+        {
+            let allowed = until.max(after);
+            if at < allowed {
+                return Err(Error::DestroyRefused {
+                    version,
+                    reason: DestroyRefusal::GracePeriod { disabled_at, until },
+                    allowed_at: Some(allowed),
+                });
+            }
+        }
+        let mut next = (*stored).clone();
+        if let Some(v) = next.versions.iter_mut().find(|v| v.version == version) {
+            v.destroy_scheduled_at = Some(at);
+        }
+        self.commit(revision, next, None).await?;
+        self.emit(actor, AuditKind::DestroyScheduled { version, at });
+        Ok(())
+    }
+
+    /// Destroys scheduled and due at `now` or earlier: (version, when).
+    pub fn due_destroys(&self) -> Vec<(u32, Timestamp)> {
+        let now = self.options.clock.now();
+        let (_, stored) = self.snapshot();
+        stored
+            .versions
+            .iter()
+            .filter(|v| v.state == KeyState::Disabled)
+            .filter_map(|v| v.destroy_scheduled_at.map(|at| (v.version, at)))
+            .filter(|(_, at)| *at <= now)
+            .collect()
     }
 }

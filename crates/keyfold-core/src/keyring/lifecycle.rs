@@ -179,7 +179,7 @@ impl Keyring {
         let ctx = WrapContext::new(self.id.clone(), version);
         let wrapped = match retry(&self.options.retry, || wrapper.wrap(&key, &ctx)).await {
             Ok(w) => w,
-            Err(e) if seals(e.kind) => return Err(self.seal(e.kind)),
+            Err(e) if seals(e.kind) => return Err(self.seal_on_failure(e.kind)),
             Err(e) => return Err(e.into()),
         };
         let kcv = hex::encode(key_check(&key, &ctx)?);
@@ -276,12 +276,18 @@ impl Keyring {
         let (revision, stored) = self.snapshot();
         let mut next = (*stored).clone();
         let now = self.options.clock.now();
+        if transition == Transition::Enable
+            && let Some(min) = stored.min_decryption_version.filter(|min| version < *min)
+        {
+            return Err(Error::BelowMinDecryptionVersion { version, min });
+        }
+        if let (Some(authorization), Some(v)) = (destroy, stored.get(version)) {
+            self.destroy_rules()
+                .check(&self.id, v, authorization, now)?;
+        }
         let changes = next.apply(version, transition, now)?;
         let (forced, detail) = match destroy {
-            Some(DestroyAuthorization::Evidence(e)) => {
-                check_evidence(&self.id, &stored, version, e, self.options.max_staleness)?;
-                (false, Some(e.source.clone()))
-            }
+            Some(DestroyAuthorization::Evidence(e)) => (false, Some(e.source.clone())),
             Some(DestroyAuthorization::Forced { reason }) => (true, Some(reason.clone())),
             None => (false, None),
         };
@@ -346,5 +352,90 @@ impl Keyring {
         self.transition(version, Transition::Enable, actor, None)
             .await
             .map(drop)
+    }
+
+    /// Disables every version below `min` in one change (Vault transit's
+    /// `min_decryption_version`), audited once
+    /// (`kms.min_decryption_version.set`); versions below it may not be
+    /// enabled again. Pending and retired versions below `min` become
+    /// `Disabled`; disabled and destroyed ones stay as they are.
+    ///
+    /// # Errors
+    /// [`Error::KeyState`] when the active version is below `min` (rotate
+    /// first); [`Error::Conflict`], [`Error::Store`]. Nothing changes then.
+    pub async fn set_min_decryption_version(
+        &self,
+        min: u32,
+        actor: &Actor,
+    ) -> Result<Vec<u32>, Error> {
+        let _guard = self.write.lock().await;
+        let (revision, stored) = self.snapshot();
+        if let Some(active) = stored.active_version().filter(|a| *a < min) {
+            return Err(Error::KeyState {
+                version: active,
+                state: KeyState::Active,
+            });
+        }
+        let now = self.options.clock.now();
+        let mut next = (*stored).clone();
+        let mut disabled = Vec::new();
+        for v in stored.versions.iter().filter(|v| v.version < min) {
+            if matches!(v.state, KeyState::Pending | KeyState::Retired) {
+                next.apply(v.version, Transition::Disable, now)?;
+                disabled.push(v.version);
+            }
+        }
+        next.min_decryption_version = Some(min.max(stored.min_decryption_version.unwrap_or(0)));
+        self.commit(revision, next, None).await?;
+        for v in &disabled {
+            self.cache.evict(*v);
+        }
+        self.emit(
+            actor,
+            AuditKind::MinDecryptionVersionSet {
+                min_decryption_version: min,
+                disabled: disabled.clone(),
+            },
+        );
+        Ok(disabled)
+    }
+
+    /// Stores `policy` with the keyring (`None` removes it); the maintenance
+    /// task evaluates it on every instance. Emits `kms.rotation_policy.set`.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`], [`Error::Store`].
+    pub async fn set_rotation_policy(
+        &self,
+        policy: Option<RotationPolicy>,
+        actor: &Actor,
+    ) -> Result<(), Error> {
+        let _guard = self.write.lock().await;
+        let (revision, stored) = self.snapshot();
+        let mut next = (*stored).clone();
+        next.rotation_policy = policy;
+        self.commit(revision, next, None).await?;
+        self.emit(actor, AuditKind::RotationPolicySet { policy });
+        Ok(())
+    }
+
+    /// The rotation policy stored with the keyring.
+    pub fn rotation_policy(&self) -> Option<RotationPolicy> {
+        self.snapshot().1.rotation_policy
+    }
+
+    /// Rotates when the stored policy says a rotation is due (emitting
+    /// `kms.rotate.scheduled`); `None` without a policy or when not due.
+    /// Safe on every replica at once: one wins the store's
+    /// compare-and-swap, the others see its rotation and do nothing.
+    ///
+    /// # Errors
+    /// As [`rotate_if_due`](Self::rotate_if_due).
+    pub async fn rotate_if_policy_due(&self, actor: &Actor) -> Result<Option<Rotation>, Error> {
+        self.refresh_if_stale().await?;
+        match self.rotation_policy() {
+            Some(policy) => self.rotate_if_due(&policy, actor).await,
+            None => Ok(None),
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct VersionMetadata {
     pub disabled_at: Option<Timestamp>,
     /// Destroyed.
     pub destroyed_at: Option<Timestamp>,
+    /// When its destruction is scheduled, if it is.
+    pub destroy_scheduled_at: Option<Timestamp>,
     /// The KMS key that wraps it (`None` once destroyed).
     pub wrap_key_ref: Option<String>,
 }
@@ -102,6 +104,7 @@ impl Keyring {
                     retired_at: v.retired_at,
                     disabled_at: v.disabled_at,
                     destroyed_at: v.destroyed_at,
+                    destroy_scheduled_at: v.destroy_scheduled_at,
                     wrap_key_ref: v.wrapped.as_ref().map(|w| w.key_ref.clone()),
                 })
                 .collect(),

@@ -61,13 +61,13 @@ use crate::keyring::time::{Clock, SystemClock, Timestamp};
 use crate::wrap::error::WrapErrorKind;
 use crate::wrap::retry::{RetryPolicy, retry};
 use crate::wrap::{KeyWrapper, WrapContext};
-pub use error::Error;
+pub use error::{DestroyRefusal, Error};
 
 pub use builder::KeyringBuilder;
 use builder::{Options, load_checked};
 use cache::KeyCache;
+pub use crypt::PendingWrite;
 use crypt::{check_key, key_check};
-use evidence::check_evidence;
 pub use evidence::{DestroyAuthorization, NoRecordsLeft};
 pub use lifecycle::LeaseIssuer;
 pub use metadata::{KeyringMetadata, Rotation, SealInfo, VersionMetadata};
@@ -79,6 +79,20 @@ pub use state::{
 
 /// The label of a version's key check value (see [`StoredVersion::key_check`]).
 pub const KEY_CHECK_LABEL: &[u8] = b"keyfold/v1/key-check";
+
+/// Default [`KeyringBuilder::destroy_grace`]: 24 hours in `Disabled`
+/// before a destroy.
+pub const DEFAULT_DESTROY_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Default [`KeyringBuilder::write_window`].
+pub const DEFAULT_WRITE_WINDOW: Duration = Duration::from_secs(60);
+
+/// First automatic unseal probe after a transient seal; the delay doubles
+/// after each failed probe up to [`UNSEAL_PROBE_MAX`].
+pub const UNSEAL_PROBE_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest delay between automatic unseal probes.
+pub const UNSEAL_PROBE_MAX: Duration = Duration::from_secs(60);
 
 /// Default time an unwrapped master key stays cached.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
@@ -122,6 +136,14 @@ pub struct Keyring {
     /// A notification said the stored keyring changed since the view was
     /// read: the next use reloads, whatever the view's age.
     dirty: std::sync::atomic::AtomicBool,
+    /// Set by [`Keyring::seal`] (an operator's incident seal): since when
+    /// and why; only a manual unseal clears it.
+    operator_seal: Mutex<Option<(Timestamp, String)>>,
+    /// `operator_seal.is_some()`, read on every key lookup.
+    operator_sealed: std::sync::atomic::AtomicBool,
+    /// While sealed by a transient KMS failure: when (monotonic) the next
+    /// automatic probe is due, and the delay after that one.
+    unseal_probe: Mutex<Option<(Duration, Duration)>>,
     options: Options,
 }
 
@@ -140,7 +162,24 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// The keyring id.
+    /// How old a view of the store may be when a version is chosen
+    /// ([`KeyringBuilder::max_staleness`]).
+    pub fn max_staleness(&self) -> Duration {
+        self.options.max_staleness
+    }
+
+    /// The host's declared write window ([`KeyringBuilder::write_window`]).
+    pub fn write_window(&self) -> Duration {
+        self.options.write_window
+    }
+
+    /// The minimum time in `Disabled` before a destroy
+    /// ([`KeyringBuilder::destroy_grace`]).
+    pub fn destroy_grace(&self) -> Duration {
+        self.options.destroy_grace
+    }
+
+    /// The keyring's id.
     pub fn id(&self) -> &str {
         &self.id
     }

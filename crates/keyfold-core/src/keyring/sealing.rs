@@ -12,6 +12,9 @@ pub(super) fn seals(kind: WrapErrorKind) -> bool {
 
 impl Keyring {
     pub(super) fn check_unsealed(&self) -> Result<(), Error> {
+        if let Some((since, reason)) = self.operator_seal() {
+            return Err(Error::SealedByOperator { since, reason });
+        }
         match self.sealed() {
             Some(info) => Err(Error::Sealed {
                 kind: info.kind,
@@ -23,7 +26,7 @@ impl Keyring {
 
     /// Seals the keyring (emitting `kms.sealed` the first time) and returns
     /// the error to report.
-    pub(super) fn seal(&self, kind: WrapErrorKind) -> Error {
+    pub(super) fn seal_on_failure(&self, kind: WrapErrorKind) -> Error {
         let since = self.options.clock.now();
         {
             let mut sealed = self.sealed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -34,6 +37,17 @@ impl Keyring {
                 };
             }
             *sealed = Some(SealInfo { kind, since });
+        }
+        if kind.is_transient() {
+            let first = self
+                .options
+                .clock
+                .monotonic()
+                .saturating_add(UNSEAL_PROBE_FIRST);
+            *self
+                .unseal_probe
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some((first, UNSEAL_PROBE_FIRST));
         }
         self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Sealed { kind });
         Error::Sealed { kind, since }
@@ -105,6 +119,95 @@ impl Keyring {
     /// # Errors
     /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
     pub async fn unseal(&self) -> Result<(), Error> {
+        self.unseal_as(&Actor::new(SYSTEM_ACTOR)).await
+    }
+
+    /// [`unseal`](Self::unseal), audited with `actor`. Also clears an
+    /// operator's seal ([`seal`](Self::seal)): this is the manual unseal.
+    ///
+    /// # Errors
+    /// As [`unseal`](Self::unseal).
+    pub async fn unseal_as(&self, actor: &Actor) -> Result<(), Error> {
+        let was_operator = self
+            .operator_seal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some();
+        self.operator_sealed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if was_operator && self.sealed().is_none() {
+            self.emit(actor, AuditKind::Unsealed);
+            return Ok(());
+        }
+        self.probe_and_unseal(actor).await
+    }
+
+    /// Seals the keyring on an operator's decision (an incident, the
+    /// post-breach cycle): every encrypt and decrypt fails with
+    /// [`Error::SealedByOperator`], cached keys are dropped, and only a manual
+    /// [`unseal_as`](Self::unseal_as) (or [`unseal`](Self::unseal)) clears it;
+    /// automatic probes never do. Per process, like KMS seals: call it on
+    /// every instance (the example service does so through its database).
+    /// Emits `kms.sealed.manual`.
+    pub fn seal(&self, reason: impl Into<String>, actor: &Actor) {
+        let reason = reason.into();
+        *self
+            .operator_seal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some((self.options.clock.now(), reason.clone()));
+        self.operator_sealed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cache.clear();
+        self.emit(actor, AuditKind::SealedManually { reason });
+    }
+
+    /// The operator's seal, if any: since when and why.
+    pub fn operator_seal(&self) -> Option<(Timestamp, String)> {
+        if !self
+            .operator_sealed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return None;
+        }
+        self.operator_seal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// While sealed by a transient KMS failure (unavailable, throttled):
+    /// probes the KMS when the next probe is due (1 s after the seal, then
+    /// doubling to 60 s) and unseals when it passes (`kms.unsealed`, by
+    /// the system actor). Called on key lookups and by the maintenance task,
+    /// so a KMS blip heals without the host's help.
+    pub(super) async fn auto_unseal_if_due(&self) {
+        let Some(info) = self.sealed() else {
+            return;
+        };
+        if !info.kind.is_transient() || self.operator_seal().is_some() {
+            return;
+        }
+        let now = self.options.clock.monotonic();
+        {
+            let mut probe = self
+                .unseal_probe
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match *probe {
+                Some((due, delay)) if now >= due => {
+                    let next = delay.saturating_mul(2).min(UNSEAL_PROBE_MAX);
+                    *probe = Some((now.saturating_add(next), next));
+                }
+                _ => return,
+            }
+        }
+        // A failed probe keeps the seal (and its backoff); nothing to report.
+        let _ = self.probe_and_unseal(&Actor::new(SYSTEM_ACTOR)).await;
+    }
+
+    async fn probe_and_unseal(&self, actor: &Actor) -> Result<(), Error> {
         let (stored, wrapper) = self.view();
         // Only a version that may decrypt: its key is cached on success, and
         // a disabled version's key must never enter the cache.
@@ -159,13 +262,17 @@ impl Keyring {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
+                *self
+                    .unseal_probe
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 if was.is_some() {
-                    self.emit(&Actor::new(SYSTEM_ACTOR), AuditKind::Unsealed);
+                    self.emit(actor, AuditKind::Unsealed);
                 }
                 Ok(())
             }
             Err(e) if seals(e.kind) => {
-                let _ = self.seal(e.kind);
+                let _ = self.seal_on_failure(e.kind);
                 Err(self.check_unsealed().err().unwrap_or(Error::Wrap(e)))
             }
             Err(e) => Err(e.into()),

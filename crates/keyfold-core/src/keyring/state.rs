@@ -148,6 +148,11 @@ pub struct StoredVersion {
     /// When it was destroyed.
     #[serde(default)]
     pub destroyed_at: Option<Timestamp>,
+    /// When an operator scheduled its destruction
+    /// ([`Keyring::schedule_destroy`](crate::keyring::Keyring::schedule_destroy));
+    /// cleared when it leaves `Disabled` (enabling cancels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroy_scheduled_at: Option<Timestamp>,
 }
 
 /// A keyring as persisted through a [`KeyringStore`](crate::keyring::store::KeyringStore).
@@ -167,6 +172,13 @@ pub struct StoredKeyring {
     pub next_version: u32,
     /// Every version ever created, destroyed ones included, ascending.
     pub versions: Vec<StoredVersion>,
+    /// The rotation policy the maintenance task evaluates, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_policy: Option<crate::keyring::policy::RotationPolicy>,
+    /// Versions below it were disabled in one call and may not be enabled
+    /// again ([`Keyring::set_min_decryption_version`](crate::keyring::Keyring::set_min_decryption_version)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_decryption_version: Option<u32>,
 }
 
 /// A stored keyring breaks a lifecycle invariant.
@@ -183,6 +195,8 @@ impl StoredKeyring {
             created_at: now,
             next_version: 1,
             versions: Vec::new(),
+            rotation_policy: None,
+            min_decryption_version: None,
         }
     }
 
@@ -345,6 +359,7 @@ impl StoredKeyring {
             retired_at: None,
             disabled_at: None,
             destroyed_at: None,
+            destroy_scheduled_at: None,
         });
         self.next_version = version.saturating_add(1);
         Ok(())
@@ -394,6 +409,8 @@ impl StoredKeyring {
         }];
         if let Some(v) = self.get_mut(version) {
             v.state = to;
+            // Leaving `Disabled` (enable) cancels a scheduled destroy.
+            v.destroy_scheduled_at = None;
             match to {
                 KeyState::Active => v.activated_at = Some(now),
                 KeyState::Disabled => v.disabled_at = Some(now),

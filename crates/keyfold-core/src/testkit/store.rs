@@ -29,6 +29,7 @@ fn keyring(id: &str, versions: u32) -> StoredKeyring {
             retired_at: (v != versions).then_some(Timestamp(1_001 + u64::from(v))),
             disabled_at: None,
             destroyed_at: None,
+            destroy_scheduled_at: None,
         });
     }
     k.next_version = versions + 1;

@@ -97,6 +97,10 @@ async fn keyring_on(
         // One instance per test: no other instance's stale view to wait
         // out before a job's evidence may destroy.
         .max_staleness(Duration::ZERO)
+        // Nor a grace period or write window: the tests destroy as soon as
+        // a job's evidence is in.
+        .destroy_grace(Duration::ZERO)
+        .write_window(Duration::ZERO)
         .clock(clock)
         .create()
         .await
