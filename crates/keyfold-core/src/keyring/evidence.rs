@@ -48,13 +48,15 @@ fn whole_secs(d: Duration) -> u64 {
 }
 
 impl DestroyRules {
-    /// The evidence must be gathered after this: once the version was
-    /// disabled, and once every instance's view shows it retired (max
+    /// The evidence must be gathered at or after this: a second after the
+    /// version was disabled, and once every instance's view shows it retired (max
     /// staleness) and every ciphertext sealed under it before that has been
     /// persisted (write window), plus one second for the retirement's own
     /// fraction of a second.
     pub(super) fn evidence_after(&self, v: &StoredVersion) -> Option<Timestamp> {
-        let disabled = v.disabled_at?;
+        // Whole seconds: evidence from the disable's own second may
+        // predate it.
+        let disabled = v.disabled_at?.saturating_add(Duration::from_secs(1));
         let settled = v.retired_at.map(|retired| {
             let secs = whole_secs(self.max_staleness)
                 .saturating_add(whole_secs(self.write_window))
