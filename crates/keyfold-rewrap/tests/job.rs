@@ -435,14 +435,16 @@ async fn the_completion_report_lets_the_keyring_destroy_the_old_version() {
     let report = reports.into_iter().next().unwrap().unwrap();
     assert!(report.completed);
 
-    // Rebuild the report through a finished job to get the evidence.
+    // Evidence counts only when gathered after the disable: disable, then
+    // rebuild the report through a finished job to get it.
+    ring.disable(1, &admin()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
     let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
         .clock(clock.clone())
         .create()
         .unwrap();
     while job.next_batch().await.unwrap().is_some() {}
     let evidence = job.completion().unwrap().evidence(1).unwrap();
-    ring.disable(1, &admin()).await.unwrap();
     ring.destroy(1, DestroyAuthorization::Evidence(evidence), &admin())
         .await
         .unwrap();
