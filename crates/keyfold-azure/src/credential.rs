@@ -2,9 +2,13 @@
 //!
 //! Only role-based identities (docs: DESIGN "configs name role-based access
 //! only"): managed identity or workload identity by default, or a client
-//! secret read at build time from the environment variable the config names.
-//! The secret's value is never stored in the config, never printed by `Debug`,
-//! and never part of an error message.
+//! secret read at build time from the environment variable the *operator*
+//! names ([`AzureIdentity`]). A tenant's config names only the Entra tenant
+//! (directory) and, optionally, the client id of the identity the operator
+//! chose: it can neither pick another identity of the host nor name an
+//! environment variable (docs/THREAT_MODEL.md, "Tenant and operator
+//! settings"). The secret's value is never stored in a config, never printed
+//! by `Debug`, and never part of an error message.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,14 +21,81 @@ use azure_identity::{
     ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
     WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
-use keyfold_core::config::AzureConfig;
+use keyfold_core::config::{AzureConfig, ConfigError};
 use zeroize::Zeroizing;
+
+use crate::PROVIDER;
 
 /// Environment variable AKS's workload identity webhook sets to the projected
 /// service-account token file; its presence selects workload identity.
 pub(crate) const FEDERATED_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const TENANT_ID_VAR: &str = "AZURE_TENANT_ID";
 const CLIENT_ID_VAR: &str = "AZURE_CLIENT_ID";
+
+/// The operator's choice of the Entra ID identity a wrapper authenticates
+/// with: set on [`AzureKeyWrapperBuilder::identity`](crate::AzureKeyWrapperBuilder::identity)
+/// or [`AzureFactory::identity`](crate::AzureFactory::identity), never taken
+/// from a tenant's config.
+///
+/// A tenant config's `client_id` selects nothing: when given, it must be the
+/// client id of the identity chosen here, or the build is refused (a tenant
+/// cannot switch the service to another identity attached to the host).
+/// Its `azure_tenant_id` names the Entra tenant (directory) a client secret
+/// or workload identity authenticates in; pin it per tenant with
+/// [`AzureKeyWrapperBuilder::allowed_tenant_ids`](crate::AzureKeyWrapperBuilder::allowed_tenant_ids).
+///
+/// `Debug` shows names and ids, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AzureIdentity {
+    /// Entra workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set (its
+    /// client id from `AZURE_CLIENT_ID`; the Entra tenant from the config's
+    /// `azure_tenant_id`, else `AZURE_TENANT_ID`), else the host's
+    /// system-assigned managed identity. The default.
+    #[default]
+    Ambient,
+    /// The host's managed identity: system-assigned (`None`) or the
+    /// user-assigned identity with this client id.
+    ManagedIdentity {
+        /// Client id of a user-assigned identity.
+        client_id: Option<String>,
+    },
+    /// An app registration's client secret, read at build time from the
+    /// environment variable `env_var` (A-Z, 0-9, `_`); the tenant's config
+    /// must name the Entra tenant (`azure_tenant_id`).
+    ClientSecret {
+        /// The application (client) id the secret belongs to.
+        client_id: String,
+        /// Name of the environment variable holding the secret.
+        env_var: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidField {
+        provider: PROVIDER,
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A tenant config's `client_id` must be the operator's identity's, if given.
+fn check_client_id(config: &AzureConfig, operator: Option<&str>) -> Result<(), ConfigError> {
+    match (config.client_id.as_deref(), operator) {
+        (None, _) => Ok(()),
+        (Some(theirs), Some(ours)) if theirs.eq_ignore_ascii_case(ours) => Ok(()),
+        (Some(_), Some(_)) => Err(invalid(
+            "client_id",
+            "is not the client id of the identity the operator configured; \
+             a tenant config cannot choose another identity of the service",
+        )),
+        (Some(_), None) => Err(invalid(
+            "client_id",
+            "the operator configured an identity without a client id (system-assigned \
+             managed identity); a tenant config cannot choose another identity of the service",
+        )),
+    }
+}
 
 /// Where a wrapper's Entra ID token comes from. Shown by the wrapper's
 /// `Debug`; holds names and ids only, never a secret.
@@ -101,43 +172,79 @@ pub(crate) fn process_env() -> EnvLookup {
 }
 
 impl CredentialSource {
-    /// The default choice for `config`: a client secret when the config names
-    /// its variable, else workload identity when the federated token file is
-    /// advertised, else managed identity.
-    pub(crate) fn select(config: &AzureConfig, env: &EnvLookup) -> Result<Self, String> {
-        if let Some(var) = &config.client_secret_env_var {
-            let (Some(tenant_id), Some(client_id)) = (&config.azure_tenant_id, &config.client_id)
-            else {
-                return Err("a client secret needs `azure_tenant_id` and `client_id`".into());
-            };
-            return Ok(CredentialSource::ClientSecret {
-                tenant_id: tenant_id.clone(),
-                client_id: client_id.clone(),
-                env_var: var.clone(),
-            });
-        }
-        if let Some(file) = env(FEDERATED_TOKEN_FILE_VAR).filter(|f| !f.is_empty()) {
-            let tenant_id = config
-                .azure_tenant_id
-                .clone()
-                .or_else(|| env(TENANT_ID_VAR))
-                .ok_or_else(|| {
-                    format!("workload identity needs `azure_tenant_id` or {TENANT_ID_VAR}")
+    /// The credential for a tenant's `config` under the operator's `identity`.
+    pub(crate) fn select(
+        config: &AzureConfig,
+        identity: &AzureIdentity,
+        env: &EnvLookup,
+    ) -> Result<Self, ConfigError> {
+        match identity {
+            AzureIdentity::ClientSecret { client_id, env_var } => {
+                if !is_env_var_name(env_var) {
+                    return Err(invalid(
+                        "client_secret_env_var",
+                        "the operator's variable name must be 1..=128 of A-Z, 0-9, _",
+                    ));
+                }
+                check_client_id(config, Some(client_id))?;
+                let tenant_id = config.azure_tenant_id.clone().ok_or_else(|| {
+                    invalid(
+                        "azure_tenant_id",
+                        "a client secret needs the Entra tenant to authenticate in",
+                    )
                 })?;
-            let client_id = config
-                .client_id
-                .clone()
-                .or_else(|| env(CLIENT_ID_VAR))
-                .ok_or_else(|| format!("workload identity needs `client_id` or {CLIENT_ID_VAR}"))?;
-            return Ok(CredentialSource::WorkloadIdentity {
-                tenant_id,
-                client_id,
-                token_file: PathBuf::from(file),
-            });
+                Ok(CredentialSource::ClientSecret {
+                    tenant_id,
+                    client_id: client_id.clone(),
+                    env_var: env_var.clone(),
+                })
+            }
+            AzureIdentity::ManagedIdentity { client_id } => {
+                check_client_id(config, client_id.as_deref())?;
+                Ok(CredentialSource::ManagedIdentity {
+                    client_id: client_id.clone(),
+                })
+            }
+            AzureIdentity::Ambient => {
+                let Some(file) = env(FEDERATED_TOKEN_FILE_VAR).filter(|f| !f.is_empty()) else {
+                    check_client_id(config, None)?;
+                    return Ok(CredentialSource::ManagedIdentity { client_id: None });
+                };
+                let tenant_id = config
+                    .azure_tenant_id
+                    .clone()
+                    .or_else(|| env(TENANT_ID_VAR))
+                    .ok_or_else(|| {
+                        invalid(
+                            "azure_tenant_id",
+                            format!("workload identity needs `azure_tenant_id` or {TENANT_ID_VAR}"),
+                        )
+                    })?;
+                let client_id = env(CLIENT_ID_VAR).ok_or_else(|| {
+                    invalid(
+                        "client_id",
+                        format!(
+                            "workload identity needs {CLIENT_ID_VAR} in the service's environment"
+                        ),
+                    )
+                })?;
+                check_client_id(config, Some(&client_id))?;
+                Ok(CredentialSource::WorkloadIdentity {
+                    tenant_id,
+                    client_id,
+                    token_file: PathBuf::from(file),
+                })
+            }
         }
-        Ok(CredentialSource::ManagedIdentity {
-            client_id: config.client_id.clone(),
-        })
+    }
+
+    /// The Entra tenant this credential authenticates in, when it names one.
+    pub(crate) fn tenant_id(&self) -> Option<&str> {
+        match self {
+            CredentialSource::WorkloadIdentity { tenant_id, .. }
+            | CredentialSource::ClientSecret { tenant_id, .. } => Some(tenant_id),
+            _ => None,
+        }
     }
 
     /// Builds the SDK credential. Makes no network call.
@@ -176,12 +283,12 @@ impl CredentialSource {
                 client_id,
                 env_var,
             } => {
-                let value = Zeroizing::new(
-                    env(env_var)
-                        .ok_or_else(|| format!("environment variable {env_var} is not set"))?,
-                );
+                // One message for unset and empty: an error never tells
+                // whether a variable exists.
+                let unusable = || format!("the client secret variable {env_var} is unset or empty");
+                let value = Zeroizing::new(env(env_var).ok_or_else(unusable)?);
                 if value.trim().is_empty() {
-                    return Err(format!("environment variable {env_var} is empty"));
+                    return Err(unusable());
                 }
                 let secret = Secret::new(value.trim().to_owned());
                 ClientSecretCredential::new(
@@ -197,4 +304,13 @@ impl CredentialSource {
             CredentialSource::Custom => Err("a custom credential must be supplied".into()),
         }
     }
+}
+
+/// An environment variable name as keyfold accepts it: 1..=128 of A-Z, 0-9, `_`.
+pub(crate) fn is_env_var_name(var: &str) -> bool {
+    !var.is_empty()
+        && var.len() <= 128
+        && var
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }

@@ -15,11 +15,11 @@ mod kid;
 mod sleep;
 mod wrapper;
 
-pub use credential::CredentialSource;
+pub use credential::{AzureIdentity, CredentialSource};
 pub use factory::AzureFactory;
 pub use kid::KeyId;
 pub use sleep::{Sleeper, TokioSleeper};
-pub use wrapper::{AzureKeyWrapper, AzureKeyWrapperBuilder, WrapAlgorithm};
+pub use wrapper::{AzureKeyWrapper, AzureKeyWrapperBuilder, WrapAlgorithm, check_vault_endpoint};
 
 /// Provider name recorded in every [`WrappedKey`](keyfold_core::WrappedKey) this crate makes.
 pub const PROVIDER: &str = "azure";

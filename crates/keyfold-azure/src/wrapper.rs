@@ -14,7 +14,7 @@ use azure_security_keyvault_keys::models::{
     KeyOperationResult, KeyType,
 };
 use azure_security_keyvault_keys::{KeyClient, KeyClientOptions};
-use keyfold_core::config::{AzureConfig, AzureKeyRef};
+use keyfold_core::config::{AzureConfig, AzureKeyRef, ConfigError, Endpoint};
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::{
     KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
@@ -22,7 +22,7 @@ use keyfold_core::{
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::PROVIDER;
-use crate::credential::{CredentialSource, EnvLookup, process_env};
+use crate::credential::{AzureIdentity, CredentialSource, EnvLookup, process_env};
 use crate::errors::{map_sdk_error, own_error};
 use crate::kid::KeyId;
 use crate::sleep::{Sleeper, TokioSleeper};
@@ -131,13 +131,21 @@ impl fmt::Debug for AzureKeyWrapper {
     }
 }
 
-/// Builds an [`AzureKeyWrapper`] from an [`AzureConfig`], with the knobs a
-/// config file should not hold: an explicit credential, the HTTP transport
-/// (proxies, private CAs, tests), the Entra authority host (sovereign clouds,
-/// tests), the challenge-resource check, the algorithm, the retry policy and
-/// its clock.
+/// Builds an [`AzureKeyWrapper`] from a tenant's [`AzureConfig`], with the
+/// knobs a tenant's config must not hold: the operator's settings (the
+/// identity, an endpoint override and its loopback test switch, the Entra
+/// tenants and vaults a tenant may name; docs/THREAT_MODEL.md, "Tenant and
+/// operator settings"), an explicit credential, the HTTP transport (proxies,
+/// private CAs, tests), the Entra authority host (sovereign clouds, tests),
+/// the challenge-resource check, the algorithm, the retry policy and its
+/// clock.
 pub struct AzureKeyWrapperBuilder {
     config: AzureConfig,
+    identity: AzureIdentity,
+    endpoint_url: Option<String>,
+    allow_loopback: bool,
+    allowed_tenant_ids: Option<Vec<String>>,
+    allowed_vaults: Option<Vec<String>>,
     credential: Option<Arc<dyn TokenCredential>>,
     env: EnvLookup,
     transport: Option<Transport>,
@@ -152,6 +160,11 @@ impl fmt::Debug for AzureKeyWrapperBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AzureKeyWrapperBuilder")
             .field("config", &self.config)
+            .field("identity", &self.identity)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("allow_loopback", &self.allow_loopback)
+            .field("allowed_tenant_ids", &self.allowed_tenant_ids)
+            .field("allowed_vaults", &self.allowed_vaults)
             .field("custom_credential", &self.credential.is_some())
             .field("authority_host", &self.authority_host)
             .field("verify_challenge_resource", &self.verify_challenge_resource)
@@ -162,8 +175,55 @@ impl fmt::Debug for AzureKeyWrapperBuilder {
 }
 
 impl AzureKeyWrapperBuilder {
-    /// Authenticate with `credential` instead of the one the config selects
-    /// (managed identity, workload identity or client secret).
+    /// The operator's Entra identity (default [`AzureIdentity::Ambient`]).
+    #[must_use]
+    pub fn identity(mut self, identity: AzureIdentity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// Sends requests to this endpoint instead of the config's vault URL: an
+    /// operator setting, checked at [`build`](Self::build) by
+    /// [`check_vault_endpoint`] (the key's own vault host; loopback only with
+    /// [`allow_loopback_endpoints_for_tests`](Self::allow_loopback_endpoints_for_tests)).
+    #[must_use]
+    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.endpoint_url = Some(url.into());
+        self
+    }
+
+    /// The operator's test switch: accept a loopback endpoint (a local test
+    /// server). Off by default; never turn it on in production.
+    #[must_use]
+    pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
+    }
+
+    /// Pins the tenant to these Entra tenant (directory) ids:
+    /// [`build`](Self::build) refuses a config, or a workload identity, that
+    /// authenticates in any other. Key Vault has no external id: a
+    /// multi-tenant app's service principal can reach every customer's vault
+    /// that granted it, whoever names it (docs/THREAT_MODEL.md, "Confused
+    /// deputy"). Verify the directory out of band when the tenant signs up.
+    #[must_use]
+    pub fn allowed_tenant_ids<S: Into<String>>(mut self, ids: impl IntoIterator<Item = S>) -> Self {
+        self.allowed_tenant_ids = Some(ids.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Pins the tenant to these vaults (`https://NAME.vault.azure.net` or
+    /// `https://NAME.managedhsm.azure.net`): [`build`](Self::build) refuses a
+    /// key in any other. With a managed identity, which every tenant shares,
+    /// this is what stops a tenant from naming another customer's key.
+    #[must_use]
+    pub fn allowed_vaults<S: Into<String>>(mut self, vaults: impl IntoIterator<Item = S>) -> Self {
+        self.allowed_vaults = Some(vaults.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Authenticate with `credential` instead of the one the operator's
+    /// [identity](Self::identity) selects.
     #[must_use]
     pub fn credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
         self.credential = Some(credential);
@@ -224,8 +284,8 @@ impl AzureKeyWrapperBuilder {
         self
     }
 
-    /// Where environment variables (the client secret's, workload identity's)
-    /// are read from. Default: the process environment.
+    /// Where environment variables (the operator's client secret variable,
+    /// workload identity's) are read from. Default: the process environment.
     #[must_use]
     pub fn environment(
         mut self,
@@ -240,8 +300,12 @@ impl AzureKeyWrapperBuilder {
     ///
     /// # Errors
     /// [`WrapErrorKind::Misconfigured`] (operation `configure`) when the config
-    /// is invalid, the endpoint is not HTTPS, the client secret's variable is
-    /// unset or empty, or the credential cannot be built.
+    /// is invalid, names an operator-only setting (`endpoint_url`,
+    /// `client_secret_env_var`), a `client_id` other than the operator's
+    /// identity's, or an Entra tenant or vault outside the operator's pins,
+    /// when the operator's endpoint is refused or not HTTPS, the client
+    /// secret's variable is unset or empty, or the credential cannot be built.
+    /// Refusals of a setting carry a [`ConfigError`] naming the field as source.
     pub fn build(self) -> Result<AzureKeyWrapper, WrapError> {
         let refused = |message: String| {
             own_error(
@@ -251,13 +315,43 @@ impl AzureKeyWrapperBuilder {
                 message,
             )
         };
-        self.config
-            .validate()
-            .map_err(|e| refused(e.to_string()).with_source(e))?;
-        let key = AzureKeyRef::parse(&self.config.kms_key_ref)
-            .map_err(|e| refused(e.to_string()).with_source(e))?;
+        let refused_config = |e: ConfigError| refused(e.to_string()).with_source(e);
+        self.config.validate().map_err(refused_config)?;
+        for (field, set) in [
+            ("endpoint_url", self.config.endpoint_url.is_some()),
+            (
+                "client_secret_env_var",
+                self.config.client_secret_env_var.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(refused_config(ConfigError::InvalidField {
+                    provider: PROVIDER,
+                    field,
+                    reason: "an operator-only setting: a tenant config cannot choose where the \
+                             service sends its requests or which of its secrets it uses (the \
+                             operator sets it on the AzureFactory)"
+                        .into(),
+                }));
+            }
+        }
+        let key = AzureKeyRef::parse(&self.config.kms_key_ref).map_err(refused_config)?;
+        if let Some(allowed) = &self.allowed_vaults {
+            let ok = allowed
+                .iter()
+                .any(|v| v.trim_end_matches('/').eq_ignore_ascii_case(&key.vault_url));
+            if !ok {
+                return Err(refused_config(ConfigError::InvalidField {
+                    provider: PROVIDER,
+                    field: "kms_key_ref",
+                    reason: format!("the vault {} is not one this tenant may use", key.vault_url),
+                }));
+            }
+        }
+        if let Some(url) = &self.endpoint_url {
+            check_vault_endpoint(url, &key, self.allow_loopback).map_err(refused_config)?;
+        }
         let endpoint = self
-            .config
             .endpoint_url
             .as_deref()
             .unwrap_or(&self.config.vault_url)
@@ -280,18 +374,35 @@ impl AzureKeyWrapperBuilder {
             transport: self.transport.clone(),
             ..ClientOptions::default()
         };
-        let (credential, source) = match self.credential.clone() {
-            Some(credential) => (credential, CredentialSource::Custom),
+        let source = match &self.credential {
+            Some(_) => CredentialSource::Custom,
+            None => CredentialSource::select(&self.config, &self.identity, &self.env)
+                .map_err(refused_config)?,
+        };
+        if let Some(allowed) = &self.allowed_tenant_ids {
+            let named = [self.config.azure_tenant_id.as_deref(), source.tenant_id()];
+            if let Some(tenant) = named
+                .into_iter()
+                .flatten()
+                .find(|t| !allowed.iter().any(|a| a.eq_ignore_ascii_case(t)))
+            {
+                return Err(refused_config(ConfigError::InvalidField {
+                    provider: PROVIDER,
+                    field: "azure_tenant_id",
+                    reason: format!("the Entra tenant {tenant} is not one this tenant may use"),
+                }));
+            }
+        }
+        let credential = match self.credential.clone() {
+            Some(credential) => credential,
             None => {
-                let source = CredentialSource::select(&self.config, &self.env).map_err(&refused)?;
                 let mut options = client_options.clone();
                 if let Some(host) = &self.authority_host {
                     let mut custom = CustomConfiguration::default();
                     custom.authority_host.clone_from(host);
                     options.cloud = Some(Arc::new(CloudConfiguration::from(custom)));
                 }
-                let credential = source.build(&self.env, options).map_err(&refused)?;
-                (credential, source)
+                source.build(&self.env, options).map_err(&refused)?
             }
         };
         let options = KeyClientOptions {
@@ -322,10 +433,10 @@ impl AzureKeyWrapperBuilder {
 }
 
 impl AzureKeyWrapper {
-    /// A wrapper for `config` with the default credential selection:
-    /// a client secret from `client_secret_env_var` when the config names
-    /// one, else workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set,
-    /// else managed identity (the user-assigned one with `client_id`, if given).
+    /// A wrapper for `config` with the default operator settings: the
+    /// [`AzureIdentity::Ambient`] identity (workload identity when
+    /// `AZURE_FEDERATED_TOKEN_FILE` is set, else the system-assigned managed
+    /// identity) and the config's vault URL as endpoint.
     ///
     /// # Errors
     /// As [`AzureKeyWrapperBuilder::build`].
@@ -337,6 +448,11 @@ impl AzureKeyWrapper {
     pub fn builder(config: &AzureConfig) -> AzureKeyWrapperBuilder {
         AzureKeyWrapperBuilder {
             config: config.clone(),
+            identity: AzureIdentity::default(),
+            endpoint_url: None,
+            allow_loopback: false,
+            allowed_tenant_ids: None,
+            allowed_vaults: None,
             credential: None,
             env: process_env(),
             transport: None,
@@ -353,7 +469,7 @@ impl AzureKeyWrapper {
         &self.key
     }
 
-    /// Where requests go: the config's `endpoint_url`, else its `vault_url`.
+    /// Where requests go: the operator's endpoint override, else the config's `vault_url`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -525,6 +641,73 @@ fn check_result(
     Ok((kid, value))
 }
 
+/// Checks an operator's endpoint override for `key`: `https://` to the
+/// key's own vault host (`NAME.vault.azure.net` or `NAME.managedhsm.azure.net`,
+/// as the key reference names it), with no user info, no port other than
+/// 443 and no path. A loopback host (`localhost`, `127.0.0.0/8`, `::1`; a
+/// local test server) is accepted only when `allow_loopback` is set, the
+/// operator's test switch. Every other host (another vault, private or
+/// link-local addresses, a trailing dot, non-ASCII names) is refused: each
+/// request carries a Key Vault bearer token, and a re-wrap sends master keys.
+///
+/// ```
+/// use keyfold_azure::check_vault_endpoint;
+/// use keyfold_core::config::AzureKeyRef;
+/// let key = AzureKeyRef::parse("https://acme.vault.azure.net/keys/tenant-a")?;
+/// check_vault_endpoint("https://acme.vault.azure.net", &key, false)?;
+/// assert!(check_vault_endpoint("https://other.vault.azure.net", &key, false).is_err());
+/// assert!(check_vault_endpoint("https://localhost:8443", &key, false).is_err());
+/// check_vault_endpoint("https://localhost:8443", &key, true)?;
+/// # Ok::<(), keyfold_core::config::ConfigError>(())
+/// ```
+///
+/// # Errors
+/// [`ConfigError::InvalidField`] (field `endpoint_url`) saying what is accepted.
+pub fn check_vault_endpoint(
+    url: &str,
+    key: &AzureKeyRef,
+    allow_loopback: bool,
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidField {
+        provider: PROVIDER,
+        field: "endpoint_url",
+        reason,
+    };
+    let only_authority = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .is_some_and(|rest| match rest.find(['/', '?', '#']) {
+            None => true,
+            Some(i) => rest.get(i..) == Some("/"),
+        });
+    let Some(endpoint) = Endpoint::parse(url).filter(|_| only_authority) else {
+        return Err(invalid(
+            "must be https://HOST[:PORT] with a plain host, no user info and no path".into(),
+        ));
+    };
+    if endpoint.is_loopback() {
+        return if allow_loopback {
+            Ok(())
+        } else {
+            Err(invalid(
+                "a loopback endpoint is accepted only when the operator allows loopback endpoints for tests"
+                    .into(),
+            ))
+        };
+    }
+    let vault_host = key.vault_url.trim_start_matches("https://");
+    let same_vault = endpoint.https
+        && endpoint.port.is_none_or(|p| p == 443)
+        && endpoint.host.eq_ignore_ascii_case(vault_host);
+    if same_vault {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "must be https://{vault_host}, the key's own vault"
+        )))
+    }
+}
+
 #[async_trait]
 impl KeyWrapper for AzureKeyWrapper {
     fn provider(&self) -> &str {
@@ -605,7 +788,20 @@ impl KeyWrapper for AzureKeyWrapper {
                     .map_err(|e| map_sdk_error(e, &self.key_ref, op))
             })
             .await?;
-        let (_, value) = check_result(self, op, result)?;
+        let (answered, value) = check_result(self, op, result)?;
+        // Key Vault names the key version it used: it must be the one asked,
+        // or the answer is not this wrapped key's (a proxy or a confused
+        // vault); the plaintext is dropped (zeroized) unseen.
+        let same = answered.vault_url.eq_ignore_ascii_case(&kid.vault_url)
+            && answered.name.eq_ignore_ascii_case(&kid.name)
+            && answered.version.eq_ignore_ascii_case(&kid.version);
+        if !same {
+            return Err(self.error(
+                WrapErrorKind::KeyMismatch,
+                op,
+                format!("Key Vault unwrapped with {answered}, but {kid} was asked"),
+            ));
+        }
         SecretKey::try_from_slice(&value).map_err(|e| {
             self.error(
                 WrapErrorKind::InvalidCiphertext,

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::Arc;
 
-use keyfold_azure::{AzureKeyWrapper, CredentialSource};
+use keyfold_azure::{AzureIdentity, AzureKeyWrapper, CredentialSource};
 use keyfold_core::config::{AzureConfig, ConfigError, ProviderConfig};
 use keyfold_core::{KeyWrapper, SecretKey, WrapContext, WrapErrorKind, WrapOperation};
 use serde_json::json;
@@ -29,6 +29,14 @@ fn base() -> AzureConfig {
 
 fn no_env(_: &str) -> Option<String> {
     None
+}
+
+/// The operator's client secret identity, read from `var`.
+fn secret_identity(var: &str) -> AzureIdentity {
+    AzureIdentity::ClientSecret {
+        client_id: CLIENT_ID.into(),
+        env_var: var.into(),
+    }
 }
 
 /// Builds with an empty environment; returns the error's text.
@@ -90,7 +98,7 @@ fn every_config_refusal_says_why() {
         ),
         (
             with(&|c| c.endpoint_url = Some("http://localhost:8443".into())),
-            "endpoint http://localhost:8443 is not https: Key Vault tokens are only sent over TLS",
+            "`endpoint_url`: an operator-only setting",
         ),
         (
             with(&|c| {
@@ -98,7 +106,27 @@ fn every_config_refusal_says_why() {
                 c.client_id = Some(CLIENT_ID.into());
                 c.client_secret_env_var = Some("KEYFOLD_AZURE_TEST_UNSET".into());
             }),
-            "environment variable KEYFOLD_AZURE_TEST_UNSET is not set",
+            "`client_secret_env_var`: an operator-only setting",
+        ),
+        (
+            refusal_with(
+                AzureKeyWrapper::builder(&base())
+                    .environment(no_env)
+                    .endpoint_url("http://localhost:8443")
+                    .allow_loopback_endpoints_for_tests(true),
+            ),
+            "endpoint http://localhost:8443 is not https: Key Vault tokens are only sent over TLS",
+        ),
+        (
+            refusal_with(
+                AzureKeyWrapper::builder(&AzureConfig {
+                    azure_tenant_id: Some(TENANT.into()),
+                    ..base()
+                })
+                .environment(no_env)
+                .identity(secret_identity("KEYFOLD_AZURE_TEST_UNSET")),
+            ),
+            "the client secret variable KEYFOLD_AZURE_TEST_UNSET is unset or empty",
         ),
     ];
     for (text, want) in &cases {
@@ -110,16 +138,18 @@ fn every_config_refusal_says_why() {
         assert!(!text.contains("s3cr3t"), "{text}");
     }
 
-    // An empty secret variable, and workload identity without a tenant.
+    // An empty secret variable reads as an unset one, and workload identity
+    // without a tenant.
     let mut c = base();
     c.azure_tenant_id = Some(TENANT.into());
     c.client_id = Some(CLIENT_ID.into());
-    c.client_secret_env_var = Some("KV_SECRET".into());
     let text = refusal_with(
-        AzureKeyWrapper::builder(&c).environment(|n| (n == "KV_SECRET").then(|| "  ".to_owned())),
+        AzureKeyWrapper::builder(&c)
+            .identity(secret_identity("KV_SECRET"))
+            .environment(|n| (n == "KV_SECRET").then(|| "  ".to_owned())),
     );
     assert!(
-        text.contains("environment variable KV_SECRET is empty"),
+        text.contains("the client secret variable KV_SECRET is unset or empty"),
         "{text}"
     );
 
@@ -145,8 +175,10 @@ fn every_config_refusal_says_why() {
     let mut c = base();
     c.azure_tenant_id = Some(TENANT.into());
     c.client_id = Some(CLIENT_ID.into());
-    let text = refusal_with(AzureKeyWrapper::builder(&c).environment(|n| {
-        (n == "AZURE_FEDERATED_TOKEN_FILE").then(|| "/nonexistent/keyfold/token".to_owned())
+    let text = refusal_with(AzureKeyWrapper::builder(&c).environment(|n| match n {
+        "AZURE_FEDERATED_TOKEN_FILE" => Some("/nonexistent/keyfold/token".to_owned()),
+        "AZURE_CLIENT_ID" => Some(CLIENT_ID.to_owned()),
+        _ => None,
     }));
     assert!(text.contains("workload identity"), "{text}");
 }
@@ -199,12 +231,16 @@ fn credentials_default_to_managed_then_workload_identity() {
     );
     assert_eq!(w.endpoint(), "https://acme-keys.vault.azure.net");
 
-    // A client id: that user-assigned identity.
+    // The operator's user-assigned identity; a tenant config may repeat its
+    // client id.
     let c = AzureConfig {
         client_id: Some(CLIENT_ID.into()),
         ..base()
     };
     let w = AzureKeyWrapper::builder(&c)
+        .identity(AzureIdentity::ManagedIdentity {
+            client_id: Some(CLIENT_ID.into()),
+        })
         .environment(no_env)
         .build()
         .unwrap();
@@ -215,8 +251,9 @@ fn credentials_default_to_managed_then_workload_identity() {
         }
     );
 
-    // AKS workload identity advertised: tenant and client from the
-    // environment unless the config names them.
+    // AKS workload identity advertised: client from the environment (the
+    // config may repeat it), tenant from the environment unless the config
+    // names it.
     let dir = std::env::temp_dir().join(format!("keyfold-azure-wi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let token_file = dir.join("token");
@@ -225,7 +262,7 @@ fn credentials_default_to_managed_then_workload_identity() {
     let env = move |n: &str| match n {
         "AZURE_FEDERATED_TOKEN_FILE" => Some(file.clone()),
         "AZURE_TENANT_ID" => Some("11111111-1111-1111-1111-111111111111".into()),
-        "AZURE_CLIENT_ID" => Some("env-client".into()),
+        "AZURE_CLIENT_ID" => Some(CLIENT_ID.into()),
         _ => None,
     };
     let w = AzureKeyWrapper::builder(&c)
@@ -241,14 +278,14 @@ fn credentials_default_to_managed_then_workload_identity() {
         }
     );
 
-    // A named secret variable wins over both.
+    // The operator's client secret wins over both.
     let c = AzureConfig {
         azure_tenant_id: Some(TENANT.into()),
         client_id: Some(CLIENT_ID.into()),
-        client_secret_env_var: Some("KV_SECRET".into()),
         ..base()
     };
     let w = AzureKeyWrapper::builder(&c)
+        .identity(secret_identity("KV_SECRET"))
         .environment(move |n| {
             if n == "KV_SECRET" {
                 Some(SECRET.to_owned())
@@ -279,12 +316,12 @@ fn ctx() -> WrapContext {
     WrapContext::new("acme", 1)
 }
 
-/// A config using a client secret from `var`, against `vault`.
-fn secret_config(vault: &FakeVault, var: &str) -> AzureConfig {
+/// A tenant's config naming its Entra tenant and the operator's client id,
+/// against `vault`.
+fn secret_config(vault: &FakeVault) -> AzureConfig {
     AzureConfig {
         azure_tenant_id: Some(TENANT.into()),
         client_id: Some(CLIENT_ID.into()),
-        client_secret_env_var: Some(var.into()),
         ..vault.config("k")
     }
 }
@@ -293,6 +330,8 @@ fn secret_config(vault: &FakeVault, var: &str) -> AzureConfig {
 /// no test credential: the wrapper picks its own.
 fn entra_builder(vault: &FakeVault, config: &AzureConfig) -> keyfold_azure::AzureKeyWrapperBuilder {
     AzureKeyWrapper::builder(config)
+        .endpoint_url(vault.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
         .transport(vault.transport())
         .authority_host(vault.endpoint())
         .verify_challenge_resource(false)
@@ -304,7 +343,8 @@ async fn the_client_secret_from_the_named_variable_reaches_entra_id() {
     let vault = FakeVault::start().await;
     vault.create_rsa_key("k");
     vault.register_client(CLIENT_ID, SECRET);
-    let w = entra_builder(&vault, &secret_config(&vault, "KV_SECRET"))
+    let w = entra_builder(&vault, &secret_config(&vault))
+        .identity(secret_identity("KV_SECRET"))
         .environment(|n| (n == "KV_SECRET").then(|| SECRET.to_owned()))
         .build()
         .unwrap();
@@ -327,7 +367,8 @@ async fn the_client_secret_from_the_named_variable_reaches_entra_id() {
     assert!(!shown.contains("s3cr3t"), "{shown}");
 
     // A wrong secret: Entra refuses, the wrap is denied, the secret unshown.
-    let wrong = entra_builder(&vault, &secret_config(&vault, "KV_SECRET"))
+    let wrong = entra_builder(&vault, &secret_config(&vault))
+        .identity(secret_identity("KV_SECRET"))
         .environment(|n| (n == "KV_SECRET").then(|| "wrong-s3cr3t".to_owned()))
         .build()
         .unwrap();
@@ -345,7 +386,8 @@ async fn the_process_environment_is_read_by_default() {
     let vault = FakeVault::start().await;
     vault.create_rsa_key("k");
     vault.register_client(CLIENT_ID, &path);
-    let w = entra_builder(&vault, &secret_config(&vault, "PATH"))
+    let w = entra_builder(&vault, &secret_config(&vault))
+        .identity(secret_identity("PATH"))
         .build()
         .unwrap();
     w.wrap(&SecretKey::generate().unwrap(), &ctx())
@@ -371,7 +413,11 @@ async fn workload_identity_sends_the_projected_token_as_client_assertion() {
         ..vault.config("k")
     };
     let w = entra_builder(&vault, &config)
-        .environment(move |n| (n == "AZURE_FEDERATED_TOKEN_FILE").then(|| file.clone()))
+        .environment(move |n| match n {
+            "AZURE_FEDERATED_TOKEN_FILE" => Some(file.clone()),
+            "AZURE_CLIENT_ID" => Some(CLIENT_ID.to_owned()),
+            _ => None,
+        })
         .build()
         .unwrap();
     assert!(matches!(
@@ -399,10 +445,10 @@ fn debug_shows_no_secret_or_token() {
     let c = AzureConfig {
         azure_tenant_id: Some(TENANT.into()),
         client_id: Some(CLIENT_ID.into()),
-        client_secret_env_var: Some("KV_SECRET".into()),
         ..base()
     };
     let builder = AzureKeyWrapper::builder(&c)
+        .identity(secret_identity("KV_SECRET"))
         .environment(|n| (n == "KV_SECRET").then(|| SECRET.to_owned()))
         .credential(Arc::new(support::TestCredential::default()));
     let shown_builder = format!("{builder:?}");

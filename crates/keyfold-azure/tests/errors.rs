@@ -302,9 +302,9 @@ async fn a_refused_connection_is_unavailable() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let mut cfg = vault.config("k");
-    cfg.endpoint_url = Some(format!("https://127.0.0.1:{port}"));
+    let cfg = vault.config("k");
     let w = support::builder(&vault, &cfg)
+        .endpoint_url(format!("https://127.0.0.1:{port}"))
         .retry_policy(RetryPolicy::none())
         .build()
         .unwrap();

@@ -33,8 +33,11 @@ fn row(n: u32) -> EncryptionContext {
 
 fn factory(vault: &FakeVault) -> AzureFactory {
     let transport = vault.transport();
+    let endpoint = vault.endpoint();
     AzureFactory::with_builder(move |b| {
         b.credential(Arc::new(TestCredential::default()))
+            .endpoint_url(endpoint.clone())
+            .allow_loopback_endpoints_for_tests(true)
             .transport(transport.clone())
             .verify_challenge_resource(false)
             .retry_policy(RetryPolicy::none())
@@ -103,6 +106,8 @@ async fn keyring_lifecycle_across_key_vault_rotation() {
     let ring = Keyring::builder("acme", probed.wrapper.clone(), store.clone())
         .retry_policy(RetryPolicy::none())
         .clock(Arc::new(clock.clone()))
+        .destroy_grace(std::time::Duration::ZERO)
+        .write_window(std::time::Duration::ZERO)
         .create()
         .await
         .unwrap();

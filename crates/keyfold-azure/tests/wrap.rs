@@ -10,7 +10,7 @@ use keyfold_azure::{AzureKeyWrapper, WrapAlgorithm};
 use keyfold_core::config::AzureConfig;
 use keyfold_core::{KeyWrapper, SecretKey, WrapContext, WrapErrorKind};
 use serde_json::json;
-use support::{FakeVault, SCOPE, TestCredential};
+use support::{FakeVault, Fault, SCOPE, TestCredential};
 
 fn ctx() -> WrapContext {
     WrapContext::new("acme", 1)
@@ -189,6 +189,8 @@ async fn the_challenge_resource_is_verified_under_the_vault_s_real_name() {
     // Reached as localhost with the check on, the challenge is refused and
     // the body is never sent.
     let strict = AzureKeyWrapper::builder(&vault.config("k"))
+        .endpoint_url(vault.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
         .credential(Arc::new(TestCredential::default()))
         .transport(vault.transport())
         .build()
@@ -294,12 +296,11 @@ async fn foreign_keys_and_kids_are_key_mismatches() {
 async fn an_endpoint_reaching_another_vault_is_refused() {
     let vault = FakeVault::start().await;
     vault.create_rsa_key("k");
-    // The config names vault "elsewhere", but endpoint_url reaches kftest,
-    // whose kid says so.
+    // The config names vault "elsewhere", but the operator's loopback
+    // endpoint reaches kftest, whose kid says so.
     let cfg = config(json!({
         "kms_key_ref": "https://elsewhere.vault.azure.net/keys/k",
         "vault_url": "https://elsewhere.vault.azure.net",
-        "endpoint_url": vault.endpoint(),
     }));
     let w = support::builder(&vault, &cfg).build().unwrap();
     let err = w
@@ -308,4 +309,38 @@ async fn an_endpoint_reaching_another_vault_is_refused() {
         .unwrap_err();
     assert_eq!(err.kind, WrapErrorKind::Misconfigured);
     assert!(err.to_string().contains("another vault"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unwrap_answer_naming_another_key_version_is_refused() {
+    let vault = FakeVault::start().await;
+    let v1 = vault.create_rsa_key("k");
+    let v2 = vault.rotate("k");
+    vault.create_rsa_key("other");
+    let w = support::wrapper(&vault, "k");
+    let key = SecretKey::generate().unwrap();
+    let wrapped = w.wrap(&key, &ctx()).await.unwrap();
+    assert!(wrapped.kms_key_version.as_deref().unwrap().ends_with(&v2));
+    // The vault answers unwrapKey, but for another version, another key, or
+    // another vault than the one asked: the plaintext is refused.
+    for kid in [
+        format!("https://kftest.vault.azure.net/keys/k/{v1}"),
+        format!("https://kftest.vault.azure.net/keys/other/{v2}"),
+        format!("https://elsewhere.vault.azure.net/keys/k/{v2}"),
+    ] {
+        vault.inject([Fault::ReportKid(kid.clone())]);
+        let err = w.unwrap(&wrapped, &ctx()).await.unwrap_err();
+        assert_eq!(err.kind, WrapErrorKind::KeyMismatch, "{kid}: {err}");
+        assert!(err.to_string().contains(&kid), "{err}");
+        assert_eq!(vault.clear_faults(), 0, "the fault was served");
+    }
+    // The same kid in another case is the same key version.
+    vault.inject([Fault::ReportKid(format!(
+        "https://KFTEST.vault.azure.net/keys/K/{}",
+        v2.to_ascii_uppercase()
+    ))]);
+    assert_eq!(
+        w.unwrap(&wrapped, &ctx()).await.unwrap().expose(),
+        key.expose()
+    );
 }

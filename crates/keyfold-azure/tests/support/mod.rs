@@ -140,6 +140,9 @@ pub enum Fault {
         /// The `Retry-After` value.
         retry_after_secs: u64,
     },
+    /// Serve the request, but name this `kid` in the answer (a vault or proxy
+    /// answering for another key version).
+    ReportKid(String),
 }
 
 /// One request the fake received.
@@ -381,12 +384,12 @@ impl FakeVault {
         self.state.lock().unwrap().token_requests.clone()
     }
 
-    /// A config for key `name` reached through `endpoint_url`.
+    /// A tenant's config for key `name` (the endpoint that reaches the fake
+    /// is the operator's: see [`builder`]).
     pub fn config(&self, name: &str) -> AzureConfig {
         serde_json::from_value(json!({
             "kms_key_ref": self.key_url(name),
             "vault_url": self.public_url,
-            "endpoint_url": self.endpoint(),
         }))
         .unwrap()
     }
@@ -536,6 +539,8 @@ fn fault_response(fault: &Fault) -> Response<Full<Bytes>> {
             None,
         ),
         Fault::Status(other) => kv_error(*other, "Error", "injected fault", None),
+        // Served by `key_request`, which answers the call itself.
+        Fault::ReportKid(_) => kv_error(500, "Error", "unexpected fault", None),
     }
 }
 
@@ -600,8 +605,11 @@ fn key_request(
         );
     }
     let mut state = state.lock().unwrap();
-    if let Some(fault) = state.faults.pop_front() {
-        return fault_response(&fault);
+    let mut report_kid = None;
+    match state.faults.pop_front() {
+        Some(Fault::ReportKid(kid)) => report_kid = Some(kid),
+        Some(fault) => return fault_response(&fault),
+        None => {}
     }
     let parts: Vec<&str> = rest.split('/').collect();
     let (name, version, op) = match (method, parts.as_slice()) {
@@ -633,9 +641,10 @@ fn key_request(
     };
     let kid = format!("{}/keys/{name}/{}", state.public_url, v.id);
     drop(state);
+    let reported = report_kid.unwrap_or_else(|| kid.clone());
     match op {
         None => get_key(&kid, &v),
-        Some(op @ ("wrapkey" | "unwrapkey")) => crypto(&kid, &v, op == "wrapkey", body),
+        Some(op @ ("wrapkey" | "unwrapkey")) => crypto(&reported, &v, op == "wrapkey", body),
         Some(_) => kv_error(400, "BadParameter", "unsupported operation", None),
     }
 }
@@ -824,9 +833,10 @@ impl keyfold_azure::Sleeper for RecordingSleeper {
     }
 }
 
-/// A wrapper for key `name` of `vault`, reached through `endpoint_url` on
-/// `localhost` (so the challenge-resource check is off), authenticated by a
-/// [`TestCredential`], waiting on a [`RecordingSleeper`].
+/// A wrapper for key `name` of `vault`, reached through the operator's
+/// endpoint override on `localhost` (the loopback test switch on, the
+/// challenge-resource check off), authenticated by a [`TestCredential`],
+/// waiting on a [`RecordingSleeper`].
 pub fn wrapper(vault: &FakeVault, name: &str) -> keyfold_azure::AzureKeyWrapper {
     builder(vault, &vault.config(name)).build().unwrap()
 }
@@ -834,6 +844,8 @@ pub fn wrapper(vault: &FakeVault, name: &str) -> keyfold_azure::AzureKeyWrapper 
 /// The builder [`wrapper`] uses, for `config`.
 pub fn builder(vault: &FakeVault, config: &AzureConfig) -> keyfold_azure::AzureKeyWrapperBuilder {
     keyfold_azure::AzureKeyWrapper::builder(config)
+        .endpoint_url(vault.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
         .credential(Arc::new(TestCredential::default()))
         .transport(vault.transport())
         .verify_challenge_resource(false)
