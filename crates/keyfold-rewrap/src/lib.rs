@@ -9,4 +9,4 @@ pub mod source;
 pub use checkpoint::{Checkpoint, Counters, Mode, Shard, SourceCheckpoint};
 pub use job::{BatchReport, CompletionReport, JobError, JobOptions, RewrapJob, RowFailure};
 pub use lazy::{LazyRead, decrypt_and_upgrade};
-pub use source::{CasOutcome, Row, RowSource, SourceError};
+pub use source::{CasOutcome, CasWrite, Row, RowSource, SourceError};

@@ -79,6 +79,29 @@ pub enum CasOutcome {
     Conflict,
 }
 
+/// One write of a batch compare-and-swap
+/// ([`RowSource::compare_and_swap_many`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CasWrite<'a> {
+    /// The row's id.
+    pub id: &'a str,
+    /// The ciphertext the row must still hold.
+    pub expected: &'a [u8],
+    /// The ciphertext to write.
+    pub new: &'a [u8],
+}
+
+impl std::fmt::Debug for CasWrite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Ciphertexts are not secret, but they are long: lengths only.
+        f.debug_struct("CasWrite")
+            .field("id", &self.id)
+            .field("expected_len", &self.expected.len())
+            .field("new_len", &self.new.len())
+            .finish()
+    }
+}
+
 /// A table of encrypted records. Implemented by the host over its storage.
 #[async_trait]
 pub trait RowSource: Send + Sync {
@@ -109,6 +132,31 @@ pub trait RowSource: Send + Sync {
         expected: &[u8],
         new: &[u8],
     ) -> Result<CasOutcome, SourceError>;
+
+    /// Writes a whole batch: each `new` goes to its row only if the row still
+    /// holds its `expected`. Returns one outcome per write, in order. The ids
+    /// of one call are distinct.
+    ///
+    /// The default calls [`compare_and_swap`](Self::compare_and_swap) once per
+    /// write. A store that can do it in one statement (PostgreSQL's
+    /// `UPDATE … FROM unnest(…) … RETURNING id`) should override it: the job
+    /// calls this once per batch and source, so a batch then costs two round
+    /// trips (the fetch and this write) instead of one per row. Each write
+    /// still succeeds or conflicts on its own; the call need not be atomic.
+    ///
+    /// # Errors
+    /// [`SourceError`]; transient ones are retried (the whole batch again:
+    /// writes that went through then conflict, and are re-read).
+    async fn compare_and_swap_many(
+        &self,
+        writes: &[CasWrite<'_>],
+    ) -> Result<Vec<CasOutcome>, SourceError> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            out.push(self.compare_and_swap(w.id, w.expected, w.new).await?);
+        }
+        Ok(out)
+    }
 
     /// How many rows remain after `after`, if the host can count them cheaply
     /// (for the progress estimate).
