@@ -116,6 +116,14 @@ pub(crate) struct KeyCache {
     next_sweep_ns: AtomicU64,
 }
 
+/// Counter: key lookups answered from the cache.
+pub const CACHE_HITS: &str = "keyfold_key_cache_hits_total";
+/// Counter: key lookups that had to unwrap (or wait for an unwrap).
+pub const CACHE_MISSES: &str = "keyfold_key_cache_misses_total";
+/// Counter: cached keys dropped, by `reason` (`expired`, `state`: the
+/// version was disabled or destroyed).
+pub const CACHE_EVICTIONS: &str = "keyfold_key_cache_evictions_total";
+
 /// How long an expired key may outlive its TTL while the keyring is used.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -176,10 +184,13 @@ impl KeyCache {
         self.sweep_if_due(now);
         if let Some((key, expires)) = &state.key {
             if now < *expires {
+                metrics::counter!(CACHE_HITS).increment(1);
                 return Ok(Arc::clone(key));
             }
             state.key = None;
+            metrics::counter!(CACHE_EVICTIONS, "reason" => "expired").increment(1);
         }
+        metrics::counter!(CACHE_MISSES).increment(1);
         if slot.attempts.load(Ordering::SeqCst) != seen
             && let Some(failure) = &state.failure
         {
@@ -230,7 +241,9 @@ impl KeyCache {
     /// Drops `version`'s key (it is zeroized once no caller holds it).
     pub(crate) fn evict(&self, version: u32) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots.remove(&version);
+        if slots.remove(&version).is_some() {
+            metrics::counter!(CACHE_EVICTIONS, "reason" => "state").increment(1);
+        }
     }
 
     /// Drops every key whose TTL has passed; returns how many.
@@ -253,7 +266,9 @@ impl KeyCache {
                 Err(_) => true,
             }
         });
-        before.saturating_sub(slots.len())
+        let evicted = before.saturating_sub(slots.len());
+        metrics::counter!(CACHE_EVICTIONS, "reason" => "expired").increment(evicted as u64);
+        evicted
     }
 
     /// Drops every key.

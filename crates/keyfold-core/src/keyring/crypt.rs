@@ -234,7 +234,11 @@ impl Keyring {
             .as_ref()
             .ok_or(Error::KeyDestroyed { version: v.version })?;
         let ctx = WrapContext::new(self.id.clone(), v.version);
-        match retry(&self.options.retry, || wrapper.unwrap(wrapped, &ctx)).await {
+        match retry(&self.options.retry, || {
+            observe::unwrap(wrapper.as_ref(), wrapped, &ctx)
+        })
+        .await
+        {
             Ok(key) => {
                 check_key(v, &ctx, &key)?;
                 Ok(MasterKey::new(v.version, key))

@@ -240,6 +240,41 @@ pub enum DestroyRefusal {
     },
 }
 
+impl Error {
+    /// A short stable name for the failure, for metrics labels and trace
+    /// fields (`sealed`, `conflict`, `destroy_refused`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Format(_) => "format",
+            Error::Decrypt => "decrypt",
+            Error::Encrypt => "encrypt",
+            Error::VersionMismatch { .. } => "version_mismatch",
+            Error::Context(_) => "context",
+            Error::PlaintextTooLarge { .. } => "plaintext_too_large",
+            Error::Wrap(_) => "kms",
+            Error::Rng(_) => "rng",
+            Error::KeyState { .. } => "key_state",
+            Error::KeyDestroyed { .. } => "key_destroyed",
+            Error::KeyCheckFailed { .. } => "key_check_failed",
+            Error::UnknownVersion { .. } => "unknown_version",
+            Error::NoActiveVersion => "no_active_version",
+            Error::Sealed { .. } => "sealed",
+            Error::SealedByOperator { .. } => "sealed_by_operator",
+            Error::IllegalTransition { .. } => "illegal_transition",
+            Error::Conflict { .. } => "conflict",
+            Error::DestroyRefused { .. } => "destroy_refused",
+            Error::WriteWindowExpired { .. } => "write_window_expired",
+            Error::BelowMinDecryptionVersion { .. } => "below_min_decryption_version",
+            Error::VersionsExhausted => "versions_exhausted",
+            Error::KeyringExists(_) => "keyring_exists",
+            Error::KeyringNotFound(_) => "keyring_not_found",
+            Error::Store(_) => "store",
+            Error::Stream(_) => "stream",
+            Error::Io(_) => "io",
+        }
+    }
+}
+
 impl From<StateError> for Error {
     fn from(e: StateError) -> Self {
         match e {

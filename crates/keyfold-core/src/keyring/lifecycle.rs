@@ -129,8 +129,11 @@ impl Keyring {
     /// # Errors
     /// [`Error::Sealed`], [`Error::Wrap`], [`Error::Conflict`], [`Error::Store`].
     pub async fn rotate(&self, actor: &Actor) -> Result<Rotation, Error> {
-        let _guard = self.write.lock().await;
-        self.rotate_locked(actor, false).await
+        self.traced("rotate", None, async {
+            let _guard = self.write.lock().await;
+            self.rotate_locked(actor, false).await
+        })
+        .await
     }
 
     /// Rotates when `policy` says a rotation is due now, emitting
@@ -177,7 +180,11 @@ impl Keyring {
         let key = SecretKey::generate()?;
         let wrapper = self.wrapper();
         let ctx = WrapContext::new(self.id.clone(), version);
-        let wrapped = match retry(&self.options.retry, || wrapper.wrap(&key, &ctx)).await {
+        let wrapped = match retry(&self.options.retry, || {
+            observe::wrap(wrapper.as_ref(), &key, &ctx)
+        })
+        .await
+        {
             Ok(w) => w,
             Err(e) if seals(e.kind) => return Err(self.seal_on_failure(e.kind)),
             Err(e) => return Err(e.into()),
@@ -266,6 +273,29 @@ impl Keyring {
     }
 
     pub(super) async fn transition(
+        &self,
+        version: u32,
+        transition: Transition,
+        actor: &Actor,
+        destroy: Option<&DestroyAuthorization>,
+    ) -> Result<Vec<StateChange>, Error> {
+        let operation = match transition {
+            Transition::Activate => "activate",
+            Transition::Retire => "retire",
+            Transition::Rollback => "rollback",
+            Transition::Disable => "disable",
+            Transition::Enable => "enable",
+            Transition::Destroy => "destroy",
+        };
+        self.traced(
+            operation,
+            Some(version),
+            self.transition_untraced(version, transition, actor, destroy),
+        )
+        .await
+    }
+
+    async fn transition_untraced(
         &self,
         version: u32,
         transition: Transition,

@@ -60,12 +60,13 @@ use crate::keyring::store::{KeyringStore, Revision, StoreError, StoreEvent};
 use crate::keyring::time::{Clock, SystemClock, Timestamp};
 use crate::wrap::error::WrapErrorKind;
 use crate::wrap::retry::{RetryPolicy, retry};
-use crate::wrap::{KeyWrapper, WrapContext};
+use crate::wrap::{KeyWrapper, WrapContext, observe};
 pub use error::{DestroyRefusal, Error};
 
 pub use builder::KeyringBuilder;
 use builder::{Options, load_checked};
 use cache::KeyCache;
+pub use cache::{CACHE_EVICTIONS, CACHE_HITS, CACHE_MISSES};
 pub use crypt::PendingWrite;
 use crypt::{check_key, key_check};
 pub use evidence::{DestroyAuthorization, NoRecordsLeft};
@@ -161,7 +162,32 @@ impl fmt::Debug for Keyring {
     }
 }
 
+/// Gauge: keyrings sealed in this process, by `cause` (`kms`, `operator`).
+pub const SEALED_KEYRINGS: &str = "keyfold_sealed_keyrings";
+
 impl Keyring {
+    /// Runs a keyring operation in a `keyfold.keyring` span with the
+    /// operation, keyring id, version and outcome as fields (never keys,
+    /// context values or plaintext).
+    pub(super) async fn traced<T>(
+        &self,
+        operation: &'static str,
+        version: Option<u32>,
+        op: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "keyfold.keyring",
+            operation,
+            keyring_id = %self.id,
+            version,
+            outcome = tracing::field::Empty,
+        );
+        let result = op.instrument(span.clone()).await;
+        span.record("outcome", result.as_ref().err().map_or("ok", Error::code));
+        result
+    }
+
     /// How old a view of the store may be when a version is chosen
     /// ([`KeyringBuilder::max_staleness`]).
     pub fn max_staleness(&self) -> Duration {

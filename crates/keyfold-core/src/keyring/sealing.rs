@@ -38,6 +38,7 @@ impl Keyring {
             }
             *sealed = Some(SealInfo { kind, since });
         }
+        metrics::gauge!(SEALED_KEYRINGS, "cause" => "kms").increment(1.0);
         if kind.is_transient() {
             let first = self
                 .options
@@ -87,9 +88,14 @@ impl Keyring {
                 Arc::new(self.unwrap_version(v, Arc::clone(&old)).await?)
             };
             let ctx = WrapContext::new(self.id.clone(), v.version);
-            let wrapped =
-                retry(&self.options.retry, || new_wrapper.wrap(key.secret(), &ctx)).await?;
-            let back = retry(&self.options.retry, || new_wrapper.unwrap(&wrapped, &ctx)).await?;
+            let wrapped = retry(&self.options.retry, || {
+                observe::wrap(new_wrapper.as_ref(), key.secret(), &ctx)
+            })
+            .await?;
+            let back = retry(&self.options.retry, || {
+                observe::unwrap(new_wrapper.as_ref(), &wrapped, &ctx)
+            })
+            .await?;
             if back.expose() != key.secret().expose() {
                 return Err(Error::Decrypt);
             }
@@ -128,6 +134,11 @@ impl Keyring {
     /// # Errors
     /// As [`unseal`](Self::unseal).
     pub async fn unseal_as(&self, actor: &Actor) -> Result<(), Error> {
+        self.traced("unseal", None, self.unseal_untraced(actor))
+            .await
+    }
+
+    async fn unseal_untraced(&self, actor: &Actor) -> Result<(), Error> {
         let was_operator = self
             .operator_seal
             .lock()
@@ -136,6 +147,9 @@ impl Keyring {
             .is_some();
         self.operator_sealed
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        if was_operator {
+            metrics::gauge!(SEALED_KEYRINGS, "cause" => "operator").decrement(1.0);
+        }
         if was_operator && self.sealed().is_none() {
             self.emit(actor, AuditKind::Unsealed);
             return Ok(());
@@ -152,11 +166,14 @@ impl Keyring {
     /// Emits `kms.sealed.manual`.
     pub fn seal(&self, reason: impl Into<String>, actor: &Actor) {
         let reason = reason.into();
-        *self
+        let previous = self
             .operator_seal
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            Some((self.options.clock.now(), reason.clone()));
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace((self.options.clock.now(), reason.clone()));
+        if previous.is_none() {
+            metrics::gauge!(SEALED_KEYRINGS, "cause" => "operator").increment(1.0);
+        }
         self.operator_sealed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.cache.clear();
@@ -225,8 +242,7 @@ impl Keyring {
             Some(v) => {
                 let ctx = WrapContext::new(self.id.clone(), v.version);
                 match &v.wrapped {
-                    Some(w) => wrapper
-                        .unwrap(w, &ctx)
+                    Some(w) => observe::unwrap(wrapper.as_ref(), w, &ctx)
                         .await
                         .map(|k| Some(MasterKey::new(v.version, k))),
                     None => Ok(None),
@@ -267,6 +283,7 @@ impl Keyring {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = None;
                 if was.is_some() {
+                    metrics::gauge!(SEALED_KEYRINGS, "cause" => "kms").decrement(1.0);
                     self.emit(actor, AuditKind::Unsealed);
                 }
                 Ok(())

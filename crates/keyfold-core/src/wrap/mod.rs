@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod observe;
 pub mod probe;
 pub mod retry;
 
