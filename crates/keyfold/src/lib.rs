@@ -18,3 +18,8 @@ pub use keyfold_azure as azure;
 /// The rewrap job and lazy rewrap: [`keyfold_rewrap`].
 #[cfg(feature = "rewrap")]
 pub use keyfold_rewrap as rewrap;
+
+/// PostgreSQL: [`keyfold_postgres`]'s `PgKeyringStore`, `PgAuditSink` and the
+/// distributed rewrap job.
+#[cfg(feature = "postgres")]
+pub use keyfold_postgres as postgres;

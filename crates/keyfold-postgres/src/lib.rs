@@ -1,0 +1,39 @@
+//! PostgreSQL for a keyfold fleet: the database the services already run
+//! becomes the keyrings' store, the audit log and the place a rewrap job's
+//! work is shared (docs/LIFECYCLE.md, "PostgreSQL").
+//!
+//! - [`PgKeyringStore`]: keyrings in one table with compare-and-swap on the
+//!   revision, and change notifications through `LISTEN`/`NOTIFY`
+//!   ([`KeyringStore::watch`](keyfold_core::KeyringStore::watch)), so a
+//!   disable or destroy on one instance reaches the others in milliseconds;
+//!   a lost listener connection sends
+//!   [`StoreEvent::Resync`](keyfold_core::StoreEvent::Resync) once it is back,
+//!   and until then every instance keeps its max-staleness bound.
+//! - [`PgAuditSink`]: an append-only, hash-chained audit table whose
+//!   [`verify`](PgAuditSink::verify) finds the first row edited, removed or
+//!   reordered.
+//!
+//! Every type takes the host's [`sqlx::PgPool`] and a [`TablePrefix`]
+//! (default `keyfold_`); [`migrate`] creates or upgrades the tables. Queries
+//! are checked at run time (no database at build time); connections use TLS
+//! through rustls when the pool's options ask for it (`sslmode=require` or
+//! stricter).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use keyfold_postgres::{PgKeyringStore, TablePrefix, migrate};
+//! let pool = sqlx::PgPool::connect("postgres://app@db.internal/app?sslmode=verify-full").await?;
+//! let prefix = TablePrefix::default();
+//! migrate(&pool, &prefix).await?;
+//! # let _ = PgKeyringStore; Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod audit;
+mod migrate;
+mod store;
+mod table;
+
+pub use migrate::{InvalidPrefix, MigrateError, TablePrefix, migrate};
+pub use store::PgKeyringStore;
+pub use table::{IdRange, OnNull, PgTable, PgTableBuilder, TableError};
