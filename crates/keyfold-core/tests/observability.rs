@@ -64,8 +64,11 @@ impl Subscriber for &'static Capture {
     fn exit(&self, _: &Id) {}
 }
 
+/// A metric: name, labels, value.
+type Sample = (String, Vec<(String, String)>, DebugValue);
+
 fn counter(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
+    snapshot: &[Sample],
     name: &str,
     labels: &[(&str, &str)],
 ) -> u64 {
@@ -117,7 +120,7 @@ async fn kms_calls_cache_and_seals_are_measured_and_traced_without_secrets() {
     ring.clear_cache();
     assert!(ring.master_key(2).await.is_err());
 
-    let snapshot: Vec<(String, Vec<(String, String)>, DebugValue)> = snapshotter
+    let snapshot: Vec<Sample> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
