@@ -162,3 +162,48 @@ async fn a_wall_clock_stepped_back_does_not_freeze_the_view_age() {
         3
     );
 }
+
+/// Two `FileStore`s over one directory stand for two processes: the second
+/// hears of the first's saves only through its directory poller.
+#[tokio::test]
+async fn a_file_store_tells_another_process_of_a_disable_by_polling() {
+    use keyfold_core::store::{FILE_POLL_INTERVAL, FileStore};
+    let mut bytes = [0u8; 8];
+    keyfold_core::rng::fill(&mut bytes).unwrap();
+    let dir = std::env::temp_dir().join(format!("keyfold-watch-{}", hex::encode(bytes)));
+    let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
+    let writer = Keyring::builder("t", kek.clone(), Arc::new(FileStore::new(&dir).unwrap()))
+        .create()
+        .await
+        .unwrap();
+    writer.rotate(&admin()).await.unwrap();
+    let record = writer.encrypt(&ctx(), b"kept").await.unwrap();
+    writer.rotate(&admin()).await.unwrap();
+    // Max staleness and TTL far beyond the test: only a notification can
+    // make the reader reload.
+    let reader = Keyring::builder("t", kek, Arc::new(FileStore::new(&dir).unwrap()))
+        .max_staleness(Duration::from_secs(3600))
+        .cache_ttl(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(reader.decrypt(&ctx(), &record).await.unwrap(), b"kept");
+    writer.disable(1, &admin()).await.unwrap();
+    let deadline = std::time::Instant::now() + FILE_POLL_INTERVAL * 25;
+    loop {
+        match reader.decrypt(&ctx(), &record).await {
+            Err(Error::KeyState {
+                version: 1,
+                state: KeyState::Disabled,
+            }) => break,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(FILE_POLL_INTERVAL / 4).await;
+            }
+            other => panic!(
+                "the reader never heard of the disable: {other:?} {:?}",
+                reader.metadata().versions[0].state
+            ),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

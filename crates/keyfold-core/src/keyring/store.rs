@@ -331,30 +331,32 @@ pub struct FileStore {
 /// How often a watched [`FileStore`] looks for other processes' saves.
 pub const FILE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Polls `dir` for keyring files whose size or modification time changed
-/// and announces them; returns once nobody watches.
-fn poll_dir(dir: &Path, tx: &tokio::sync::broadcast::Sender<StoreEvent>) {
-    type Seen = HashMap<String, (u64, Option<std::time::SystemTime>)>;
-    let scan = || -> Seen {
-        let mut seen = Seen::new();
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return seen;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if let Ok(meta) = entry.metadata() {
-                seen.insert(id.to_owned(), (meta.len(), meta.modified().ok()));
-            }
-        }
-        seen
+/// Size and modification time of each keyring file in a directory.
+type DirStamps = HashMap<String, (u64, Option<std::time::SystemTime>)>;
+
+fn scan_dir(dir: &Path) -> DirStamps {
+    let mut seen = DirStamps::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return seen;
     };
-    let mut before = scan();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if let Ok(meta) = entry.metadata() {
+            seen.insert(id.to_owned(), (meta.len(), meta.modified().ok()));
+        }
+    }
+    seen
+}
+
+/// Polls `dir` for keyring files whose size or modification time changed
+/// since `before` and announces them; returns once nobody watches.
+fn poll_dir(dir: &Path, mut before: DirStamps, tx: &tokio::sync::broadcast::Sender<StoreEvent>) {
     while tx.receiver_count() > 0 {
         std::thread::sleep(FILE_POLL_INTERVAL);
-        let now = scan();
+        let now = scan_dir(dir);
         for (id, stamp) in &now {
             if before.get(id) != Some(stamp) {
                 let _ = tx.send(StoreEvent::Changed {
@@ -568,9 +570,12 @@ impl KeyringStore for FileStore {
         let (tx, rx) = tokio::sync::broadcast::channel(EVENT_BUFFER);
         let poller = tx.clone();
         let dir = self.dir.clone();
+        // The baseline is taken now, not when the thread first runs: a save
+        // made in between must count as a change.
+        let baseline = scan_dir(&dir);
         let started = std::thread::Builder::new()
             .name("keyfold-filestore-watch".into())
-            .spawn(move || poll_dir(&dir, &poller));
+            .spawn(move || poll_dir(&dir, baseline, &poller));
         // Without a poller this process's own saves still notify; other
         // processes' fall back to the max-staleness bound.
         drop(started);
