@@ -67,11 +67,7 @@ impl Subscriber for &'static Capture {
 /// A metric: name, labels, value.
 type Sample = (String, Vec<(String, String)>, DebugValue);
 
-fn counter(
-    snapshot: &[Sample],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+fn counter(snapshot: &[Sample], name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
         .filter(|(n, l, _)| {
