@@ -60,9 +60,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         region,
         role_arn,
         external_id,
-        endpoint_url: Some(endpoint.clone()),
+        endpoint_url: None,
     };
+    // The config above is what a tenant may say; the endpoint is the
+    // operator's setting. The loopback switch lets it reach an emulator on
+    // this machine: never turn it on in production.
     let kms = AwsKmsWrapper::builder(config)
+        .kms_endpoint_url(&endpoint)
+        .allow_loopback_endpoints_for_tests(true)
         .sts_endpoint_url(&endpoint)
         .build()
         .await?;

@@ -9,6 +9,7 @@
 )]
 
 mod errors;
+mod operator;
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use keyfold_core::{
 use zeroize::Zeroizing;
 
 pub use errors::classify_sdk_error;
+pub use operator::check_kms_endpoint;
 
 /// Provider name recorded in every [`WrappedKey`] this crate makes.
 pub const PROVIDER: &str = "aws";
@@ -59,6 +61,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AwsKmsWrapper {
     config: AwsConfig,
     key: AwsKeyRef,
+    /// The assumed role's account: where `alias/NAME` resolves.
+    role_account: String,
     client: aws_sdk_kms::Client,
     retry: RetryPolicy,
 }
@@ -67,12 +71,29 @@ pub struct AwsKmsWrapper {
 /// onboarding flow ([`keyfold_core::probe::ConfigSlot::upsert`] validates,
 /// builds and probes a new config before accepting it).
 ///
-/// The knobs apply to every wrapper it builds (see [`AwsKmsWrapperBuilder`]).
+/// The config is the tenant's (key, region, role, external id); the knobs
+/// here are the operator's and apply to every wrapper it builds (see
+/// [`AwsKmsWrapperBuilder`]): the KMS and STS endpoints, the base
+/// credentials, and the AWS accounts a tenant may name. A tenant config that
+/// names an endpoint is refused (docs/THREAT_MODEL.md, "Tenant and operator
+/// settings").
+///
+/// ```
+/// use keyfold_aws::AwsWrapperFactory;
+/// // One factory for the service, narrowed to each tenant's verified account.
+/// let service = AwsWrapperFactory::new()
+///     .kms_endpoint_url("https://vpce-0a1b2c3d.kms.eu-west-1.vpce.amazonaws.com");
+/// let tenant_a = service.clone().allowed_accounts(["111122223333"]);
+/// # let _ = tenant_a;
+/// ```
 #[derive(Clone, Default)]
 pub struct AwsWrapperFactory {
     sts_endpoint_url: Option<String>,
     base_credentials: Option<SharedCredentialsProvider>,
     retry: Option<RetryPolicy>,
+    kms_endpoint_url: Option<String>,
+    allow_loopback: bool,
+    allowed_accounts: Option<Vec<String>>,
 }
 
 impl fmt::Debug for AwsWrapperFactory {
@@ -84,6 +105,9 @@ impl fmt::Debug for AwsWrapperFactory {
                 &self.base_credentials.as_ref().map(|_| "******"),
             )
             .field("retry", &self.retry)
+            .field("kms_endpoint_url", &self.kms_endpoint_url)
+            .field("allow_loopback", &self.allow_loopback)
+            .field("allowed_accounts", &self.allowed_accounts)
             .finish()
     }
 }
@@ -115,11 +139,40 @@ impl AwsWrapperFactory {
         self
     }
 
+    /// See [`AwsKmsWrapperBuilder::kms_endpoint_url`].
+    #[must_use]
+    pub fn kms_endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.kms_endpoint_url = Some(url.into());
+        self
+    }
+
+    /// See [`AwsKmsWrapperBuilder::allow_loopback_endpoints_for_tests`].
+    #[must_use]
+    pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
+    }
+
+    /// See [`AwsKmsWrapperBuilder::allowed_accounts`]. A factory is cheap to
+    /// clone: narrow a clone to each tenant's accounts before building its
+    /// wrapper.
+    #[must_use]
+    pub fn allowed_accounts<S: Into<String>>(
+        mut self,
+        accounts: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.allowed_accounts = Some(accounts.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// A builder for `config` with this factory's knobs applied.
     pub fn builder(&self, config: AwsConfig) -> AwsKmsWrapperBuilder {
         let mut b = AwsKmsWrapper::builder(config);
         b.sts_endpoint_url.clone_from(&self.sts_endpoint_url);
         b.base_credentials.clone_from(&self.base_credentials);
+        b.kms_endpoint_url.clone_from(&self.kms_endpoint_url);
+        b.allow_loopback = self.allow_loopback;
+        b.allowed_accounts.clone_from(&self.allowed_accounts);
         if let Some(policy) = &self.retry {
             b.retry = policy.clone();
         }
@@ -151,9 +204,13 @@ fn not_aws(config: &ProviderConfig) -> WrapError {
 }
 
 /// Builds an [`AwsKmsWrapper`], with knobs that are deliberately not part of
-/// the serde [`AwsConfig`] (tests, emulators, instrumentation).
+/// the serde [`AwsConfig`]: the operator's settings (endpoints, base
+/// credentials, allowed accounts) and tests' and instrumentation's.
 pub struct AwsKmsWrapperBuilder {
     config: AwsConfig,
+    kms_endpoint_url: Option<String>,
+    allow_loopback: bool,
+    allowed_accounts: Option<Vec<String>>,
     sts_endpoint_url: Option<String>,
     base_credentials: Option<SharedCredentialsProvider>,
     session_name: String,
@@ -167,6 +224,9 @@ impl fmt::Debug for AwsKmsWrapperBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AwsKmsWrapperBuilder")
             .field("config", &self.config)
+            .field("kms_endpoint_url", &self.kms_endpoint_url)
+            .field("allow_loopback", &self.allow_loopback)
+            .field("allowed_accounts", &self.allowed_accounts)
             .field("sts_endpoint_url", &self.sts_endpoint_url)
             .field(
                 "base_credentials",
@@ -180,9 +240,43 @@ impl fmt::Debug for AwsKmsWrapperBuilder {
 }
 
 impl AwsKmsWrapperBuilder {
+    /// Sends KMS requests to this endpoint instead of the regional one: an
+    /// operator setting, checked at [`build`](Self::build) by
+    /// [`check_kms_endpoint`] (an AWS KMS host of the key's region, FIPS,
+    /// dual-stack or VPC endpoint; loopback only with
+    /// [`allow_loopback_endpoints_for_tests`](Self::allow_loopback_endpoints_for_tests)).
+    #[must_use]
+    pub fn kms_endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.kms_endpoint_url = Some(url.into());
+        self
+    }
+
+    /// The operator's test switch: accept a loopback KMS endpoint (a local
+    /// emulator such as moto). Off by default; never turn it on in production.
+    #[must_use]
+    pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
+    }
+
+    /// Pins the tenant to these AWS accounts (12-digit ids):
+    /// [`build`](Self::build) refuses a role ARN or key ARN in any other
+    /// account. An external id protects only roles whose trust policy demands
+    /// it; the pin stops a tenant from naming another customer's role or key
+    /// at all (docs/THREAT_MODEL.md, "Confused deputy"). Verify the account
+    /// out of band when the tenant signs up.
+    #[must_use]
+    pub fn allowed_accounts<S: Into<String>>(
+        mut self,
+        accounts: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.allowed_accounts = Some(accounts.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Sends STS `AssumeRole` to this endpoint instead of the regional STS
     /// endpoint (a local emulator in tests, or an STS VPC endpoint).
-    /// [`AwsConfig::endpoint_url`] applies to KMS only.
+    /// [`kms_endpoint_url`](Self::kms_endpoint_url) applies to KMS only.
     #[must_use]
     pub fn sts_endpoint_url(mut self, url: impl Into<String>) -> Self {
         self.sts_endpoint_url = Some(url.into());
@@ -244,7 +338,11 @@ impl AwsKmsWrapperBuilder {
     ///
     /// # Errors
     /// [`WrapErrorKind::Misconfigured`] (operation
-    /// [`WrapOperation::Configure`]) when the config does not validate.
+    /// [`WrapOperation::Configure`]) with a [`ConfigError`](keyfold_core::config::ConfigError)
+    /// source when the config does not validate, names an endpoint (an
+    /// operator setting: field `endpoint_url`), names a role or key outside
+    /// the [allowed accounts](Self::allowed_accounts), or the operator's
+    /// [KMS endpoint](Self::kms_endpoint_url) is refused.
     pub async fn build(self) -> Result<AwsKmsWrapper, WrapError> {
         let config = self.config;
         let misconfigured = |e: keyfold_core::config::ConfigError| {
@@ -259,6 +357,27 @@ impl AwsKmsWrapperBuilder {
         };
         config.validate().map_err(misconfigured)?;
         let key = AwsKeyRef::parse(&config.kms_key_ref).map_err(misconfigured)?;
+        if config.endpoint_url.is_some() {
+            return Err(misconfigured(
+                keyfold_core::config::ConfigError::InvalidField {
+                    provider: PROVIDER,
+                    field: "endpoint_url",
+                    reason: "an operator-only setting: a tenant config cannot choose where the \
+                         service sends its requests (the operator sets \
+                         AwsWrapperFactory::kms_endpoint_url)"
+                        .into(),
+                },
+            ));
+        }
+        if let Some(url) = &self.kms_endpoint_url {
+            check_kms_endpoint(url, &config.region, self.allow_loopback).map_err(misconfigured)?;
+        }
+        if let Some(allowed) = &self.allowed_accounts {
+            operator::check_accounts(&config, allowed).map_err(misconfigured)?;
+        }
+        let role_account = operator::role_account(&config.role_arn)
+            .unwrap_or_default()
+            .to_owned();
         let region = Region::new(config.region.clone());
 
         let timeouts = aws_sdk_kms::config::timeout::TimeoutConfig::builder()
@@ -290,7 +409,7 @@ impl AwsKmsWrapperBuilder {
             .timeout_config(timeouts)
             .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled());
         // The STS endpoint override must not leak to KMS.
-        kms.set_endpoint_url(config.endpoint_url.clone());
+        kms.set_endpoint_url(self.kms_endpoint_url.clone());
         for interceptor in self.interceptors {
             kms.push_interceptor(interceptor);
         }
@@ -298,6 +417,7 @@ impl AwsKmsWrapperBuilder {
         Ok(AwsKmsWrapper {
             config,
             key,
+            role_account,
             client,
             retry: self.retry,
         })
@@ -309,6 +429,9 @@ impl AwsKmsWrapper {
     pub fn builder(config: AwsConfig) -> AwsKmsWrapperBuilder {
         AwsKmsWrapperBuilder {
             config,
+            kms_endpoint_url: None,
+            allow_loopback: false,
+            allowed_accounts: None,
             sts_endpoint_url: None,
             base_credentials: None,
             session_name: DEFAULT_SESSION_NAME.to_owned(),
@@ -375,10 +498,15 @@ impl AwsKmsWrapper {
             } if (r, a) != (&region, &account) => Err(mismatch(format!(
                 "not in the configured alias's region {r} and account {a}"
             ))),
-            AwsKeyRef::Alias(_) if region != self.config.region => Err(mismatch(format!(
-                "not in the configured region {}",
-                self.config.region
-            ))),
+            // `alias/NAME` resolves in the caller's account: the assumed role's.
+            AwsKeyRef::Alias(_)
+                if (&region, &account) != (&self.config.region, &self.role_account) =>
+            {
+                Err(mismatch(format!(
+                    "not in the configured region {} and the role's account {}",
+                    self.config.region, self.role_account
+                )))
+            }
             _ => Ok(()),
         }
     }

@@ -193,24 +193,17 @@ async fn wrapped_keys_naming_another_key_are_refused_before_any_kms_call() {
     use keyfold_core::{WrapContext, WrappedKey};
     // No endpoint is reachable here: every case must be refused locally.
     let mut cfg = config("arn:aws:kms:eu-west-1:111122223333:alias/tenant-a", ROLE);
-    cfg.endpoint_url = Some("http://127.0.0.1:9".into());
-    let alias_arn = AwsKmsWrapper::builder(cfg.clone())
-        .retry_policy(keyfold_core::retry::RetryPolicy::none())
-        .build()
-        .await
-        .unwrap();
+    let builder = |cfg: &AwsConfig| {
+        AwsKmsWrapper::builder(cfg.clone())
+            .kms_endpoint_url("http://127.0.0.1:9")
+            .allow_loopback_endpoints_for_tests(true)
+            .retry_policy(keyfold_core::retry::RetryPolicy::none())
+    };
+    let alias_arn = builder(&cfg).build().await.unwrap();
     cfg.kms_key_ref = "alias/tenant-a".into();
-    let alias = AwsKmsWrapper::builder(cfg.clone())
-        .retry_policy(keyfold_core::retry::RetryPolicy::none())
-        .build()
-        .await
-        .unwrap();
+    let alias = builder(&cfg).build().await.unwrap();
     cfg.kms_key_ref = KEY_ARN.into();
-    let key_arn = AwsKmsWrapper::builder(cfg)
-        .retry_policy(keyfold_core::retry::RetryPolicy::none())
-        .build()
-        .await
-        .unwrap();
+    let key_arn = builder(&cfg).build().await.unwrap();
     let blob = |key_ref: &str| WrappedKey {
         provider: "aws".into(),
         key_ref: key_ref.into(),
@@ -227,6 +220,8 @@ async fn wrapped_keys_naming_another_key_are_refused_before_any_kms_call() {
         (&alias_arn, other_account),
         (&alias_arn, other_region),
         (&alias, other_region),
+        // `alias/NAME` resolves in the role's account, never another one.
+        (&alias, other_account),
         (&key_arn, other_key),
         (&key_arn, other_account),
         (&key_arn, "alias/tenant-a"),

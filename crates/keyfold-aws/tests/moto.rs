@@ -523,11 +523,12 @@ async fn kms_unreachable_is_unavailable_after_retries() {
         .local_addr()
         .unwrap()
         .port();
-    let mut config = moto.config(&format!(
+    let config = moto.config(&format!(
         "arn:aws:kms:{REGION}:{ACCOUNT}:key/00000000-0000-0000-0000-000000000001"
     ));
-    config.endpoint_url = Some(format!("http://127.0.0.1:{port}"));
     let w = AwsKmsWrapper::builder(config)
+        .kms_endpoint_url(format!("http://127.0.0.1:{port}"))
+        .allow_loopback_endpoints_for_tests(true)
         .sts_endpoint_url(moto.url())
         .base_credentials(aws_sdk_kms::config::Credentials::new(
             BASE_ACCESS_KEY,
@@ -596,7 +597,12 @@ async fn onboarding_probe_passes_and_reports_a_denied_key() {
 #[tokio::test]
 async fn config_upsert_probes_through_the_factory() {
     let moto = Moto::shared();
+    // The operator's settings: the emulator as KMS endpoint (loopback
+    // switched on for the test) and the tenant pinned to moto's account.
     let factory = AwsWrapperFactory::new()
+        .kms_endpoint_url(moto.url())
+        .allow_loopback_endpoints_for_tests(true)
+        .allowed_accounts([ACCOUNT])
         .sts_endpoint_url(moto.url())
         .base_credentials(aws_sdk_kms::config::Credentials::new(
             BASE_ACCESS_KEY,
@@ -649,6 +655,7 @@ async fn keyring_end_to_end_on_a_kms_key() {
         .audit(sink.clone())
         .clock(Arc::new(clock.clone()))
         .retry_policy(fast_retries(3))
+        .destroy_grace(std::time::Duration::ZERO)
         .create()
         .await
         .unwrap();

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Against the real service, drop the fake and the anonymous credentials and
-//! give a config without `endpoint_url`.
+//! the endpoint and the loopback switch.
 #![allow(clippy::unwrap_used, reason = "example")]
 
 #[path = "../tests/support/fake_kms.rs"]
@@ -27,11 +27,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let key = kms.create_key("acme", "europe-west1", "tenants", "tenant-a");
     let config: ProviderConfig = serde_json::from_str(&format!(
         r#"{{"provider":"gcp","kms_key_ref":"{key}",
-            "impersonate_service_account":"keyfold@acme.iam.gserviceaccount.com",
-            "endpoint_url":"{}"}}"#,
-        kms.endpoint()
+            "impersonate_service_account":"keyfold@acme.iam.gserviceaccount.com"}}"#
     ))?;
+    // The endpoint and the loopback switch are the operator's settings.
     let wrapper = GcpWrapperFactory::new()
+        .endpoint_url(kms.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
         .anonymous_credentials_for_local_server()
         .build_wrapper(&config)?;
     println!("wrapper: {wrapper:?}");

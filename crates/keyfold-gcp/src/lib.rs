@@ -14,12 +14,12 @@ mod status;
 mod wrapper;
 
 pub use sleep::{Sleeper, TokioSleeper};
-pub use wrapper::{GcpKmsWrapper, GcpKmsWrapperBuilder, GcpWrapperFactory};
+pub use wrapper::{GcpKmsWrapper, GcpKmsWrapperBuilder, GcpWrapperFactory, check_google_endpoint};
 
 /// Provider name recorded in every [`WrappedKey`](keyfold_core::WrappedKey) this crate makes.
 pub const PROVIDER: &str = "gcp";
 
-/// Cloud KMS's public gRPC endpoint, used when the config sets no `endpoint_url`.
+/// Cloud KMS's public gRPC endpoint, used when the operator sets no endpoint override.
 pub const DEFAULT_ENDPOINT: &str = "https://cloudkms.googleapis.com";
 
 /// The OAuth scope requested for the impersonated service account's tokens.

@@ -14,7 +14,9 @@ use gcloud_sdk::proto_ext::kms::EncryptRequest;
 use gcloud_sdk::tonic::metadata::MetadataValue;
 use gcloud_sdk::tonic::transport::{ClientTlsConfig, Endpoint};
 use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer, SecretValue};
-use keyfold_core::config::{Endpoint as EndpointUrl, GcpConfig, GcpKeyRef, ProviderConfig};
+use keyfold_core::config::{
+    ConfigError, Endpoint as EndpointUrl, GcpConfig, GcpKeyRef, ProviderConfig,
+};
 use keyfold_core::probe::WrapperFactory;
 use keyfold_core::retry::RetryPolicy;
 use keyfold_core::secret::KEY_LEN;
@@ -53,12 +55,16 @@ impl fmt::Debug for CredentialSource {
     }
 }
 
-/// Builds a [`GcpKmsWrapper`] from a validated [`GcpConfig`], with knobs
-/// that do not belong in a stored config (retries and their clock, timeouts,
-/// and anonymous credentials for a local test server).
+/// Builds a [`GcpKmsWrapper`] from a tenant's [`GcpConfig`], with knobs
+/// that do not belong in a tenant's config: the operator's endpoint override
+/// and its loopback test switch (docs/THREAT_MODEL.md, "Tenant and operator
+/// settings"), retries and their clock, timeouts, and anonymous credentials
+/// for a local test server.
 #[derive(Debug, Clone)]
 pub struct GcpKmsWrapperBuilder {
     config: GcpConfig,
+    endpoint_url: Option<String>,
+    allow_loopback: bool,
     credentials: CredentialSource,
     retry: RetryPolicy,
     sleeper: Arc<dyn Sleeper>,
@@ -67,6 +73,25 @@ pub struct GcpKmsWrapperBuilder {
 }
 
 impl GcpKmsWrapperBuilder {
+    /// Sends Cloud KMS calls to this endpoint instead of
+    /// [`DEFAULT_ENDPOINT`]: an operator setting, checked at
+    /// [`build`](Self::build) by [`check_google_endpoint`] (a Google API
+    /// host; loopback only with
+    /// [`allow_loopback_endpoints_for_tests`](Self::allow_loopback_endpoints_for_tests)).
+    #[must_use]
+    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.endpoint_url = Some(url.into());
+        self
+    }
+
+    /// The operator's test switch: accept a loopback endpoint (a local test
+    /// server). Off by default; never turn it on in production.
+    #[must_use]
+    pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
+    }
+
     /// Retries of transient failures inside each `wrap` / `unwrap` (default
     /// [`RetryPolicy::none`]: the [`Keyring`](keyfold_core::keyring::Keyring)
     /// already retries around every KMS call, and retrying in both places
@@ -99,8 +124,9 @@ impl GcpKmsWrapperBuilder {
     }
 
     /// Sends no credentials: for a local test server only. [`build`](Self::build)
-    /// refuses it unless the config's `endpoint_url` is a plain `http://`
-    /// loopback address, so it can never reach Google.
+    /// refuses it unless the [endpoint](Self::endpoint_url) is a plain
+    /// `http://` loopback address (which needs the loopback test switch), so
+    /// it can never reach Google.
     #[must_use]
     pub fn anonymous_credentials_for_local_server(mut self) -> Self {
         self.credentials = CredentialSource::Anonymous;
@@ -114,8 +140,11 @@ impl GcpKmsWrapperBuilder {
     /// # Errors
     /// A [`WrapError`] of kind [`Misconfigured`](WrapErrorKind::Misconfigured)
     /// (operation [`Configure`](WrapOperation::Configure)) when the config is
-    /// refused, anonymous credentials are asked for a non-local endpoint, the
-    /// ambient credentials cannot be set up, or there is no Tokio runtime.
+    /// refused (a tenant config naming `endpoint_url`, an operator-only
+    /// setting, included), the operator's endpoint is refused, anonymous
+    /// credentials are asked for a non-local endpoint, the ambient
+    /// credentials cannot be set up, or there is no Tokio runtime. Refusals
+    /// of a setting carry a [`ConfigError`] naming the field as source.
     pub fn build(self) -> Result<GcpKmsWrapper, WrapError> {
         let key_ref = self.config.kms_key_ref.clone();
         let misconfigured = |message: String| {
@@ -127,18 +156,28 @@ impl GcpKmsWrapperBuilder {
             )
             .with_message(message)
         };
-        self.config
-            .validate()
-            .map_err(|e| misconfigured(e.to_string()).with_source(e))?;
-        let key = GcpKeyRef::parse(&self.config.kms_key_ref)
-            .map_err(|e| misconfigured(e.to_string()).with_source(e))?;
+        let refused = |e: ConfigError| misconfigured(e.to_string()).with_source(e);
+        self.config.validate().map_err(refused)?;
+        if self.config.endpoint_url.is_some() {
+            return Err(refused(ConfigError::InvalidField {
+                provider: PROVIDER,
+                field: "endpoint_url",
+                reason: "an operator-only setting: a tenant config cannot choose where the \
+                         service sends its requests (the operator sets \
+                         GcpWrapperFactory::endpoint_url)"
+                    .into(),
+            }));
+        }
+        let key = GcpKeyRef::parse(&self.config.kms_key_ref).map_err(refused)?;
+        if let Some(url) = &self.endpoint_url {
+            check_google_endpoint(url, self.allow_loopback).map_err(refused)?;
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(misconfigured(
                 "GcpKmsWrapper must be built inside a Tokio runtime".into(),
             ));
         }
         let endpoint_url = self
-            .config
             .endpoint_url
             .clone()
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
@@ -223,6 +262,71 @@ fn impersonated_credentials(config: &GcpConfig) -> Result<Credentials, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
+/// Checks an operator's Cloud KMS endpoint override: `https://` to a Google
+/// API host (`googleapis.com` or a name under it, private and Private Service
+/// Connect endpoints included; a fully qualified name's trailing dot is
+/// accepted), with no user info. A loopback host (`localhost`,
+/// `127.0.0.0/8`, `::1`; a local test server or proxy) is accepted only
+/// when `allow_loopback` is set, the operator's test switch. Everything else
+/// is refused: each call carries a bearer token for the impersonated service
+/// account, usable anywhere.
+///
+/// ```
+/// use keyfold_gcp::check_google_endpoint;
+/// check_google_endpoint("https://cloudkms.googleapis.com", false)?;
+/// check_google_endpoint("https://cloudkms-myendpoint.p.googleapis.com", false)?;
+/// assert!(check_google_endpoint("https://169.254.169.254", false).is_err());
+/// assert!(check_google_endpoint("http://127.0.0.1:9090", false).is_err());
+/// check_google_endpoint("http://127.0.0.1:9090", true)?;
+/// # Ok::<(), keyfold_core::config::ConfigError>(())
+/// ```
+///
+/// # Errors
+/// [`ConfigError::InvalidField`] (field `endpoint_url`) saying what is accepted.
+pub fn check_google_endpoint(url: &str, allow_loopback: bool) -> Result<(), ConfigError> {
+    let invalid = |reason: &str| ConfigError::InvalidField {
+        provider: PROVIDER,
+        field: "endpoint_url",
+        reason: reason.to_owned(),
+    };
+    let only_authority = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .is_some_and(|rest| match rest.find(['/', '?', '#']) {
+            None => true,
+            Some(i) => rest.get(i..) == Some("/"),
+        });
+    let Some(endpoint) = EndpointUrl::parse(url).filter(|_| only_authority) else {
+        return Err(invalid(
+            "must be https://HOST[:PORT] with a plain host, no user info and no path",
+        ));
+    };
+    if endpoint.is_loopback() {
+        return if allow_loopback {
+            Ok(())
+        } else {
+            Err(invalid(
+                "a loopback endpoint is accepted only when the operator allows loopback endpoints for tests",
+            ))
+        };
+    }
+    // A fully qualified name may end in one dot.
+    let host = endpoint.host.strip_suffix('.').unwrap_or(endpoint.host);
+    let host = host.to_ascii_lowercase();
+    let google = host == "googleapis.com"
+        || host
+            .strip_suffix(".googleapis.com")
+            .is_some_and(|sub| !sub.is_empty() && sub.split('.').all(|l| !l.is_empty()));
+    if endpoint.https && google {
+        Ok(())
+    } else {
+        Err(invalid(
+            "must be https:// to a Google API host (*.googleapis.com): \
+             each call carries a bearer token for the service account",
+        ))
+    }
+}
+
 fn https_host(url: &str) -> Option<String> {
     EndpointUrl::parse(url)
         .filter(|e| e.https)
@@ -282,6 +386,8 @@ impl GcpKmsWrapper {
     pub fn builder(config: GcpConfig) -> GcpKmsWrapperBuilder {
         GcpKmsWrapperBuilder {
             config,
+            endpoint_url: None,
+            allow_loopback: false,
             credentials: CredentialSource::Impersonated,
             retry: RetryPolicy::none(),
             sleeper: Arc::new(TokioSleeper),
@@ -563,7 +669,8 @@ impl KeyWrapper for GcpKmsWrapper {
 
 /// Builds [`GcpKmsWrapper`]s from `gcp` provider configs, for
 /// [`ConfigSlot::upsert`](keyfold_core::probe::ConfigSlot::upsert) and hosts
-/// that compose one factory per provider. The knobs are those of
+/// that compose one factory per provider. The config is the tenant's (key,
+/// service account, billing project); the knobs are the operator's, those of
 /// [`GcpKmsWrapperBuilder`], applied to every wrapper it builds.
 #[derive(Debug, Clone)]
 pub struct GcpWrapperFactory {
@@ -600,6 +707,21 @@ impl GcpWrapperFactory {
     #[must_use]
     pub fn sleeper(mut self, sleeper: Arc<dyn Sleeper>) -> Self {
         self.template = self.template.sleeper(sleeper);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::endpoint_url`]: the operator's endpoint
+    /// for every wrapper this factory builds.
+    #[must_use]
+    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.template = self.template.endpoint_url(url);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::allow_loopback_endpoints_for_tests`].
+    #[must_use]
+    pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
+        self.template = self.template.allow_loopback_endpoints_for_tests(allow);
         self
     }
 

@@ -159,19 +159,24 @@ async fn tokens_are_never_sent_over_plain_http_to_a_remote_host() {
         let err = refusal(gcp(KEY, SA, Some(bad))).await;
         assert!(err.contains("endpoint_url"), "{bad}: {err}");
     }
-    // A private endpoint over TLS, or a loopback proxy, is fine.
-    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://private.googleapis.com")))
-        .build()
-        .unwrap();
-    GcpKmsWrapper::builder(gcp(KEY, SA, Some("http://127.0.0.1:9090")))
-        .build()
-        .unwrap();
-    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://127.0.0.1:8443")))
-        .build()
-        .unwrap();
-    GcpKmsWrapper::builder(gcp(KEY, SA, Some("https://CloudKMS.googleapis.com.:443/")))
-        .build()
-        .unwrap();
+    // As the operator's setting, a private endpoint over TLS is fine, and a
+    // loopback proxy with the test switch on.
+    for url in [
+        "https://private.googleapis.com",
+        "https://CloudKMS.googleapis.com.:443/",
+    ] {
+        GcpKmsWrapper::builder(gcp(KEY, SA, None))
+            .endpoint_url(url)
+            .build()
+            .unwrap();
+    }
+    for url in ["http://127.0.0.1:9090", "https://127.0.0.1:8443"] {
+        GcpKmsWrapper::builder(gcp(KEY, SA, None))
+            .endpoint_url(url)
+            .allow_loopback_endpoints_for_tests(true)
+            .build()
+            .unwrap();
+    }
 }
 
 #[tokio::test]
@@ -192,24 +197,36 @@ async fn anonymous_credentials_only_reach_a_local_server() {
         Some("https://127.0.0.1:8443"),
         Some("http://127.0.0.1.example.com:80"),
     ] {
-        let err = GcpKmsWrapper::builder(gcp(KEY, SA, endpoint))
-            .anonymous_credentials_for_local_server()
-            .build()
-            .unwrap_err();
+        let mut builder = GcpKmsWrapper::builder(gcp(KEY, SA, None))
+            .allow_loopback_endpoints_for_tests(true)
+            .anonymous_credentials_for_local_server();
+        if let Some(url) = endpoint {
+            builder = builder.endpoint_url(url);
+        }
+        let err = builder.build().unwrap_err();
         assert_eq!(err.kind, WrapErrorKind::Misconfigured, "{endpoint:?}");
         let text = err.to_string();
-        // Plain http to a remote host is refused by the config's validation
-        // before the credentials are looked at.
+        // A non-Google host is refused by the endpoint check before the
+        // credentials are looked at.
         assert!(
             text.contains("anonymous credentials are only for a local test server")
-                || text.contains("plain http:// is allowed only to a loopback host"),
+                || text.contains("must be https:// to a Google API host"),
             "{endpoint:?}: {text}"
         );
     }
-    GcpKmsWrapper::builder(gcp(KEY, SA, Some("http://127.0.0.1:1")))
+    GcpKmsWrapper::builder(gcp(KEY, SA, None))
+        .endpoint_url("http://127.0.0.1:1")
+        .allow_loopback_endpoints_for_tests(true)
         .anonymous_credentials_for_local_server()
         .build()
         .unwrap();
+    // Without the operator's loopback switch, not even a local server.
+    let err = GcpKmsWrapper::builder(gcp(KEY, SA, None))
+        .endpoint_url("http://127.0.0.1:1")
+        .anonymous_credentials_for_local_server()
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
 }
 
 #[tokio::test]
@@ -230,7 +247,9 @@ async fn another_providers_config_is_refused() {
 
 #[test]
 fn building_outside_a_tokio_runtime_is_an_error_not_a_panic() {
-    let err = GcpKmsWrapper::builder(gcp(KEY, SA, Some("http://127.0.0.1:1")))
+    let err = GcpKmsWrapper::builder(gcp(KEY, SA, None))
+        .endpoint_url("http://127.0.0.1:1")
+        .allow_loopback_endpoints_for_tests(true)
         .anonymous_credentials_for_local_server()
         .build()
         .unwrap_err();

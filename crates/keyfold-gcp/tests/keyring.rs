@@ -18,14 +18,19 @@ use keyfold_core::{EncryptionContext, Error, KeyWrapper, WrapErrorKind};
 use keyfold_gcp::GcpWrapperFactory;
 use support::{FakeKms, Method, SERVICE_ACCOUNT, VersionState, fast_retries};
 
-fn factory() -> GcpWrapperFactory {
-    GcpWrapperFactory::new().anonymous_credentials_for_local_server()
+/// The operator's factory: the fake as endpoint (the loopback test switch
+/// on), anonymous credentials.
+fn factory(kms: &FakeKms) -> GcpWrapperFactory {
+    GcpWrapperFactory::new()
+        .endpoint_url(kms.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
+        .anonymous_credentials_for_local_server()
 }
 
-fn config(kms: &FakeKms, key: &str) -> ProviderConfig {
+/// A tenant's config for `key`.
+fn config(key: &str) -> ProviderConfig {
     serde_json::from_str(&format!(
-        r#"{{"provider":"gcp","kms_key_ref":"{key}","impersonate_service_account":"{SERVICE_ACCOUNT}","endpoint_url":"{}"}}"#,
-        kms.endpoint()
+        r#"{{"provider":"gcp","kms_key_ref":"{key}","impersonate_service_account":"{SERVICE_ACCOUNT}"}}"#,
     ))
     .unwrap()
 }
@@ -52,14 +57,14 @@ async fn keyring_lifecycle_on_cloud_kms() {
     let slot = ConfigSlot::new();
     let missing = "projects/acme/locations/europe-west1/keyRings/tenants/cryptoKeys/nope";
     let failure = slot
-        .upsert(config(&kms, missing), &factory(), tenant, &audit, &admin)
+        .upsert(config(missing), &factory(&kms), tenant, &audit, &admin)
         .await
         .unwrap_err();
     assert_eq!(failure.step, ProbeStep::Wrap);
     assert_eq!(failure.kind, Some(WrapErrorKind::NotFound));
     assert!(slot.current().is_none());
     let probed = slot
-        .upsert(config(&kms, &key_a), &factory(), tenant, &audit, &admin)
+        .upsert(config(&key_a), &factory(&kms), tenant, &audit, &admin)
         .await
         .unwrap();
     assert_eq!(probed.wrapper.key_ref(), key_a);
@@ -92,7 +97,7 @@ async fn keyring_lifecycle_on_cloud_kms() {
     // A restart: a fresh wrapper and keyring read the store and unwrap
     // through Cloud KMS.
     let decrypts_before = kms.calls(Method::Decrypt);
-    let wrapper = factory().build_wrapper(&config(&kms, &key_a)).unwrap();
+    let wrapper = factory(&kms).build_wrapper(&config(&key_a)).unwrap();
     let ring = open_builder(tenant, Arc::new(wrapper), Arc::clone(&store))
         .open()
         .await
@@ -111,7 +116,7 @@ async fn keyring_lifecycle_on_cloud_kms() {
     // Cloud KMS rotates the CryptoKey; the master key versions are re-wrapped
     // under the new primary, after which the old KMS version can be disabled.
     let kms_v2 = kms.rotate(&key_a);
-    let same_key = factory().build_wrapper(&config(&kms, &key_a)).unwrap();
+    let same_key = factory(&kms).build_wrapper(&config(&key_a)).unwrap();
     assert_eq!(
         ring.rewrap_master_keys(Arc::new(same_key), &admin)
             .await
@@ -146,7 +151,7 @@ async fn keyring_lifecycle_on_cloud_kms() {
 
     // The tenant moves to another CryptoKey: re-wrap, then the old key can
     // go entirely.
-    let moved = factory().build_wrapper(&config(&kms, &key_b)).unwrap();
+    let moved = factory(&kms).build_wrapper(&config(&key_b)).unwrap();
     ring.rewrap_master_keys(Arc::new(moved), &admin)
         .await
         .unwrap();

@@ -250,9 +250,11 @@ async fn unreachable_endpoint_is_unavailable() {
         kms_key_ref: key_ref.to_owned(),
         impersonate_service_account: support::SERVICE_ACCOUNT.to_owned(),
         project_id: None,
-        endpoint_url: Some(format!("http://{free}")),
+        endpoint_url: None,
     };
     let w = GcpKmsWrapper::builder(config)
+        .endpoint_url(format!("http://{free}"))
+        .allow_loopback_endpoints_for_tests(true)
         .anonymous_credentials_for_local_server()
         .retry_policy(support::fast_retries(2))
         .build()

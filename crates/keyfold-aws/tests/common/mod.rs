@@ -96,21 +96,25 @@ impl Moto {
             .unwrap();
     }
 
-    /// The config of a wrapper over `key_ref` in this emulator.
+    /// The tenant's config of a wrapper over `key_ref` in this emulator (the
+    /// endpoint is the operator's: see [`Moto::builder`]).
     pub fn config(&self, key_ref: &str) -> AwsConfig {
         AwsConfig {
             kms_key_ref: key_ref.to_owned(),
             region: REGION.to_owned(),
             role_arn: ROLE_ARN.to_owned(),
             external_id: Some(EXTERNAL_ID.to_owned()),
-            endpoint_url: Some(self.url()),
+            endpoint_url: None,
         }
     }
 
     /// A builder over `key_ref` whose role is assumed through this
-    /// emulator's STS with the base test credentials.
+    /// emulator's STS with the base test credentials, and whose KMS endpoint
+    /// is the emulator (the operator's loopback switch on).
     pub fn builder(&self, key_ref: &str) -> AwsKmsWrapperBuilder {
         AwsKmsWrapper::builder(self.config(key_ref))
+            .kms_endpoint_url(self.url())
+            .allow_loopback_endpoints_for_tests(true)
             .sts_endpoint_url(self.url())
             .base_credentials(Credentials::new(
                 BASE_ACCESS_KEY,

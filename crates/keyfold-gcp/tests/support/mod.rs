@@ -23,13 +23,14 @@ pub use fake_kms::{FakeKms, Fault, Method, VersionState};
 /// The service account every test config impersonates.
 pub const SERVICE_ACCOUNT: &str = "keyfold-test@keyfold-tests.iam.gserviceaccount.com";
 
-/// A config for `key` served by `kms`.
-pub fn config(kms: &FakeKms, key: &str) -> GcpConfig {
+/// A tenant's config for `key` (the endpoint that reaches `kms` is the
+/// operator's: see [`builder_with`]).
+pub fn config(_kms: &FakeKms, key: &str) -> GcpConfig {
     GcpConfig {
         kms_key_ref: key.to_owned(),
         impersonate_service_account: SERVICE_ACCOUNT.to_owned(),
         project_id: None,
-        endpoint_url: Some(kms.endpoint()),
+        endpoint_url: None,
     }
 }
 
@@ -43,10 +44,13 @@ pub fn fast_retries(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-/// The builder [`wrapper_with`] uses: anonymous, retrying up to `attempts`
+/// The builder [`wrapper_with`] uses: the fake as the operator's endpoint
+/// (the loopback test switch on), anonymous, retrying up to `attempts`
 /// times, 5 s per call.
 pub fn builder_with(kms: &FakeKms, key: &str, attempts: u32) -> GcpKmsWrapperBuilder {
     GcpKmsWrapper::builder(config(kms, key))
+        .endpoint_url(kms.endpoint())
+        .allow_loopback_endpoints_for_tests(true)
         .anonymous_credentials_for_local_server()
         .retry_policy(fast_retries(attempts))
         .request_timeout(Duration::from_secs(5))
