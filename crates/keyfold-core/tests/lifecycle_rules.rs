@@ -398,3 +398,67 @@ async fn the_rotation_policy_is_stored_and_evaluated_on_any_instance() {
     assert!(names(&r.sink).contains(&"kms.rotate.scheduled"));
     assert_eq!(r.ring.rotation_policy().map(|p| p.period_days()), Some(30));
 }
+
+// ----- review findings --------------------------------------------------------
+
+#[tokio::test]
+async fn a_plain_unseal_never_lifts_an_operators_seal() {
+    let r = ring().await;
+    r.ring.seal("incident 7", &admin());
+    r.ring.unseal().await.unwrap();
+    assert!(matches!(
+        r.ring.encrypt(&ctx(), b"x").await,
+        Err(Error::SealedByOperator { .. })
+    ));
+    r.ring.unseal_as(&admin()).await.unwrap();
+    r.ring.encrypt(&ctx(), b"x").await.unwrap();
+}
+
+#[tokio::test]
+async fn evidence_dated_in_the_future_is_refused() {
+    let r = ring().await;
+    r.ring.rotate(&admin()).await.unwrap();
+    r.ring.disable(1, &admin()).await.unwrap();
+    r.clock.advance(GRACE * 2);
+    let future = r.clock.now().saturating_add(Duration::from_secs(600));
+    assert!(matches!(
+        r.ring.destroy(1, evidence(1, future), &admin()).await,
+        Err(Error::DestroyRefused {
+            reason: DestroyRefusal::EvidenceFromTheFuture { .. },
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_minimum_beyond_the_next_version_is_refused() {
+    let r = ring().await;
+    assert!(matches!(
+        r.ring.set_min_decryption_version(u32::MAX, &admin()).await,
+        Err(Error::UnknownVersion { .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_absurd_grace_period_is_not_a_zero_one() {
+    let kms = CountingWrapper::shared(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
+    let clock = ManualClock::new(Timestamp(1_800_000_000));
+    let ring = Keyring::builder("acme", kms, Arc::new(MemoryStore::new()))
+        .clock(Arc::new(clock.clone()))
+        .destroy_grace(Duration::MAX)
+        .cache_ttl(Duration::MAX)
+        .create()
+        .await
+        .unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    ring.disable(1, &admin()).await.unwrap();
+    clock.advance(Duration::from_secs(365 * 86_400));
+    assert!(matches!(
+        ring.destroy(1, evidence(1, clock.now()), &admin()).await,
+        Err(Error::DestroyRefused {
+            reason: DestroyRefusal::GracePeriod { .. },
+            ..
+        })
+    ));
+}

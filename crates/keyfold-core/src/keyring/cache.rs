@@ -156,6 +156,16 @@ impl KeyCache {
         }
     }
 
+    /// When a key cached now expires. An absurd TTL (beyond what `Instant`
+    /// can represent) means a century, not a panic.
+    fn expiry(&self) -> Instant {
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+        let now = Instant::now();
+        now.checked_add(self.ttl)
+            .or_else(|| now.checked_add(CENTURY))
+            .unwrap_or(now)
+    }
+
     fn slot(&self, version: u32) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(slots.entry(version).or_default())
@@ -201,7 +211,7 @@ impl KeyCache {
         match load().await {
             Ok(key) => {
                 let key = Arc::new(key);
-                state.key = Some((Arc::clone(&key), Instant::now() + self.ttl));
+                state.key = Some((Arc::clone(&key), self.expiry()));
                 state.failure = None;
                 Ok(key)
             }
@@ -217,7 +227,7 @@ impl KeyCache {
     pub(crate) async fn insert(&self, key: Arc<MasterKey>) {
         let slot = self.slot(key.version());
         let mut state = slot.state.lock().await;
-        state.key = Some((key, Instant::now() + self.ttl));
+        state.key = Some((key, self.expiry()));
         state.failure = None;
     }
 

@@ -46,6 +46,7 @@ pub(super) fn check_key(
 #[derive(Debug)]
 #[must_use = "check it with Keyring::ready_to_write before persisting"]
 pub struct PendingWrite {
+    keyring_id: String,
     bytes: Vec<u8>,
     version: u32,
     sealed_at: Duration,
@@ -81,9 +82,6 @@ impl Keyring {
         {
             self.check_unsealed()?;
         }
-        if self.dirty() || self.view_expired() && !self.cache.is_fresh(version) {
-            self.refresh_if_stale().await?;
-        }
         if self
             .sealed
             .lock()
@@ -92,6 +90,53 @@ impl Keyring {
         {
             self.auto_unseal_if_due().await;
         }
+        // Two rounds: a key that expires between the freshness check and
+        // the cold load makes the load refuse a stale view once (below).
+        for _ in 0..2 {
+            let dirty = self.dirty();
+            // Trusting a cached key on an expired view: if the key turns
+            // out to have expired too by the time the load runs, the load
+            // must not use that view.
+            let trusted_cache = !dirty && self.view_expired() && self.cache.is_fresh(version);
+            if dirty || self.view_expired() && !trusted_cache {
+                self.refresh_if_stale().await?;
+            }
+            let (v, wrapper) = self.known_version(version).await?;
+            let stale_view = std::sync::atomic::AtomicBool::new(false);
+            let result = match v.state {
+                s if s.can_decrypt() => {
+                    self.cache
+                        .get_or_load(
+                            v.version,
+                            || {
+                                self.check_unsealed()?;
+                                // A cold load judges the version on a view no
+                                // older than max staleness: refuse, reload
+                                // and judge again.
+                                if trusted_cache {
+                                    stale_view.store(true, std::sync::atomic::Ordering::SeqCst);
+                                    return Err(Error::NoActiveVersion);
+                                }
+                                Ok(())
+                            },
+                            || self.unwrap_version(&v, wrapper),
+                            |e| matches!(e, Error::Sealed { .. }),
+                            || {
+                                self.sealed()
+                                    .map_or_else(|| self.options.clock.now(), |s| s.since)
+                            },
+                        )
+                        .await
+                }
+                KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
+                state => Err(Error::KeyState { version, state }),
+            };
+            if !stale_view.load(std::sync::atomic::Ordering::SeqCst) {
+                return result;
+            }
+        }
+        // Two reloads in a row went stale before the load (a max staleness
+        // of zero): the view just read is the freshest there is.
         let (v, wrapper) = self.known_version(version).await?;
         match v.state {
             s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
@@ -122,13 +167,19 @@ impl Keyring {
             // costs no extra store read, even with a zero max staleness.)
             // The view may also have moved during the unwrap (a change
             // notification reloads it): judge the version on the newest.
-            if round < ROUNDS {
-                if self.options.clock.monotonic() > picked_at && self.is_stale() {
-                    self.refresh_if_stale().await?;
-                }
-                if self.active_version() != Some(version) {
+            if self.options.clock.monotonic() > picked_at && self.view_expired() || self.dirty() {
+                self.refresh_if_stale().await?;
+            }
+            if self.active_version() != Some(version) {
+                if round < ROUNDS {
                     continue;
                 }
+                // Rotations keep landing during this instance's unwraps:
+                // never encrypt under a version a fresh view shows retired.
+                return Err(Error::Conflict {
+                    expected: None,
+                    found: None,
+                });
             }
             return Ok(key);
         }
@@ -315,6 +366,7 @@ impl Keyring {
         let sealed_at = self.options.clock.monotonic();
         let bytes = record::encrypt(&key, self.options.suite, context, plaintext)?;
         Ok(PendingWrite {
+            keyring_id: self.id.clone(),
             bytes,
             version: key.version(),
             sealed_at,
@@ -331,6 +383,12 @@ impl Keyring {
     /// ([`encrypt_for_write`](Self::encrypt_for_write)) and retry; or a
     /// store error from the reload.
     pub async fn ready_to_write(&self, pending: PendingWrite) -> Result<Vec<u8>, Error> {
+        if pending.keyring_id != self.id {
+            // Its version number means nothing in this keyring.
+            return Err(Error::UnknownVersion {
+                version: pending.version,
+            });
+        }
         let sealed_ago = self
             .options
             .clock

@@ -229,6 +229,19 @@ pub enum DestroyRefusal {
         /// When the grace period ends.
         until: Timestamp,
     },
+    /// The evidence is dated later than this host's clock allows (beyond
+    /// one second of skew): a scan cannot have finished in the future.
+    #[error("the evidence is dated {checked_at}, after now ({now})")]
+    EvidenceFromTheFuture {
+        /// When the evidence says it was gathered.
+        checked_at: Timestamp,
+        /// This host's time.
+        now: Timestamp,
+    },
+    /// The stored version is `Disabled` but has no disable time: the
+    /// destroy rules cannot be applied.
+    #[error("the version is disabled but its disable time is missing from the store")]
+    NoDisableTime,
     /// A forced destroy must give a reason for the audit trail.
     #[error("a forced destroy needs a reason")]
     ForcedWithoutReason,

@@ -44,8 +44,12 @@ pub(super) struct DestroyRules {
 /// Rounds up to whole seconds: stored timestamps are whole seconds
 /// (floored), so a bound must not lose its fraction.
 fn whole_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
+
+/// How far ahead of this host's clock evidence may be dated: the clock skew
+/// docs/THREAT_MODEL.md assumes between hosts.
+const MAX_EVIDENCE_SKEW: Duration = Duration::from_secs(1);
 
 impl DestroyRules {
     /// The evidence must be gathered at or after this: a second after the
@@ -107,11 +111,25 @@ impl DestroyRules {
                 None,
             ));
         }
-        // Not disabled: the state machine refuses the transition itself.
+        if v.state != KeyState::Disabled {
+            // The state machine refuses the transition itself.
+            return Ok(());
+        }
+        // A disabled version without its disable time (a hand-edited or
+        // foreign store) cannot be timed: refuse rather than skip the rules.
         let (Some(grace_until), Some(needed_after)) = (self.grace_until(v), self.evidence_after(v))
         else {
-            return Ok(());
+            return Err(refuse(DestroyRefusal::NoDisableTime, None));
         };
+        if e.checked_at > now.saturating_add(MAX_EVIDENCE_SKEW) {
+            return Err(refuse(
+                DestroyRefusal::EvidenceFromTheFuture {
+                    checked_at: e.checked_at,
+                    now,
+                },
+                None,
+            ));
+        }
         if e.checked_at < needed_after {
             return Err(refuse(
                 DestroyRefusal::EvidenceTooEarly {

@@ -400,6 +400,11 @@ impl Keyring {
     ) -> Result<Vec<u32>, Error> {
         let _guard = self.write.lock().await;
         let (revision, stored) = self.snapshot();
+        // Beyond the next version it would disable versions not yet created,
+        // for good (`Disabled` is meant to be reversible).
+        if min > stored.next_version {
+            return Err(Error::UnknownVersion { version: min });
+        }
         if let Some(active) = stored.active_version().filter(|a| *a < min) {
             return Err(Error::KeyState {
                 version: active,
@@ -415,7 +420,8 @@ impl Keyring {
                 disabled.push(v.version);
             }
         }
-        next.min_decryption_version = Some(min.max(stored.min_decryption_version.unwrap_or(0)));
+        let min = min.max(stored.min_decryption_version.unwrap_or(0));
+        next.min_decryption_version = Some(min);
         self.commit(revision, next, None).await?;
         for v in &disabled {
             self.cache.evict(*v);

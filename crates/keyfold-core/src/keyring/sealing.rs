@@ -124,12 +124,20 @@ impl Keyring {
     ///
     /// # Errors
     /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
+    /// It never lifts an operator's seal ([`seal`](Self::seal)): that takes
+    /// [`unseal_as`](Self::unseal_as), naming who lifts it.
     pub async fn unseal(&self) -> Result<(), Error> {
-        self.unseal_as(&Actor::new(SYSTEM_ACTOR)).await
+        self.traced(
+            "unseal",
+            None,
+            self.probe_and_unseal(&Actor::new(SYSTEM_ACTOR)),
+        )
+        .await
     }
 
-    /// [`unseal`](Self::unseal), audited with `actor`. Also clears an
-    /// operator's seal ([`seal`](Self::seal)): this is the manual unseal.
+    /// The manual unseal: lifts an operator's seal ([`seal`](Self::seal)),
+    /// audited with `actor`, and retries the KMS as [`unseal`](Self::unseal)
+    /// when it sealed the keyring too.
     ///
     /// # Errors
     /// As [`unseal`](Self::unseal).
@@ -139,14 +147,16 @@ impl Keyring {
     }
 
     async fn unseal_untraced(&self, actor: &Actor) -> Result<(), Error> {
-        let was_operator = self
-            .operator_seal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .is_some();
-        self.operator_sealed
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let was_operator = {
+            // The flag follows the mutex's content, set under it.
+            let mut seal = self
+                .operator_seal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.operator_sealed
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            seal.take().is_some()
+        };
         if was_operator {
             metrics::gauge!(SEALED_KEYRINGS, "cause" => "operator").decrement(1.0);
         }
@@ -166,16 +176,18 @@ impl Keyring {
     /// Emits `kms.sealed.manual`.
     pub fn seal(&self, reason: impl Into<String>, actor: &Actor) {
         let reason = reason.into();
-        let previous = self
-            .operator_seal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace((self.options.clock.now(), reason.clone()));
+        let previous = {
+            let mut seal = self
+                .operator_seal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.operator_sealed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            seal.replace((self.options.clock.now(), reason.clone()))
+        };
         if previous.is_none() {
             metrics::gauge!(SEALED_KEYRINGS, "cause" => "operator").increment(1.0);
         }
-        self.operator_sealed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.cache.clear();
         self.emit(actor, AuditKind::SealedManually { reason });
     }
@@ -217,7 +229,10 @@ impl Keyring {
                     let next = delay.saturating_mul(2).min(UNSEAL_PROBE_MAX);
                     *probe = Some((now.saturating_add(next), next));
                 }
-                _ => return,
+                Some(_) => return,
+                // A seal that raced a successful probe lost its schedule:
+                // probe now rather than never.
+                None => *probe = Some((now.saturating_add(UNSEAL_PROBE_FIRST), UNSEAL_PROBE_FIRST)),
             }
         }
         // A failed probe keeps the seal (and its backoff); nothing to report.
@@ -225,6 +240,9 @@ impl Keyring {
     }
 
     async fn probe_and_unseal(&self, actor: &Actor) -> Result<(), Error> {
+        // The probe caches the key it unwraps: judge the version on a view
+        // no older than max staleness, as any cold load does.
+        self.refresh_if_stale().await?;
         let (stored, wrapper) = self.view();
         // Only a version that may decrypt: its key is cached on success, and
         // a disabled version's key must never enter the cache.
