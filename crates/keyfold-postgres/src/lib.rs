@@ -30,10 +30,15 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod job;
 mod migrate;
 mod store;
 mod table;
 
+pub use job::{
+    DistributedJobError, DistributedJobOptions, JobStatus, RewrapCoordinator, RewrapWorker,
+    WorkerReport,
+};
 pub use migrate::{InvalidPrefix, MigrateError, TablePrefix, migrate};
 pub use store::PgKeyringStore;
 pub use table::{IdRange, OnNull, PgTable, PgTableBuilder, TableError};

@@ -184,7 +184,7 @@ struct Spec {
 /// [`IdRange`] (the distributed job's shards).
 ///
 /// Cheap to clone; clones share the pool and the [`rows_read`](Self::rows_read)
-/// counter.
+/// counter (a [`with_range`](Self::with_range) view has its own).
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
@@ -494,12 +494,15 @@ impl PgTable {
     }
 
     /// The same table limited to the ids of `range`: its fetches never
-    /// return a row outside it (the bound is in the `WHERE` clause).
+    /// return a row outside it (the bound is in the `WHERE` clause). It
+    /// counts its own [`rows_read`](Self::rows_read), from zero.
     #[must_use]
     pub fn with_range(&self, range: IdRange) -> PgTable {
         PgTable {
+            pool: self.pool.clone(),
+            spec: Arc::clone(&self.spec),
             range,
-            ..self.clone()
+            rows_read: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -520,9 +523,39 @@ impl PgTable {
         self.rows_read.load(Ordering::Relaxed)
     }
 
-    /// `"schema"."table"`, quoted.
-    pub(crate) fn qualified(&self) -> &str {
-        &self.spec.qualified
+    /// Rows in the range that hold a ciphertext (one `count(*)`).
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn count_rows(&self) -> Result<i64, sqlx::Error> {
+        let s = &self.spec;
+        let mut sql = format!(
+            "SELECT count(*) FROM {} AS t WHERE t.{} IS NOT NULL",
+            s.qualified, s.ciphertext
+        );
+        let mut binds: Vec<&str> = Vec::new();
+        self.push_range(&mut sql, &mut binds);
+        let mut query = sqlx::query_scalar(&sql);
+        for b in binds {
+            query = query.bind(b);
+        }
+        query.fetch_one(&self.pool).await
+    }
+
+    /// Appends ` AND t.id >= $n` / ` AND t.id < $n` for the range's bounds.
+    fn push_range<'a>(&'a self, sql: &mut String, binds: &mut Vec<&'a str>) {
+        let s = &self.spec;
+        for (op, bound) in [(">=", &self.range.start), ("<", &self.range.end)] {
+            if let Some(b) = bound {
+                binds.push(b);
+                sql.push_str(&format!(
+                    " AND t.{} {op} ${}::{}",
+                    s.id,
+                    binds.len(),
+                    s.id_cast
+                ));
+            }
+        }
     }
 
     /// Up to `n` ranges that together hold every id, each with about the
@@ -621,21 +654,11 @@ impl RowSource for PgTable {
             s.select, s.qualified, s.ciphertext
         );
         let mut binds: Vec<&str> = Vec::new();
-        for (op, bound) in [
-            (">", after),
-            (">=", self.range.start.as_deref()),
-            ("<", self.range.end.as_deref()),
-        ] {
-            if let Some(b) = bound {
-                binds.push(b);
-                sql.push_str(&format!(
-                    " AND t.{} {op} ${}::{}",
-                    s.id,
-                    binds.len(),
-                    s.id_cast
-                ));
-            }
+        if let Some(after) = after {
+            binds.push(after);
+            sql.push_str(&format!(" AND t.{} > $1::{}", s.id, s.id_cast));
         }
+        self.push_range(&mut sql, &mut binds);
         sql.push_str(&format!(" ORDER BY t.{} LIMIT ${}", s.id, binds.len() + 1));
         let mut query = sqlx::query(&sql);
         for b in binds {

@@ -1,0 +1,463 @@
+//! A worker of a distributed rewrap job: claims shards, works them with a
+//! [`RewrapJob`] over the shard's range, checkpoints after every batch.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use keyfold_core::keyring::Keyring;
+use keyfold_core::retry::RetryPolicy;
+use keyfold_rewrap::{Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowSource, Shard};
+use sqlx::Row as _;
+
+use super::{DistributedJobError, JobRow, RewrapCoordinator};
+use crate::table::{IdRange, PgTable};
+
+/// What one worker did, until its [`run`](RewrapWorker::run) returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerReport {
+    /// Shards this worker finished.
+    pub shards_finished: u64,
+    /// Shards it lost to another worker after its lease lapsed.
+    pub shards_lost: u64,
+    /// Batches it ran.
+    pub batches: u64,
+    /// Rows it fetched from the database.
+    pub rows_read: u64,
+    /// Its counters, summed over its batches.
+    pub counters: Counters,
+}
+
+/// A shard this worker holds.
+#[derive(Debug)]
+struct Claimed {
+    shard: i32,
+    source: String,
+    range: IdRange,
+    epoch: i64,
+    checkpoint: Option<String>,
+}
+
+/// How working a shard ended.
+enum Flow {
+    Finished,
+    Lost,
+    Cancelled,
+}
+
+/// One worker of a distributed job; made by
+/// [`RewrapCoordinator::worker`]. Run as many as you like, in as many
+/// processes: they share the work through the job's tables.
+///
+/// ```no_run
+/// # async fn demo(
+/// #     pool: sqlx::PgPool,
+/// #     keyring: std::sync::Arc<keyfold_core::keyring::Keyring>,
+/// #     accounts: keyfold_postgres::PgTable,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// use keyfold_postgres::{DistributedJobOptions, RewrapCoordinator, TablePrefix};
+/// let coordinator = RewrapCoordinator::new(pool, TablePrefix::default());
+/// coordinator.migrate().await?;
+/// let job = coordinator
+///     .create_job(&keyring, &[accounts.clone()], &DistributedJobOptions::default())
+///     .await?;
+/// // In every worker process:
+/// let report = coordinator.worker(&job, keyring.clone(), vec![accounts]).run().await?;
+/// // Anywhere, once every shard is done:
+/// if let Some(done) = coordinator.completion(&job).await? {
+///     let _evidence = done.evidence(1); // Some only if no row failed
+/// }
+/// # let _ = report; Ok(()) }
+/// ```
+pub struct RewrapWorker {
+    coordinator: RewrapCoordinator,
+    job_id: String,
+    keyring: Arc<Keyring>,
+    sources: Vec<PgTable>,
+    name: String,
+    poll: Duration,
+    retry: RetryPolicy,
+    max_shards: Option<u64>,
+}
+
+impl std::fmt::Debug for RewrapWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RewrapWorker")
+            .field("job_id", &self.job_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn count(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn add(total: &mut Counters, c: &Counters) {
+    total.seen = total.seen.saturating_add(c.seen);
+    total.rewrapped = total.rewrapped.saturating_add(c.rewrapped);
+    total.skipped = total.skipped.saturating_add(c.skipped);
+    total.conflicts = total.conflicts.saturating_add(c.conflicts);
+    total.failed = total.failed.saturating_add(c.failed);
+    total.unresolved = total.unresolved.saturating_add(c.unresolved);
+}
+
+impl RewrapWorker {
+    pub(super) fn new(
+        coordinator: RewrapCoordinator,
+        job_id: String,
+        keyring: Arc<Keyring>,
+        sources: Vec<PgTable>,
+    ) -> Self {
+        RewrapWorker {
+            coordinator,
+            job_id,
+            keyring,
+            sources,
+            name: format!("pid-{}", std::process::id()),
+            poll: Duration::from_millis(500),
+            retry: RetryPolicy::default(),
+            max_shards: None,
+        }
+    }
+
+    /// The name written as a shard's `owner` (default `pid-<pid>`).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How often a worker with nothing to claim looks again while other
+    /// workers hold the last shards (default 500 ms): if one of them dies,
+    /// its shard is taken over once its lease lapses.
+    #[must_use]
+    pub fn poll_interval(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Retry policy for the KMS and the database within a batch.
+    #[must_use]
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Return after finishing this many shards (default: no limit), e.g. to
+    /// recycle a process.
+    #[must_use]
+    pub fn max_shards(mut self, n: u64) -> Self {
+        self.max_shards = Some(n);
+        self
+    }
+
+    /// Works shards until every shard of the job is done.
+    ///
+    /// # Errors
+    /// As [`run_until`](Self::run_until).
+    pub async fn run(&self) -> Result<WorkerReport, DistributedJobError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Works shards until every shard of the job is done, or until `cancel`
+    /// completes: then, between two batches, the worker releases its shard
+    /// (its checkpoint saved) and returns.
+    ///
+    /// # Errors
+    /// [`DistributedJobError::JobFailed`] when the job stopped for good
+    /// (this worker recorded why when it was the one to find out);
+    /// [`DistributedJobError::Job`] when a shard's batch failed otherwise
+    /// (KMS unreachable, a source failing persistently: the shard is
+    /// released for another try); `UnknownSource`; the database's.
+    pub async fn run_until(
+        &self,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<WorkerReport, DistributedJobError> {
+        let cancel = cancel.fuse();
+        tokio::pin!(cancel);
+        let mut report = WorkerReport::default();
+        loop {
+            let job = self.coordinator.job_row(&self.job_id).await?;
+            if let Some(reason) = job.failed.clone() {
+                return Err(DistributedJobError::JobFailed {
+                    job_id: job.id,
+                    reason,
+                });
+            }
+            if job.keyring_id != self.keyring.id() {
+                return Err(DistributedJobError::WrongKeyring {
+                    job: job.keyring_id,
+                    given: self.keyring.id().to_owned(),
+                });
+            }
+            if cancel.as_mut().now_or_never().is_some()
+                || self.max_shards.is_some_and(|n| report.shards_finished >= n)
+            {
+                return Ok(report);
+            }
+            match self.claim(&job).await? {
+                Some(claimed) => {
+                    match self
+                        .work(&job, claimed, &mut report, cancel.as_mut())
+                        .await?
+                    {
+                        Flow::Finished => report.shards_finished += 1,
+                        Flow::Lost => report.shards_lost += 1,
+                        Flow::Cancelled => return Ok(report),
+                    }
+                }
+                None => {
+                    if self.remaining().await? == 0 {
+                        return Ok(report);
+                    }
+                    tokio::select! {
+                        () = cancel.as_mut() => return Ok(report),
+                        () = tokio::time::sleep(self.poll) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims a shard that is neither done nor under a live lease.
+    async fn claim(&self, job: &JobRow) -> Result<Option<Claimed>, DistributedJobError> {
+        let shards = self.coordinator.table("rewrap_shards");
+        let checkpoints = self.coordinator.table("rewrap_checkpoints");
+        let lease_ms = i64::try_from(job.shard_lease.as_millis()).unwrap_or(i64::MAX);
+        let row = sqlx::query(&format!(
+            "WITH c AS ( \
+               SELECT s.shard FROM {shards} s \
+               WHERE s.job_id = $1 AND NOT s.done \
+                 AND (s.lease_until IS NULL OR s.lease_until < now()) \
+               ORDER BY s.shard LIMIT 1 FOR UPDATE SKIP LOCKED \
+             ) \
+             UPDATE {shards} s SET owner = $2, epoch = s.epoch + 1, \
+               lease_until = now() + make_interval(secs => $3::float8 / 1000.0), \
+               claims = s.claims + 1, started_at = coalesce(s.started_at, now()), \
+               updated_at = now() \
+             FROM c WHERE s.job_id = $1 AND s.shard = c.shard \
+             RETURNING s.shard, s.source, s.range_start, s.range_end, s.epoch, \
+               (SELECT k.checkpoint::text FROM {checkpoints} k \
+                WHERE k.job_id = s.job_id AND k.shard = s.shard)"
+        ))
+        .bind(&job.id)
+        .bind(&self.name)
+        .bind(lease_ms)
+        .fetch_optional(self.coordinator.pool())
+        .await?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Claimed {
+            shard: r.try_get(0)?,
+            source: r.try_get(1)?,
+            range: IdRange {
+                start: r.try_get(2)?,
+                end: r.try_get(3)?,
+            },
+            epoch: r.try_get(4)?,
+            checkpoint: r.try_get(5)?,
+        }))
+    }
+
+    /// Shards not done yet.
+    async fn remaining(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {} WHERE job_id = $1 AND NOT done",
+            self.coordinator.table("rewrap_shards")
+        ))
+        .bind(&self.job_id)
+        .fetch_one(self.coordinator.pool())
+        .await
+    }
+
+    async fn work(
+        &self,
+        job: &JobRow,
+        claimed: Claimed,
+        report: &mut WorkerReport,
+        mut cancel: std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
+    ) -> Result<Flow, DistributedJobError> {
+        let Some(base) = self.sources.iter().find(|t| t.name() == claimed.source) else {
+            self.release(&claimed).await?;
+            return Err(DistributedJobError::UnknownSource(claimed.source));
+        };
+        let table = base.with_range(claimed.range.clone());
+        let checkpoint: Checkpoint = match &claimed.checkpoint {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(cp) => cp,
+                Err(source) => {
+                    self.release(&claimed).await?;
+                    return Err(DistributedJobError::Checkpoint {
+                        shard: claimed.shard,
+                        source,
+                    });
+                }
+            },
+            None => RewrapCoordinator::fresh_checkpoint(job, claimed.shard, &claimed.source),
+        };
+        let options = JobOptions {
+            batch_size: job.batch_size,
+            mode: job.mode,
+            retry: self.retry.clone(),
+            // The range is in the table's WHERE clause, not a filter.
+            shard: Shard::ALL,
+            ..JobOptions::default()
+        };
+        let source: Arc<dyn RowSource> = Arc::new(table.clone());
+        let mut shard_job = match RewrapJob::builder(Arc::clone(&self.keyring), vec![source])
+            .options(options)
+            .clock(self.coordinator.shared_clock())
+            .resume(checkpoint)
+        {
+            Ok(j) => j,
+            Err(e) => {
+                self.release(&claimed).await?;
+                return Err(e.into());
+            }
+        };
+        let mut read_saved = 0u64;
+        loop {
+            if cancel.as_mut().now_or_never().is_some() {
+                self.release(&claimed).await?;
+                return Ok(Flow::Cancelled);
+            }
+            let (batch, completed) = match shard_job.next_batch().await {
+                Ok(Some(b)) => {
+                    let completed = b.completed;
+                    (Some(b), completed)
+                }
+                // A checkpoint saved complete but not marked done: mark it.
+                Ok(None) => (None, true),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        JobError::TargetUnusable { .. }
+                            | JobError::TargetRolledBack { .. }
+                            | JobError::LeaseExpired { .. }
+                    ) {
+                        self.coordinator.fail_job(&job.id, &e.to_string()).await?;
+                    }
+                    self.release(&claimed).await?;
+                    return Err(e.into());
+                }
+            };
+            let read = table.rows_read();
+            let delta = read.saturating_sub(read_saved);
+            read_saved = read;
+            report.rows_read = report.rows_read.saturating_add(delta);
+            if let Some(b) = &batch {
+                report.batches += 1;
+                add(&mut report.counters, &b.counters);
+            }
+            if !self
+                .save(job, &claimed, shard_job.checkpoint(), delta, completed)
+                .await?
+            {
+                return Ok(Flow::Lost);
+            }
+            if completed {
+                return Ok(Flow::Finished);
+            }
+        }
+    }
+
+    /// Saves the shard's checkpoint and counters and renews its lease, in
+    /// one statement fenced by the claim's epoch; when the shard is
+    /// complete, also marks it done and, if it was the last, the job
+    /// completed (under the job row's lock, so two last shards finishing at
+    /// once cannot both miss it). `false` when the lease was lost.
+    async fn save(
+        &self,
+        job: &JobRow,
+        claimed: &Claimed,
+        checkpoint: &Checkpoint,
+        rows_read: u64,
+        done: bool,
+    ) -> Result<bool, DistributedJobError> {
+        let shards = self.coordinator.table("rewrap_shards");
+        let checkpoints = self.coordinator.table("rewrap_checkpoints");
+        let jobs = self.coordinator.table("rewrap_jobs");
+        let lease_ms = i64::try_from(job.shard_lease.as_millis()).unwrap_or(i64::MAX);
+        let text = serde_json::to_string(checkpoint).map_err(|source| {
+            DistributedJobError::Checkpoint {
+                shard: claimed.shard,
+                source,
+            }
+        })?;
+        let totals = checkpoint.totals();
+        let sql = format!(
+            "WITH s AS ( \
+               UPDATE {shards} SET \
+                 lease_until = CASE WHEN $5 THEN NULL \
+                   ELSE now() + make_interval(secs => $4::float8 / 1000.0) END, \
+                 done = $5, finished_at = CASE WHEN $5 THEN now() END, \
+                 batches = batches + 1, rows_read = rows_read + $6, \
+                 seen = $7, rewrapped = $8, skipped = $9, conflicts = $10, failed = $11, \
+                 unresolved = $12, updated_at = now() \
+               WHERE job_id = $1 AND shard = $2 AND epoch = $3 AND NOT done \
+               RETURNING job_id, shard \
+             ) \
+             INSERT INTO {checkpoints} (job_id, shard, checkpoint, saved_at) \
+             SELECT job_id, shard, $13::jsonb, now() FROM s \
+             ON CONFLICT (job_id, shard) DO UPDATE \
+               SET checkpoint = excluded.checkpoint, saved_at = excluded.saved_at \
+             RETURNING 1"
+        );
+        let query = sqlx::query_scalar::<_, i32>(&sql)
+            .bind(&job.id)
+            .bind(claimed.shard)
+            .bind(claimed.epoch)
+            .bind(lease_ms)
+            .bind(done)
+            .bind(count(rows_read))
+            .bind(count(totals.seen))
+            .bind(count(totals.rewrapped))
+            .bind(count(totals.skipped))
+            .bind(count(totals.conflicts))
+            .bind(count(totals.failed))
+            .bind(count(totals.unresolved))
+            .bind(&text);
+        if !done {
+            return Ok(query
+                .fetch_optional(self.coordinator.pool())
+                .await?
+                .is_some());
+        }
+        let mut tx = self.coordinator.pool().begin().await?;
+        sqlx::query(&format!("SELECT 1 FROM {jobs} WHERE id = $1 FOR UPDATE"))
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+        if query.fetch_optional(&mut *tx).await?.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(&format!(
+            "UPDATE {jobs} SET completed_at = now() WHERE id = $1 AND completed_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM {shards} WHERE job_id = $1 AND NOT done)"
+        ))
+        .bind(&job.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Gives the shard back at once (checkpoint kept), if still ours.
+    async fn release(&self, claimed: &Claimed) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET owner = NULL, lease_until = NULL, updated_at = now() \
+             WHERE job_id = $1 AND shard = $2 AND epoch = $3 AND NOT done",
+            self.coordinator.table("rewrap_shards")
+        ))
+        .bind(&self.job_id)
+        .bind(claimed.shard)
+        .bind(claimed.epoch)
+        .execute(self.coordinator.pool())
+        .await
+        .map(drop)
+    }
+}
