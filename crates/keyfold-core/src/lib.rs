@@ -38,6 +38,7 @@ pub use format::secret::{MasterKey, SecretKey};
 pub use format::suite::Suite;
 pub use keyring::audit::{Actor, AuditEvent, AuditKind, AuditSink};
 pub use keyring::error::Error;
+pub use keyring::maintenance::{EvidenceSource, Maintenance, MaintenanceHandle, MaintenanceReport};
 pub use keyring::policy::RotationPolicy;
 pub use keyring::store::{FileStore, KeyringStore, MemoryStore, Revision, StoreEvent};
 pub use keyring::{

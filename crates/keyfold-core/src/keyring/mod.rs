@@ -34,6 +34,7 @@ mod crypt;
 pub mod error;
 mod evidence;
 mod lifecycle;
+pub mod maintenance;
 mod metadata;
 pub mod onboarding;
 pub mod policy;
