@@ -151,6 +151,7 @@ fn all_steps() -> Vec<Migration> {
     let mut steps = Vec::new();
     steps.extend_from_slice(crate::store::MIGRATIONS);
     steps.extend_from_slice(crate::audit::MIGRATIONS);
+    steps.extend_from_slice(crate::job::MIGRATIONS);
     steps
 }
 
