@@ -7,6 +7,34 @@
 //! secret read from a *named* environment variable). A config carrying static,
 //! long-lived credentials is refused with an error that says what to use.
 //!
+//! # Tenant and operator settings
+//!
+//! In a BYOK service the config comes from a tenant's request, and a tenant
+//! must not steer the service's own credentials (docs/THREAT_MODEL.md,
+//! "Tenant and operator settings"). [`TenantConfig`] is what a tenant may
+//! say: the provider, the key reference and the identity to assume (AWS role
+//! ARN and external id, GCP service account, Azure tenant and client id).
+//! Deserialising one that carries an operator-only field
+//! ([`OPERATOR_ONLY_FIELDS`]: endpoint overrides, secret and KEK sources) is
+//! a [`ConfigError::OperatorOnly`] naming the field. Those settings belong to
+//! the operator, on the provider crates' wrapper factories; a
+//! [`ProviderConfig`] still carries them for configs the operator writes
+//! (a command-line tool's file), and the cloud factories refuse them there
+//! too, taking them only as factory settings.
+//!
+//! ```
+//! use keyfold_core::config::{ConfigError, TenantConfig};
+//! let err = serde_json::from_str::<TenantConfig>(r#"{
+//!     "provider": "aws",
+//!     "kms_key_ref": "arn:aws:kms:eu-west-1:111122223333:alias/tenant-a",
+//!     "region": "eu-west-1",
+//!     "role_arn": "arn:aws:iam::111122223333:role/keyfold",
+//!     "external_id": "tenant-a",
+//!     "endpoint_url": "https://169.254.169.254"
+//! }"#).unwrap_err();
+//! assert!(err.to_string().contains("`endpoint_url` is an operator setting"));
+//! ```
+//!
 //! ```
 //! use keyfold_core::config::{ConfigError, ProviderConfig};
 //! let cfg: ProviderConfig = serde_json::from_str(r#"{
@@ -69,9 +97,33 @@ pub enum ConfigError {
     /// The config is not well-formed (missing or unknown field, wrong type).
     #[error("malformed provider config: {0}")]
     Malformed(String),
+    /// A tenant config set a field only the operator may set (an endpoint
+    /// override, a secret or KEK source): see [`OPERATOR_ONLY_FIELDS`].
+    #[error(
+        "{provider} config field `{field}` is an operator setting: a tenant config cannot set it \
+         (the operator configures it on the wrapper factory)"
+    )]
+    OperatorOnly {
+        /// Provider.
+        provider: &'static str,
+        /// The offending field.
+        field: &'static str,
+    },
 }
 
-/// A tenant's KMS configuration, tagged by `provider`.
+/// The fields of each provider's config that only the operator may set:
+/// where requests go and where secrets and KEKs are read from. A
+/// [`TenantConfig`] refuses them with [`ConfigError::OperatorOnly`].
+pub const OPERATOR_ONLY_FIELDS: &[(&str, &[&str])] = &[
+    ("local", &["kek_env_var", "kek_file"]),
+    ("aws", &["endpoint_url"]),
+    ("gcp", &["endpoint_url"]),
+    ("azure", &["endpoint_url", "client_secret_env_var"]),
+];
+
+/// A KMS configuration, tagged by `provider`: everything a wrapper needs,
+/// operator-only settings included. Take a tenant's config as a
+/// [`TenantConfig`], which refuses those.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "provider", rename_all = "lowercase")]
 #[serde(try_from = "serde_json::Value")]
@@ -88,15 +140,16 @@ pub enum ProviderConfig {
 }
 
 /// Local KEK: read from an environment variable or a file (hex or base64).
+/// A tenant names only the KEK's id; its source is the operator's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// The KEK's id, recorded in every key it wraps.
     pub kms_key_ref: String,
-    /// Environment variable holding the KEK.
+    /// Environment variable holding the KEK. Operator-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kek_env_var: Option<String>,
-    /// File holding the KEK.
+    /// File holding the KEK. Operator-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kek_file: Option<String>,
 }
@@ -116,6 +169,8 @@ pub struct AwsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_id: Option<String>,
     /// Endpoint override (VPC endpoint, or a local emulator in tests).
+    /// Operator-only: `keyfold-aws` takes it as a factory setting and
+    /// refuses it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
 }
@@ -145,6 +200,8 @@ pub struct GcpConfig {
     pub project_id: Option<String>,
     /// Endpoint override: a Google API host (`https://*.googleapis.com`, a
     /// private endpoint) or a loopback address (a local server in tests).
+    /// Operator-only: `keyfold-gcp` takes it as a factory setting and
+    /// refuses it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
 }
@@ -164,9 +221,12 @@ pub struct AzureConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// Name of the environment variable holding the client secret.
+    /// Operator-only: `keyfold-azure` takes the secret source as the
+    /// factory's identity and refuses it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret_env_var: Option<String>,
-    /// Endpoint override (a local server in tests).
+    /// Endpoint override (a local server in tests). Operator-only:
+    /// `keyfold-azure` takes it as a factory setting and refuses it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
 }
@@ -208,42 +268,175 @@ impl TryFrom<serde_json::Value> for ProviderConfig {
     type Error = ConfigError;
 
     fn try_from(value: serde_json::Value) -> Result<Self, ConfigError> {
-        let object = value
-            .as_object()
-            .ok_or_else(|| ConfigError::Malformed("expected an object".into()))?;
-        let provider = object
-            .get("provider")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| ConfigError::Malformed("missing `provider`".into()))?;
-        for (name, fields, instead) in STATIC_CREDENTIAL_FIELDS {
-            if *name != provider {
-                continue;
-            }
-            if let Some(field) = object.keys().find(|k| fields.contains(&k.as_str())) {
-                return Err(ConfigError::StaticCredentials {
-                    provider: name,
-                    field: field.clone(),
-                    instead,
-                });
-            }
-        }
-        let mut rest = object.clone();
-        rest.remove("provider");
-        let rest = serde_json::Value::Object(rest);
-        let malformed = |e: serde_json::Error| ConfigError::Malformed(format!("{provider}: {e}"));
-        let config = match provider {
-            "local" => ProviderConfig::Local(serde_json::from_value(rest).map_err(malformed)?),
-            "aws" => ProviderConfig::Aws(serde_json::from_value(rest).map_err(malformed)?),
-            "gcp" => ProviderConfig::Gcp(serde_json::from_value(rest).map_err(malformed)?),
-            "azure" => ProviderConfig::Azure(serde_json::from_value(rest).map_err(malformed)?),
-            other => {
-                return Err(ConfigError::Malformed(format!(
-                    "unknown provider {other:?} (expected local, aws, gcp or azure)"
-                )));
-            }
-        };
+        let config = parse_unvalidated(value, false)?;
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// Parses a config without validating its values; `tenant`: refuse
+/// operator-only fields first.
+fn parse_unvalidated(
+    value: serde_json::Value,
+    tenant: bool,
+) -> Result<ProviderConfig, ConfigError> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| ConfigError::Malformed("expected an object".into()))?;
+    let provider = object
+        .get("provider")
+        .and_then(|p| p.as_str())
+        .ok_or_else(|| ConfigError::Malformed("missing `provider`".into()))?;
+    for (name, fields, instead) in STATIC_CREDENTIAL_FIELDS {
+        if *name != provider {
+            continue;
+        }
+        if let Some(field) = object.keys().find(|k| fields.contains(&k.as_str())) {
+            return Err(ConfigError::StaticCredentials {
+                provider: name,
+                field: field.clone(),
+                instead,
+            });
+        }
+    }
+    let mut rest = object.clone();
+    rest.remove("provider");
+    let rest = serde_json::Value::Object(rest);
+    let malformed = |e: serde_json::Error| ConfigError::Malformed(format!("{provider}: {e}"));
+    if tenant
+        && let Some(field) = operator_only(provider)
+            .iter()
+            .find(|f| object.contains_key(**f))
+    {
+        return Err(ConfigError::OperatorOnly {
+            provider: provider_name(provider),
+            field,
+        });
+    }
+    let config = match provider {
+        "local" => ProviderConfig::Local(serde_json::from_value(rest).map_err(malformed)?),
+        "aws" => ProviderConfig::Aws(serde_json::from_value(rest).map_err(malformed)?),
+        "gcp" => ProviderConfig::Gcp(serde_json::from_value(rest).map_err(malformed)?),
+        "azure" => ProviderConfig::Azure(serde_json::from_value(rest).map_err(malformed)?),
+        other => {
+            return Err(ConfigError::Malformed(format!(
+                "unknown provider {other:?} (expected local, aws, gcp or azure)"
+            )));
+        }
+    };
+    Ok(config)
+}
+
+/// The operator-only fields of `provider` (none for an unknown one).
+fn operator_only(provider: &str) -> &'static [&'static str] {
+    OPERATOR_ONLY_FIELDS
+        .iter()
+        .find(|(name, _)| *name == provider)
+        .map_or(&[], |(_, fields)| fields)
+}
+
+fn provider_name(provider: &str) -> &'static str {
+    ["local", "aws", "gcp", "azure"]
+        .into_iter()
+        .find(|p| *p == provider)
+        .unwrap_or("unknown")
+}
+
+/// A tenant's KMS configuration: a [`ProviderConfig`] that sets no
+/// operator-only field ([`OPERATOR_ONLY_FIELDS`]). Deserialising one that
+/// does is a [`ConfigError::OperatorOnly`] naming the field, whatever its
+/// value; static credentials and unknown fields are refused as for a
+/// [`ProviderConfig`]. A `local` tenant config names only the KEK's id
+/// (`kms_key_ref`): its source is the operator's.
+///
+/// Hand it to a provider crate's wrapper factory, which adds the operator's
+/// settings (docs/THREAT_MODEL.md, "Tenant and operator settings").
+///
+/// ```
+/// use keyfold_core::config::{ConfigError, TenantConfig};
+/// let tenant: TenantConfig = serde_json::from_str(r#"{
+///     "provider": "gcp",
+///     "kms_key_ref": "projects/acme/locations/europe-west1/keyRings/r/cryptoKeys/k",
+///     "impersonate_service_account": "keyfold@acme.iam.gserviceaccount.com"
+/// }"#)?;
+/// assert_eq!(tenant.provider(), "gcp");
+/// let err = serde_json::from_str::<TenantConfig>(
+///     r#"{"provider": "local", "kms_key_ref": "dev", "kek_file": "/etc/shadow"}"#,
+/// )
+/// .unwrap_err();
+/// assert!(err.to_string().contains("`kek_file` is an operator setting"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "serde_json::Value", into = "ProviderConfig")]
+pub struct TenantConfig(ProviderConfig);
+
+impl TenantConfig {
+    /// The config, for a wrapper factory.
+    pub fn as_provider_config(&self) -> &ProviderConfig {
+        &self.0
+    }
+
+    /// The config, for a wrapper factory or a config slot.
+    pub fn into_provider_config(self) -> ProviderConfig {
+        self.0
+    }
+
+    /// Checks every field a tenant may set.
+    fn validate(config: &ProviderConfig) -> Result<(), ConfigError> {
+        config.check_tenant()?;
+        match config {
+            // The source is the operator's; only the id is the tenant's.
+            ProviderConfig::Local(c) if c.kms_key_ref.is_empty() => Err(field(
+                "local",
+                "kms_key_ref",
+                "the KEK id must not be empty",
+            )),
+            ProviderConfig::Local(_) => Ok(()),
+            other => other.validate(),
+        }
+    }
+}
+
+impl std::ops::Deref for TenantConfig {
+    type Target = ProviderConfig;
+
+    fn deref(&self) -> &ProviderConfig {
+        &self.0
+    }
+}
+
+impl AsRef<ProviderConfig> for TenantConfig {
+    fn as_ref(&self) -> &ProviderConfig {
+        &self.0
+    }
+}
+
+impl From<TenantConfig> for ProviderConfig {
+    fn from(tenant: TenantConfig) -> Self {
+        tenant.0
+    }
+}
+
+impl TryFrom<ProviderConfig> for TenantConfig {
+    type Error = ConfigError;
+
+    /// # Errors
+    /// [`ConfigError::OperatorOnly`] for an operator-only field that is set,
+    /// else as [`ProviderConfig::validate`] (a `local` config needs no source).
+    fn try_from(config: ProviderConfig) -> Result<Self, ConfigError> {
+        TenantConfig::validate(&config)?;
+        Ok(TenantConfig(config))
+    }
+}
+
+impl TryFrom<serde_json::Value> for TenantConfig {
+    type Error = ConfigError;
+
+    fn try_from(value: serde_json::Value) -> Result<Self, ConfigError> {
+        let config = parse_unvalidated(value, true)?;
+        TenantConfig::validate(&config)?;
+        Ok(TenantConfig(config))
     }
 }
 
@@ -265,6 +458,48 @@ impl ProviderConfig {
             ProviderConfig::Aws(c) => &c.kms_key_ref,
             ProviderConfig::Gcp(c) => &c.kms_key_ref,
             ProviderConfig::Azure(c) => &c.kms_key_ref,
+        }
+    }
+
+    /// The operator-only fields ([`OPERATOR_ONLY_FIELDS`]) this config sets.
+    pub fn operator_fields(&self) -> Vec<&'static str> {
+        let set = |name: &'static str, value: bool| value.then_some(name);
+        match self {
+            ProviderConfig::Local(c) => [
+                set("kek_env_var", c.kek_env_var.is_some()),
+                set("kek_file", c.kek_file.is_some()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            ProviderConfig::Aws(c) => set("endpoint_url", c.endpoint_url.is_some())
+                .into_iter()
+                .collect(),
+            ProviderConfig::Gcp(c) => set("endpoint_url", c.endpoint_url.is_some())
+                .into_iter()
+                .collect(),
+            ProviderConfig::Azure(c) => [
+                set("endpoint_url", c.endpoint_url.is_some()),
+                set("client_secret_env_var", c.client_secret_env_var.is_some()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        }
+    }
+
+    /// Checks that the config sets no operator-only field, as a tenant's
+    /// must not.
+    ///
+    /// # Errors
+    /// [`ConfigError::OperatorOnly`] naming the first such field.
+    pub fn check_tenant(&self) -> Result<(), ConfigError> {
+        match self.operator_fields().first() {
+            Some(field) => Err(ConfigError::OperatorOnly {
+                provider: self.provider(),
+                field,
+            }),
+            None => Ok(()),
         }
     }
 
