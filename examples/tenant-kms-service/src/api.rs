@@ -1,32 +1,31 @@
-//! The HTTP API: routes, bearer-token auth, step-up tokens, JSON errors.
+//! The HTTP API: routes, bearer-token auth, step-up, JSON errors (the
+//! shape is in [`crate::error`]; every code is listed in the service README).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{ConnectInfo, FromRef, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use keyfold::Error as CoreError;
 use keyfold::audit::Actor;
 use keyfold::config::{ConfigError, ProviderConfig};
 use keyfold::keyring::{DestroyAuthorization, KeyState, Keyring, NoRecordsLeft};
 use keyfold::rewrap::{Checkpoint, RowSource, decrypt_and_upgrade};
 use keyfold::time::Timestamp;
+use keyfold::{Error as CoreError, WrapErrorKind};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::config::valid_name;
 use crate::db::{SECRET_VERSIONS, SECRETS, SecretRow, SecretTable, secret_context};
-use crate::tenants::{CLIENT_IP, OnboardError, Shared, Tenant};
+pub use crate::error::ApiError;
+use crate::error::operator_log;
+use crate::stepup::{self, Action, Requester, StepUpConfig, StepUpError};
+use crate::tenants::{OnboardError, Shared, Tenant};
 
 /// The header carrying a step-up token.
 pub const STEP_UP_HEADER: &str = "x-step-up-token";
@@ -38,60 +37,40 @@ pub struct App {
     pub shared: Arc<Shared>,
     /// Tenants by id.
     pub tenants: Arc<Vec<Arc<Tenant>>>,
-    /// Step-up tokens: token → (tenant id, expiry).
-    pub step_ups: Arc<Mutex<HashMap<String, (String, Instant)>>>,
-    /// Step-up token lifetime.
-    pub step_up_ttl: Duration,
+    /// Step-up settings.
+    pub step_up: StepUpConfig,
 }
 
-/// A JSON error: `{"error": code, "message": ..., ...}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: Value,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Self {
-        ApiError {
-            status,
-            body: json!({ "error": code, "message": message.to_string() }),
-        }
-    }
-
-    fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
-        if let Some(map) = self.body.as_object_mut() {
-            map.insert(key.to_owned(), json!(value));
-        }
-        self
-    }
-
-    fn bad_request(code: &str, message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    fn internal(message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
-    }
-}
-
-impl From<rusqlite::Error> for ApiError {
-    fn from(e: rusqlite::Error) -> Self {
-        ApiError::internal(format!("database: {e}"))
-    }
-}
+/// How long a throttled client is told to wait when the KMS did not say.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 5;
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
+        if let CoreError::Wrap(w) = &e {
+            // The provider's text (SDK output, remote bodies) stays in the
+            // operator log.
+            operator_log(format_args!("KMS error: {e}"));
+            let message = format!(
+                "the KMS answered {} during {} on {} key {:?}",
+                w.kind, w.operation, w.provider, w.key_ref
+            );
+            return match w.kind {
+                WrapErrorKind::AccessDenied => {
+                    ApiError::new(StatusCode::FORBIDDEN, "kms_access_denied", message)
+                }
+                WrapErrorKind::Throttled => {
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "kms_throttled", message)
+                        .retry_after(
+                            w.retry_after
+                                .map_or(DEFAULT_RETRY_AFTER_SECS, |d| d.as_secs().max(1)),
+                        )
+                }
+                _ => ApiError::new(StatusCode::BAD_GATEWAY, "kms_error", message),
+            }
+            .with("kind", w.kind);
+        }
         let (status, code) = match &e {
             CoreError::Sealed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "keyring_sealed"),
-            CoreError::Wrap(_) => (StatusCode::BAD_GATEWAY, "kms_error"),
             CoreError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
             CoreError::KeyDestroyed { .. } => (StatusCode::GONE, "key_version_destroyed"),
             CoreError::KeyState { .. } => (StatusCode::CONFLICT, "key_version_unavailable"),
@@ -103,12 +82,95 @@ impl From<CoreError> for ApiError {
             CoreError::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal_transition"),
             CoreError::DestroyRefused { .. } => (StatusCode::CONFLICT, "destroy_refused"),
             CoreError::NoActiveVersion => (StatusCode::CONFLICT, "no_active_version"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            CoreError::SealedByOperator { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "keyring_sealed_by_operator",
+            ),
+            CoreError::WriteWindowExpired { .. } => (StatusCode::CONFLICT, "write_window_expired"),
+            CoreError::BelowMinDecryptionVersion { .. } => {
+                (StatusCode::CONFLICT, "below_min_decryption_version")
+            }
+            _ => return ApiError::internal(&e),
         };
         let err = ApiError::new(status, code, &e);
         match &e {
-            CoreError::Wrap(w) => err.with("kind", w.kind),
+            CoreError::Sealed { kind, .. } => err
+                .with("kind", kind)
+                .with("next", "POST /admin/tenant-kms/unseal once the KMS answers again (with a step-up token for `unseal`)"),
+            CoreError::IllegalTransition { .. } => err.with(
+                "next",
+                "destroy needs a disabled version: disable it first (POST .../versions/{v}/disable)",
+            ),
+            CoreError::DestroyRefused { allowed_at, .. } => err
+                .with(
+                    "allowed_at",
+                    allowed_at.map(|t| crate::time::rfc3339(t.as_secs())),
+                )
+                .with(
+                    "next",
+                    "retry at `allowed_at` (when given); the version stays disabled meanwhile, and enabling it cancels",
+                ),
             _ => err,
+        }
+    }
+}
+
+fn step_up_error(e: StepUpError, action: Action, target: &str) -> ApiError {
+    let ask = format!(
+        "POST /admin/auth/step-up with {{\"code\": <your current TOTP code>, \"action\": \"{action}\", \"target\": \"{target}\"}}, then send the token in X-Step-Up-Token"
+    );
+    match e {
+        StepUpError::RateLimited { retry_after_secs } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "step_up_rate_limited",
+            format!("too many failed step-up attempts; retry in {retry_after_secs} s"),
+        )
+        .retry_after(retry_after_secs),
+        StepUpError::WrongCode => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "step_up_code_invalid",
+            "the TOTP code is wrong or not current",
+        )
+        .field("code"),
+        StepUpError::CodeReused => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "step_up_code_reused",
+            "this TOTP code was used already (each code gives one step-up token): wait for the next one",
+        )
+        .field("code"),
+        StepUpError::NoFactor => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_second_factor",
+            "no second factor is enrolled for this tenant's admin: ask the operator",
+        ),
+        StepUpError::Missing => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "step_up_required",
+            format!("this operation needs a step-up token: {ask}"),
+        )
+        .with("action", action.as_str())
+        .with("target", target),
+        StepUpError::Internal(detail) => ApiError::internal(detail),
+        other => {
+            let why = match &other {
+                StepUpError::Expired => "it expired".to_owned(),
+                StepUpError::WrongTenant => "it is another tenant's".to_owned(),
+                StepUpError::WrongAction { granted } => {
+                    format!("it was issued for `{granted}`, not `{action}`")
+                }
+                StepUpError::WrongTarget { granted } => {
+                    format!("it was issued for target {granted:?}, not {target:?}")
+                }
+                _ => "it is unknown or was used already (a token is used once)".to_owned(),
+            };
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "step_up_invalid",
+                format!("the step-up token was refused: {why}; it cannot be used again. {ask}"),
+            )
+            .with("reason", other.reason())
+            .with("action", action.as_str())
+            .with("target", target)
         }
     }
 }
@@ -129,6 +191,13 @@ impl Admin {
 
     fn id(&self) -> &str {
         &self.tenant.config.id
+    }
+
+    fn requester(&self) -> Requester<'_> {
+        Requester {
+            tenant: &self.tenant.config.id,
+            admin: &self.tenant.config.admin,
+        }
     }
 }
 
@@ -191,19 +260,21 @@ pub fn router(app: App) -> Router {
         .route("/secrets/{name}", get(get_secret).put(put_secret))
         .route("/secrets/{name}/rollback", post(rollback_secret))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (see the service README)",
+            )
         })
-        .layer(axum::middleware::from_fn(client_ip))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take this method (see the service README)",
+            )
+        })
+        .layer(axum::middleware::from_fn(crate::error::request_context))
         .with_state(app)
-}
-
-/// Makes the client's address available to the audit sink for the request.
-async fn client_ip(
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    CLIENT_IP.scope(addr.ip().to_string(), next.run(req)).await
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
@@ -228,39 +299,107 @@ async fn keyring(admin: &Admin) -> ApiResult<Arc<Keyring>> {
     onboarded(admin, &*admin.tenant.kms.read().await)
 }
 
-fn require_step_up(app: &App, admin: &Admin, headers: &HeaderMap) -> ApiResult<()> {
-    let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, "step_up_required", m);
-    let token = headers
-        .get(STEP_UP_HEADER)
-        .and_then(|h| h.to_str().ok())
-        .ok_or_else(|| {
-            refused("this operation needs a step-up token: POST /admin/auth/step-up, then send it in X-Step-Up-Token")
-        })?;
-    let mut tokens = app.step_ups.lock().unwrap_or_else(PoisonError::into_inner);
-    let now = Instant::now();
-    tokens.retain(|_, (_, exp)| *exp > now);
-    match tokens.get(token) {
-        Some((tenant, _)) if tenant == admin.id() => Ok(()),
-        _ => Err(refused(
-            "the step-up token is unknown, expired or for another tenant",
-        )),
-    }
+/// Uses the request's step-up token for `action` on `target`.
+fn require_step_up(
+    app: &App,
+    admin: &Admin,
+    headers: &HeaderMap,
+    action: Action,
+    target: &str,
+) -> ApiResult<()> {
+    let presented = headers.get(STEP_UP_HEADER).and_then(|h| h.to_str().ok());
+    stepup::consume(
+        &app.shared.db,
+        &admin.requester(),
+        presented,
+        action,
+        target,
+    )
+    .map_err(|e| step_up_error(e, action, target))
 }
 
-async fn step_up(State(app): State<App>, admin: Admin) -> ApiResult {
-    let token = crate::config::random_hex(24).map_err(ApiError::internal)?;
-    let expires = Timestamp::now().saturating_add(app.step_up_ttl);
-    app.step_ups
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(
-            token.clone(),
-            (admin.id().to_owned(), Instant::now() + app.step_up_ttl),
-        );
+/// `POST /admin/auth/step-up` `{"code", "action", "target"}`.
+async fn step_up(
+    State(app): State<App>,
+    admin: Admin,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body: Value = parse_json(body)?;
+    let object = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("malformed_json", "expected a JSON object"))?;
+    if let Some(extra) = object
+        .keys()
+        .find(|k| !["code", "action", "target"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            format!("unknown field `{extra}`: expected code, action, target"),
+        )
+        .field(extra));
+    }
+    let code = object.get("code").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_field",
+            "`code` (the current 6-digit TOTP code of your authenticator) is required",
+        )
+        .field("code")
+    })?;
+    let names: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+    let action = object
+        .get("action")
+        .and_then(Value::as_str)
+        .and_then(Action::parse)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_field",
+                format!("`action` must be one of {names:?}"),
+            )
+            .field("action")
+        })?;
+    let target = match object.get("target") {
+        None | Some(Value::Null) if action.targets_tenant() => admin.id().to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                format!(
+                    "`target` is required for `{action}`: {}",
+                    match action {
+                        Action::Onboard => "the kms_key_ref being onboarded",
+                        _ => "the version number",
+                    }
+                ),
+            )
+            .field("target"));
+        }
+    };
+    if action.targets_tenant() && target != admin.id() {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!(
+                "the target of `{action}` is your tenant id, {:?}",
+                admin.id()
+            ),
+        )
+        .field("target"));
+    }
+    let (token, expires_ms) = stepup::issue(
+        &app.shared.db,
+        &app.step_up,
+        &admin.requester(),
+        code,
+        action,
+        &target,
+    )
+    .map_err(|e| step_up_error(e, action, &target))?;
     Ok(Json(json!({
-        "step_up_token": token,
-        "expires_at": expires,
-        "expires_in_secs": app.step_up_ttl.as_secs(),
+        "step_up_token": token.expose(),
+        "action": action.as_str(),
+        "target": target,
+        "expires_at": crate::time::rfc3339_ms(expires_ms),
+        "expires_in_secs": app.step_up.token_ttl.as_secs(),
     })))
 }
 
@@ -274,16 +413,121 @@ pub fn aws_external_id(tenant_id: &str) -> String {
     format!("tenant-{tenant_id}")
 }
 
-/// Turns the request body into a provider config, naming the problem on failure.
-fn provider_config(app: &App, tenant_id: &str, mut body: Value) -> ApiResult<ProviderConfig> {
-    let object = body
-        .as_object_mut()
-        .ok_or_else(|| ApiError::bad_request("malformed_json", "expected a JSON object"))?;
-    if object.get("provider").and_then(Value::as_str) == Some("aws") {
+/// Whether a config field is operator configuration a tenant may never set:
+/// where the service sends its requests and credentials (endpoints), and
+/// where it reads secrets or keys from (environment variables, files).
+pub fn operator_only(field: &str) -> bool {
+    let f = field.to_ascii_lowercase();
+    f.contains("endpoint")
+        || f.ends_with("_env_var")
+        || f.ends_with("_env")
+        || f.ends_with("_file")
+        || f.ends_with("_path")
+        || f == "url"
+}
+
+/// Turns an onboarding body `{provider, kms_key_ref, config: {...}}` into a
+/// provider config, naming the problem (and the field) on failure.
+fn tenant_config(app: &App, tenant_id: &str, body: Value) -> ApiResult<ProviderConfig> {
+    let Value::Object(mut object) = body else {
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "expected a JSON object {\"provider\", \"kms_key_ref\", \"config\": {...}}",
+        ));
+    };
+    if let Some(extra) = object
+        .keys()
+        .find(|k| !["provider", "kms_key_ref", "config"].contains(&k.as_str()))
+    {
+        let err = if operator_only(extra) {
+            operator_only_error(extra)
+        } else {
+            ApiError::bad_request(
+                "unknown_field",
+                format!(
+                    "unknown field `{extra}`: the body is {{\"provider\", \"kms_key_ref\", \"config\": {{...}}}}, provider settings go in `config`"
+                ),
+            )
+            .field(extra)
+        };
+        return Err(err);
+    }
+    let provider = match object.get("provider") {
+        Some(Value::String(p)) => p.clone(),
+        _ => {
+            return Err(
+                ApiError::bad_request("missing_field", "missing string field `provider`")
+                    .field("provider"),
+            );
+        }
+    };
+    if !PROVIDERS.contains(&provider.as_str()) {
+        return Err(ApiError::bad_request(
+            "unknown_provider",
+            format!("unknown provider {provider:?}: expected one of {PROVIDERS:?}"),
+        )
+        .field("provider"));
+    }
+    let key_ref = match object.get("kms_key_ref") {
+        Some(Value::String(k)) => k.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                "missing string field `kms_key_ref`",
+            )
+            .field("kms_key_ref"));
+        }
+    };
+    let mut settings = match object.remove("config") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("invalid_field", "`config` must be an object")
+                    .field("config"),
+            );
+        }
+    };
+    for key in settings.keys() {
+        if operator_only(key) {
+            return Err(operator_only_error(&format!("config.{key}")));
+        }
+        if key == "provider" || key == "kms_key_ref" {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!("`{key}` belongs at the top level of the body, not in `config`"),
+            )
+            .field(&format!("config.{key}")));
+        }
+    }
+    if provider == "local" {
+        if let Some(extra) = settings.keys().next() {
+            return Err(ApiError::bad_request(
+                "invalid_config",
+                format!(
+                    "field `config.{extra}` not allowed: a local config names one of the service's KEKs by `kms_key_ref` only"
+                ),
+            )
+            .field(&format!("config.{extra}")));
+        }
+        return app
+            .shared
+            .providers
+            .local_config(&key_ref)
+            .map(ProviderConfig::Local)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_key_ref",
+                    format!("invalid local key reference {key_ref:?}: no such KEK on this service"),
+                )
+                .field("kms_key_ref")
+            });
+    }
+    if provider == "aws" {
         let assigned = aws_external_id(tenant_id);
-        match object.get("external_id") {
+        match settings.get("external_id") {
             None => {
-                object.insert("external_id".into(), Value::String(assigned));
+                settings.insert("external_id".into(), Value::String(assigned));
             }
             Some(given) if given.as_str() == Some(assigned.as_str()) => {}
             Some(_) => {
@@ -293,52 +537,13 @@ fn provider_config(app: &App, tenant_id: &str, mut body: Value) -> ApiResult<Pro
                         "this service assigns your AWS external id: {assigned:?} (require it in the role's trust policy, or omit the field)"
                     ),
                 )
-                .with("field", "external_id"));
+                .field("config.external_id"));
             }
         }
     }
-    let object = &*object;
-    let provider = object
-        .get("provider")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_request("invalid_config", "missing string field `provider`"))?
-        .to_owned();
-    let provider = provider.as_str();
-    if !PROVIDERS.contains(&provider) {
-        return Err(ApiError::bad_request(
-            "unknown_provider",
-            format!("unknown provider {provider:?}: expected one of {PROVIDERS:?}"),
-        ));
-    }
-    if provider == "local" {
-        if let Some(extra) = object
-            .keys()
-            .find(|k| !["provider", "kms_key_ref"].contains(&k.as_str()))
-        {
-            return Err(ApiError::bad_request(
-                "invalid_config",
-                format!(
-                    "field `{extra}` not allowed: a local config names one of the service's KEKs by `kms_key_ref` only"
-                ),
-            ));
-        }
-        let key_ref = object
-            .get("kms_key_ref")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        return app
-            .shared
-            .providers
-            .local_config(key_ref)
-            .map(ProviderConfig::Local)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_key_ref",
-                    format!("invalid local key reference {key_ref:?}: no such KEK on this service"),
-                )
-            });
-    }
-    let config = ProviderConfig::try_from(body).map_err(|e| {
+    settings.insert("provider".into(), Value::String(provider.clone()));
+    settings.insert("kms_key_ref".into(), Value::String(key_ref));
+    let config = ProviderConfig::try_from(Value::Object(settings)).map_err(|e| {
         let code = match &e {
             ConfigError::StaticCredentials { .. } => "static_credentials",
             ConfigError::InvalidKeyRef { .. } => "invalid_key_ref",
@@ -347,58 +552,101 @@ fn provider_config(app: &App, tenant_id: &str, mut body: Value) -> ApiResult<Pro
         };
         let err = ApiError::bad_request(code, &e);
         match &e {
-            ConfigError::StaticCredentials { field, .. } => err.with("field", field),
-            ConfigError::InvalidField { field, .. } => err.with("field", field),
+            ConfigError::StaticCredentials { field, .. } => err.field(&format!("config.{field}")),
+            ConfigError::InvalidField { field, .. } => err.field(&format!("config.{field}")),
+            ConfigError::InvalidKeyRef { .. } => err.field("kms_key_ref"),
             _ => err,
         }
     })?;
-    if !app.shared.providers.supports(provider) {
+    if !app.shared.providers.supports(&provider) {
         return Err(ApiError::bad_request(
             "unsupported_provider",
             format!("this service was built without {provider} support"),
-        ));
+        )
+        .field("provider"));
     }
     Ok(config)
+}
+
+fn operator_only_error(field: &str) -> ApiError {
+    ApiError::bad_request(
+        "operator_only_field",
+        format!(
+            "`{field}` is operator configuration, not tenant input: endpoints and secret sources are set by the service's operator (provider_endpoints in the service config), never by a tenant"
+        ),
+    )
+    .field(field)
 }
 
 async fn onboard(
     State(app): State<App>,
     admin: Admin,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let value: Value = parse_json(body)?;
-    let config = provider_config(&app, &admin.tenant.config.id, value)?;
+    let config = tenant_config(&app, &admin.tenant.config.id, value)?;
     let (provider, key_ref) = (config.provider(), config.kms_key_ref().to_owned());
+    require_step_up(&app, &admin, &headers, Action::Onboard, &key_ref)?;
+    let first = admin.tenant.kms.read().await.is_none();
     let done = app
         .shared
         .onboard(&admin.tenant, config, &admin.actor())
         .await
         .map_err(|e| match e {
-            OnboardError::Probe(f) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "kms_probe_failed",
-                &f.message,
-            )
-            .with("step", f.step)
-            .with("kind", f.kind)
-            .with("provider", &f.provider)
-            .with("kms_key_ref", &f.key_ref),
+            OnboardError::Probe(f) => {
+                let (status, code) = match f.kind {
+                    Some(WrapErrorKind::AccessDenied) => {
+                        (StatusCode::FORBIDDEN, "kms_access_denied")
+                    }
+                    Some(WrapErrorKind::Throttled) => {
+                        (StatusCode::TOO_MANY_REQUESTS, "kms_throttled")
+                    }
+                    _ => (StatusCode::UNPROCESSABLE_ENTITY, "kms_probe_failed"),
+                };
+                let err = ApiError::new(status, code, &f.message)
+                    .with("step", f.step)
+                    .with("kind", f.kind)
+                    .with("provider", &f.provider)
+                    .with("kms_key_ref", &f.key_ref)
+                    .with("previous_config_in_force", !first);
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    err.retry_after(DEFAULT_RETRY_AFTER_SECS)
+                } else {
+                    err
+                }
+            }
             OnboardError::Keyring(e) => e.into(),
             OnboardError::Db(e) => ApiError::internal(e),
         })?;
+    let note = if first {
+        format!(
+            "first configuration: the keyring was created under {provider} key {key_ref:?} with version {}",
+            done.version
+        )
+    } else {
+        format!(
+            "every master key version is now wrapped under {provider} key {key_ref:?}; new records use version {}, and the rewrap job (GET /admin/tenant-kms/rewrap) moves the existing ones",
+            done.version
+        )
+    };
     Ok(Json(json!({
+        "ok": true,
         "provider": provider,
         "kms_key_ref": key_ref,
         "new_key_version": done.version,
         "new_key_id": done.version_id,
         "rewrap_status": "enqueued",
         "rewrap_lease_id": done.lease_id,
+        "note": note,
     })))
 }
 
 async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> ApiResult {
-    require_step_up(&app, &admin, &headers)?;
-    let keyring = keyring(&admin).await?;
+    // Held across the rotation: onboarding cannot replace the config meanwhile.
+    let kms = admin.tenant.kms.read().await;
+    let keyring = onboarded(&admin, &kms)?;
+    require_step_up(&app, &admin, &headers, Action::Rotate, admin.id())?;
     // Hold the job slot across the rotation: the background task then cannot
     // start a job of its own for the new version before this one.
     let mut job = admin.tenant.job.lock().await;
@@ -406,6 +654,7 @@ async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> Api
     app.shared
         .new_job(admin.id(), &mut job, &keyring, rotation.lease_id.clone());
     drop(job);
+    drop(kms);
     Ok(Json(json!({
         "version": rotation.version,
         "key_id": rotation.version_id,
@@ -423,7 +672,7 @@ async fn metadata(admin: Admin) -> ApiResult {
         .map(|o| (o.config.provider(), o.config.kms_key_ref().to_owned()))
         .unwrap_or_default();
     let m = keyring.metadata();
-    Ok(Json(json!({
+    let mut body = json!({
         "tenant": admin.id(),
         "provider": provider,
         "kms_key_ref": key_ref,
@@ -434,7 +683,14 @@ async fn metadata(admin: Admin) -> ApiResult {
         "sealed": m.sealed.is_some(),
         "sealed_info": m.sealed,
         "keys": m.versions,
-    })))
+    });
+    crate::time::rfc3339_fields(&mut body);
+    if let Some(since) = body["sealed_info"].get_mut("since")
+        && let Some(secs) = since.as_u64()
+    {
+        *since = Value::String(crate::time::rfc3339(secs));
+    }
+    Ok(Json(body))
 }
 
 async fn version_op(
@@ -444,23 +700,34 @@ async fn version_op(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let Path((v, op)) = path.map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
+    let action = match op.as_str() {
+        "disable" => Action::Disable,
+        "enable" => Action::Enable,
+        "destroy" => Action::Destroy,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown operation {other:?}: disable, enable or destroy"),
+            ));
+        }
+    };
     let version: u32 = v.parse().map_err(|_| {
         ApiError::bad_request(
             "invalid_version",
             format!("{v:?} is not a key version number"),
         )
     })?;
-    let keyring = keyring(&admin).await?;
+    let kms = admin.tenant.kms.read().await;
+    let keyring = onboarded(&admin, &kms)?;
+    require_step_up(&app, &admin, &headers, action, &version.to_string())?;
     let actor = admin.actor();
-    match op.as_str() {
-        "disable" => keyring.disable(version, &actor).await?,
-        "enable" => keyring.enable(version, &actor).await?,
-        "destroy" => {
-            require_step_up(&app, &admin, &headers)?;
-            match keyring.version_state(version) {
-                None => return Err(CoreError::UnknownVersion { version }.into()),
-                Some(KeyState::Disabled) => {}
-                Some(_) => {} // the keyring refuses with the state in its error
+    match action {
+        Action::Disable => keyring.disable(version, &actor).await?,
+        Action::Enable => keyring.enable(version, &actor).await?,
+        _ => {
+            if keyring.version_state(version).is_none() {
+                return Err(CoreError::UnknownVersion { version }.into());
             }
             let checked_at = Timestamp::now();
             let remaining = app
@@ -479,7 +746,11 @@ async fn version_op(
                     ),
                 )
                 .with("version", version)
-                .with("records", remaining));
+                .with("records", remaining)
+                .with(
+                    "next",
+                    "enable the version if it is disabled (the rewrap job cannot read records on a disabled version), wait until GET /admin/tenant-kms/rewrap shows status completed, disable it again and retry the destroy",
+                ));
             }
             let evidence = NoRecordsLeft {
                 keyring_id: admin.id().to_owned(),
@@ -490,13 +761,6 @@ async fn version_op(
             keyring
                 .destroy(version, DestroyAuthorization::Evidence(evidence), &actor)
                 .await?;
-        }
-        other => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("unknown operation {other:?}: disable, enable or destroy"),
-            ));
         }
     }
     Ok(Json(json!({
@@ -526,7 +790,7 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
             .await
             .unwrap_or(0);
     }
-    Ok(Json(json!({
+    let mut body = json!({
         "job_id": row.job_id,
         "status": row.status,
         "error": row.error,
@@ -538,12 +802,16 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
         "totals": cp.totals(),
         "sources": cp.sources,
         "estimated_remaining": remaining,
-    })))
+    });
+    crate::time::rfc3339_fields(&mut body);
+    Ok(Json(body))
 }
 
 async fn audit(State(app): State<App>, admin: Admin) -> ApiResult {
     let events = app.shared.db.audit(admin.id())?;
-    Ok(Json(json!({ "events": events })))
+    let mut body = json!({ "events": events });
+    crate::time::rfc3339_fields(&mut body);
+    Ok(Json(body))
 }
 
 fn check_name(name: &str) -> ApiResult<()> {
@@ -600,22 +868,30 @@ async fn put_secret(
     for _ in 0..5 {
         let current = db.current_secret(tenant, &name)?;
         let version = db.next_secret_version(tenant, &name)?;
-        let ciphertext = keyring
-            .encrypt(
+        let pending = keyring
+            .encrypt_for_write(
                 &secret_context(tenant, &name, version),
                 req.value.as_bytes(),
             )
             .await?;
-        let new = SecretRow {
-            name: name.clone(),
-            version,
-            ciphertext,
-        };
         // The previous value moves to the history table on the active
         // version, so no record lands behind a running job's cursor on an old one.
         let history = match &current {
             Some(c) => Some(upgraded(&keyring, tenant, c.clone()).await),
             None => None,
+        };
+        // The write-window check, just before the write (docs/LIFECYCLE.md,
+        // "Write window"): a record sealed too long ago under a version
+        // retired meanwhile is encrypted again, never stored.
+        let ciphertext = match keyring.ready_to_write(pending).await {
+            Ok(ct) => ct,
+            Err(CoreError::WriteWindowExpired { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let new = SecretRow {
+            name: name.clone(),
+            version,
+            ciphertext,
         };
         if db.replace_secret(
             tenant,
@@ -656,7 +932,9 @@ async fn get_secret(State(app): State<App>, admin: Admin, Path(name): Path<Strin
     let ctx = secret_context(tenant, &name, row.version);
     let read = decrypt_and_upgrade(&keyring, &ctx, &row.ciphertext).await?;
     if let Some(e) = &read.upgrade_error {
-        eprintln!("tenant {tenant}: lazy rewrap of secret {name} skipped: {e}");
+        operator_log(format_args!(
+            "tenant {tenant}: lazy rewrap of secret {name} skipped: {e}"
+        ));
     }
     let mut on = key_version(&row.ciphertext);
     if let Some(new) = &read.upgraded {

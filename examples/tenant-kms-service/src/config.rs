@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::stepup::StepUpConfig;
+
 /// Everything the service needs to start.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -24,12 +26,24 @@ pub struct ServiceConfig {
     pub tenants: Vec<TenantConfig>,
     /// The background rewrap task.
     pub rewrap: RewrapConfig,
-    /// How long a step-up token stays valid (default 5 minutes).
-    pub step_up_ttl: Duration,
+    /// Step-up: token lifetime, TOTP step, rate limit.
+    pub step_up: StepUpConfig,
+    /// Operator endpoint overrides per provider (`aws` → a KMS VPC endpoint),
+    /// applied to the provider factories by `main`. Tenants can never name
+    /// an endpoint.
+    pub provider_endpoints: BTreeMap<String, String>,
     /// How stale an instance's view of a keyring may be when it encrypts
     /// (keyfold's default, 30 s); a version can be destroyed only this long
     /// after its retirement. Use the same value on every instance.
     pub max_staleness: Duration,
+    /// How long a version stays disabled before it may be destroyed
+    /// (keyfold's default, 24 h; docs/LIFECYCLE.md).
+    pub destroy_grace: Duration,
+    /// How long after encrypting a record the service may still persist it
+    /// without re-checking its version (keyfold's default, 60 s; the
+    /// service encrypts just before writing). A destroy's evidence must be
+    /// gathered at least this long after the version's retirement.
+    pub write_window: Duration,
 }
 
 /// Where a local KEK comes from (hex or base64, 32 bytes).
@@ -42,8 +56,8 @@ pub enum KekSource {
     Env(String),
 }
 
-/// One tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One tenant. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TenantConfig {
     /// Tenant id (also its keyring id).
     pub id: String,
@@ -51,6 +65,16 @@ pub struct TenantConfig {
     pub admin: String,
     /// The admin's bearer token.
     pub token: String,
+}
+
+impl std::fmt::Debug for TenantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantConfig")
+            .field("id", &self.id)
+            .field("admin", &self.admin)
+            .field("token", &"******")
+            .finish()
+    }
 }
 
 /// The background rewrap task.
@@ -90,8 +114,18 @@ struct FileConfig {
     rewrap: FileRewrap,
     #[serde(default = "default_step_up_secs")]
     step_up_ttl_secs: u64,
+    #[serde(default = "default_totp_step_secs")]
+    totp_step_secs: u64,
+    #[serde(default = "default_max_failures")]
+    step_up_max_failures: u32,
+    #[serde(default)]
+    provider_endpoints: BTreeMap<String, String>,
     #[serde(default = "default_staleness_secs")]
     max_staleness_secs: u64,
+    #[serde(default = "default_destroy_grace_secs")]
+    destroy_grace_secs: u64,
+    #[serde(default = "default_write_window_secs")]
+    write_window_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +151,25 @@ fn default_listen() -> SocketAddr {
 fn default_step_up_secs() -> u64 {
     300
 }
+
+fn default_totp_step_secs() -> u64 {
+    30
+}
+
+fn default_max_failures() -> u32 {
+    5
+}
+
+fn default_destroy_grace_secs() -> u64 {
+    DEFAULT_DESTROY_GRACE.as_secs()
+}
+
+fn default_write_window_secs() -> u64 {
+    keyfold::keyring::DEFAULT_WRITE_WINDOW.as_secs()
+}
+
+/// keyfold's default destroy grace period.
+pub const DEFAULT_DESTROY_GRACE: Duration = keyfold::keyring::DEFAULT_DESTROY_GRACE;
 
 fn default_staleness_secs() -> u64 {
     keyfold::keyring::DEFAULT_MAX_STALENESS.as_secs()
@@ -180,8 +233,16 @@ impl ServiceConfig {
                 interval: Duration::from_secs(file.rewrap.interval_secs.unwrap_or(5)),
                 max_batches: None,
             },
-            step_up_ttl: Duration::from_secs(file.step_up_ttl_secs),
+            step_up: StepUpConfig {
+                token_ttl: Duration::from_secs(file.step_up_ttl_secs),
+                totp_step: Duration::from_secs(file.totp_step_secs),
+                max_failures: file.step_up_max_failures,
+                ..StepUpConfig::default()
+            },
+            provider_endpoints: file.provider_endpoints,
             max_staleness: Duration::from_secs(file.max_staleness_secs),
+            destroy_grace: Duration::from_secs(file.destroy_grace_secs),
+            write_window: Duration::from_secs(file.write_window_secs),
         };
         config.validate()?;
         Ok(config)
@@ -233,8 +294,11 @@ impl ServiceConfig {
                 },
             ],
             rewrap: RewrapConfig::default(),
-            step_up_ttl: Duration::from_secs(300),
+            step_up: StepUpConfig::default(),
+            provider_endpoints: BTreeMap::new(),
             max_staleness: keyfold::keyring::DEFAULT_MAX_STALENESS,
+            destroy_grace: DEFAULT_DESTROY_GRACE,
+            write_window: keyfold::keyring::DEFAULT_WRITE_WINDOW,
         };
         config.validate()?;
         Ok(config)
@@ -268,6 +332,30 @@ impl ServiceConfig {
         }
         if self.rewrap.batch_size == 0 {
             return Err("rewrap batch_size must be at least 1".into());
+        }
+        if self.step_up.token_ttl > Duration::from_secs(3600) {
+            return Err("step_up_ttl_secs: at most 3600 (a step-up token lives minutes)".into());
+        }
+        if !(1..=300).contains(&self.step_up.totp_step.as_secs()) {
+            return Err("totp_step_secs: 1..=300 (RFC 6238 recommends 30)".into());
+        }
+        if self.step_up.max_failures == 0 || self.step_up.failure_window.is_zero() {
+            return Err("step_up_max_failures and the failure window must be at least 1".into());
+        }
+        for (provider, url) in &self.provider_endpoints {
+            let provider: &'static str = match provider.as_str() {
+                "aws" => "aws",
+                "gcp" => "gcp",
+                "azure" => "azure",
+                other => {
+                    return Err(format!(
+                        "provider_endpoints: unknown provider {other:?} (aws, gcp or azure)"
+                    )
+                    .into());
+                }
+            };
+            keyfold::config::check_endpoint_url(provider, url)
+                .map_err(|e| format!("provider_endpoints.{provider}: {e}"))?;
         }
         Ok(())
     }
@@ -325,7 +413,9 @@ mod tests {
         assert_eq!(c.tenants[0].token, "ACME_TOKEN-value-0123456789");
         assert_eq!(c.rewrap.batch_size, 100);
         assert_eq!(c.rewrap.interval, Duration::from_secs(5));
-        assert_eq!(c.step_up_ttl, Duration::from_secs(300));
+        assert_eq!(c.step_up.token_ttl, Duration::from_secs(300));
+        assert_eq!(c.step_up.totp_step, Duration::from_secs(30));
+        assert!(!format!("{c:?}").contains("ACME_TOKEN-value"), "{c:?}");
         assert_eq!(c.max_staleness, Duration::from_secs(30));
     }
 

@@ -5,6 +5,7 @@
 //! (an example's simplicity; a production service would use a pool or an
 //! async driver). Never hold the lock across an `.await`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -37,6 +38,14 @@ CREATE TABLE IF NOT EXISTS rewrap_leases (
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, at INTEGER NOT NULL,
     event TEXT NOT NULL, actor TEXT NOT NULL, client_ip TEXT, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS step_up_factors (
+    tenant TEXT PRIMARY KEY, admin TEXT NOT NULL, secret BLOB NOT NULL,
+    last_step INTEGER NOT NULL DEFAULT -1, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS step_up_tokens (
+    token_hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, issued_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS step_up_failures (tenant TEXT NOT NULL, at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS step_up_failures_by_tenant ON step_up_failures (tenant, at_ms);
 CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
@@ -52,6 +61,46 @@ pub const SECRET_VERSIONS: &str = "secret_versions";
 #[derive(Clone)]
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
+    /// Tenant configs waiting to be stored with their keyring (onboarding).
+    pending: Arc<Mutex<HashMap<String, PendingConfig>>>,
+}
+
+/// A tenant config to store in the same transaction as the keyring save
+/// that moves every master key under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConfig {
+    /// The config, JSON.
+    pub json: String,
+}
+
+/// A tenant admin's TOTP factor.
+pub struct Factor {
+    /// The shared secret.
+    pub secret: Vec<u8>,
+    /// The last TOTP time step accepted (-1: none yet).
+    pub last_step: i64,
+}
+
+impl std::fmt::Debug for Factor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Factor")
+            .field("secret", &"******")
+            .field("last_step", &self.last_step)
+            .finish()
+    }
+}
+
+/// A step-up grant, as stored (the token itself is kept only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Tenant.
+    pub tenant: String,
+    /// Action it allows.
+    pub action: String,
+    /// Target it allows the action on.
+    pub target: String,
+    /// Expiry, Unix milliseconds.
+    pub expires_at_ms: i64,
 }
 
 impl std::fmt::Debug for Db {
@@ -112,14 +161,49 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
+    /// The file is created owner-only (0600 on Unix), an existing one is made
+    /// so, and so are its `-wal` and `-shm` files (SQLite gives them the
+    /// database file's mode): it holds tenant configs, TOTP secrets and the
+    /// wrapped master keys.
     pub fn open(path: &Path) -> rusqlite::Result<Db> {
+        let io = |e: std::io::Error| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("{}: {e}", path.display())),
+            )
+        };
+        owner_only(path, true).map_err(io)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            owner_only(Path::new(&side), false).map_err(io)?;
+        }
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
+            pending: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// Stores `config` with the next save of keyring `tenant` (one
+    /// transaction), until
+    /// [`take_pending`](Self::take_pending).
+    pub fn set_pending(&self, tenant: &str, config: PendingConfig) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tenant.to_owned(), config);
+    }
+
+    /// Removes the pending config of `tenant`; `Some` if no save stored it.
+    pub fn take_pending(&self, tenant: &str) -> Option<PendingConfig> {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(tenant)
     }
 
     /// The connection, locked.
@@ -387,6 +471,149 @@ impl Db {
         Ok(())
     }
 
+    // ----- step-up ---------------------------------------------------------
+
+    /// Enrols `secret` as the TOTP factor of `tenant`'s admin unless one is
+    /// enrolled already; whether it was.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn enrol_factor(
+        &self,
+        tenant: &str,
+        admin: &str,
+        secret: &[u8],
+        now: u64,
+    ) -> rusqlite::Result<bool> {
+        let n = self.lock().execute(
+            "INSERT INTO step_up_factors (tenant, admin, secret, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant) DO NOTHING",
+            params![tenant, admin, secret, now as i64],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The TOTP factor of `tenant`'s admin.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn factor(&self, tenant: &str) -> rusqlite::Result<Option<Factor>> {
+        self.lock()
+            .query_row(
+                "SELECT secret, last_step FROM step_up_factors WHERE tenant = ?1",
+                params![tenant],
+                |r| {
+                    Ok(Factor {
+                        secret: r.get(0)?,
+                        last_step: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// Marks TOTP time step `step` used; `false` if it (or a later one) was
+    /// used already (RFC 6238 §5.2: a code is accepted once).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn use_factor_step(&self, tenant: &str, step: u64) -> rusqlite::Result<bool> {
+        let step = i64::try_from(step).unwrap_or(i64::MAX);
+        let n = self.lock().execute(
+            "UPDATE step_up_factors SET last_step = ?2 WHERE tenant = ?1 AND last_step < ?2",
+            params![tenant, step],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records a failed step-up attempt.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_step_up_failure(&self, tenant: &str, at_ms: i64) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO step_up_failures (tenant, at_ms) VALUES (?1, ?2)",
+            params![tenant, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The failed step-up attempts of `tenant` since `since_ms`: their
+    /// number and the oldest one's time (older ones are deleted).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn step_up_failures(
+        &self,
+        tenant: &str,
+        since_ms: i64,
+    ) -> rusqlite::Result<(u32, Option<i64>)> {
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM step_up_failures WHERE tenant = ?1 AND at_ms <= ?2",
+            params![tenant, since_ms],
+        )?;
+        conn.query_row(
+            "SELECT COUNT(*), MIN(at_ms) FROM step_up_failures WHERE tenant = ?1",
+            params![tenant],
+            |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)),
+        )
+        .map(|(n, oldest)| (u32::try_from(n).unwrap_or(u32::MAX), oldest))
+    }
+
+    /// Stores a step-up grant under the token's hash.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn insert_grant(
+        &self,
+        token_hash: &str,
+        grant: &Grant,
+        now_ms: i64,
+    ) -> rusqlite::Result<()> {
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM step_up_tokens WHERE expires_at_ms <= ?1",
+            params![now_ms],
+        )?;
+        conn.execute(
+            "INSERT INTO step_up_tokens (token_hash, tenant, action, target, issued_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                token_hash,
+                grant.tenant,
+                grant.action,
+                grant.target,
+                now_ms,
+                grant.expires_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes and returns the grant of a token hash: a token is used once,
+    /// whatever the outcome, on any instance sharing the database.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn take_grant(&self, token_hash: &str) -> rusqlite::Result<Option<Grant>> {
+        self.lock()
+            .query_row(
+                "DELETE FROM step_up_tokens WHERE token_hash = ?1
+                 RETURNING tenant, action, target, expires_at_ms",
+                params![token_hash],
+                |r| {
+                    Ok(Grant {
+                        tenant: r.get(0)?,
+                        action: r.get(1)?,
+                        target: r.get(2)?,
+                        expires_at_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
     // ----- audit -----------------------------------------------------------
 
     /// Appends an audit entry.
@@ -432,6 +659,39 @@ impl Db {
             })
         })?;
         rows.collect()
+    }
+}
+
+/// Makes `path` owner-only (0600 on Unix), creating it first when `create`.
+fn owner_only(path: &Path, create: bool) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if create {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match std::fs::metadata(path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            }
+            Ok(_) => Ok(()),
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, create);
+        Ok(())
     }
 }
 
@@ -489,23 +749,54 @@ impl KeyringStore for Db {
         }
         let next = Revision(expected.map_or(1, |r| r.0 + 1));
         let body = store::to_bytes(next, keyring)?;
-        let conn = self.lock();
+        // A pending tenant config is stored with the next save of its
+        // keyring (onboarding's re-wrap under the new key, or the first
+        // keyring), in the same transaction. Onboarding holds the tenant's
+        // slot for writing meanwhile, so no other change of this keyring in
+        // this process comes between.
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(keyring_id)
+            .cloned();
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(backend)?;
         let written = match expected {
-            None => conn.execute(
+            None => tx.execute(
                 "INSERT INTO keyrings (id, revision, body) VALUES (?1, ?2, ?3)
                  ON CONFLICT (id) DO NOTHING",
                 params![keyring_id, next.0 as i64, body],
             ),
-            Some(r) => conn.execute(
+            Some(r) => tx.execute(
                 "UPDATE keyrings SET revision = ?2, body = ?3 WHERE id = ?1 AND revision = ?4",
                 params![keyring_id, next.0 as i64, body, r.0 as i64],
             ),
         }
         .map_err(backend)?;
         if written == 1 {
+            if let Some(p) = &pending {
+                tx.execute(
+                    "INSERT INTO tenant_kms (tenant, config, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (tenant) DO UPDATE SET config = ?2, updated_at = ?3",
+                    params![
+                        keyring_id,
+                        p.json,
+                        keyfold::time::Timestamp::now().as_secs() as i64
+                    ],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            if pending.is_some() {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(keyring_id);
+            }
             return Ok(next);
         }
-        let found: Option<i64> = conn
+        let found: Option<i64> = tx
             .query_row(
                 "SELECT revision FROM keyrings WHERE id = ?1",
                 params![keyring_id],
@@ -513,6 +804,7 @@ impl KeyringStore for Db {
             )
             .optional()
             .map_err(backend)?;
+        drop(tx);
         Err(StoreError::Conflict {
             keyring_id: keyring_id.to_owned(),
             expected,

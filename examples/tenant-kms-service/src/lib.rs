@@ -5,17 +5,21 @@
 //! - [`config`]: the JSON config, or a development setup on the local KEK;
 //! - [`db`]: SQLite (keyring store, secrets, rewrap checkpoints, audit log);
 //! - [`tenants`]: onboarding with a live probe, the rewrap job per tenant;
-//! - [`api`]: the HTTP API (axum), bearer tokens, step-up tokens.
+//! - [`api`]: the HTTP API (axum), bearer tokens;
+//! - [`stepup`]: the second factor (TOTP) and step-up tokens;
+//! - [`error`]: the one JSON error shape, request ids, the operator log.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod error;
+pub mod stepup;
 pub mod tenants;
+pub mod time;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::api::App;
 use crate::config::ServiceConfig;
 use crate::db::Db;
+use crate::stepup::Enrolment;
 use crate::tenants::{DbAudit, Providers, Shared, Tenant};
 
 /// The service, running.
@@ -30,6 +35,9 @@ use crate::tenants::{DbAudit, Providers, Shared, Tenant};
 pub struct RunningService {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// Second factors enrolled by this start (tenants seen for the first
+    /// time): hand each to its tenant admin once; they are never shown again.
+    pub enrolments: Vec<Enrolment>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     worker: JoinHandle<()>,
@@ -80,12 +88,23 @@ pub async fn start(
     config.validate()?;
     let db = Db::open(&config.database)
         .map_err(|e| format!("cannot open {}: {e}", config.database.display()))?;
+    let mut enrolments = Vec::new();
+    for t in &config.tenants {
+        if let Some(e) = stepup::enrol(&db, &t.id, &t.admin, &config.step_up)
+            .map_err(|e| format!("tenant {}: cannot enrol a second factor: {e}", t.id))?
+        {
+            enrolments.push(e);
+        }
+    }
+
     let shared = Arc::new(Shared {
         audit: Arc::new(DbAudit::new(db.clone())),
         db,
         providers,
         rewrap: config.rewrap.clone(),
         max_staleness: config.max_staleness,
+        destroy_grace: config.destroy_grace,
+        write_window: config.write_window,
     });
     let mut tenants = Vec::new();
     for t in &config.tenants {
@@ -108,8 +127,7 @@ pub async fn start(
     let app = App {
         shared: Arc::clone(&shared),
         tenants: Arc::clone(&tenants),
-        step_ups: Arc::new(Mutex::new(HashMap::new())),
-        step_up_ttl: config.step_up_ttl,
+        step_up: config.step_up.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -127,6 +145,7 @@ pub async fn start(
     let worker = tokio::spawn(rewrap_worker(shared, tenants, shutdown.subscribe()));
     Ok(RunningService {
         addr,
+        enrolments,
         shutdown,
         server,
         worker,

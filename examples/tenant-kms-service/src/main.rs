@@ -60,9 +60,39 @@ async fn main() -> Result<(), BoxError> {
         if let Ok(url) = std::env::var("AWS_ENDPOINT_URL_STS") {
             aws = aws.sts_endpoint_url(url);
         }
+        if let Some(url) = config.provider_endpoints.get("aws") {
+            aws = aws.kms_endpoint_url(url);
+        }
         providers.with("aws", std::sync::Arc::new(aws))
     };
+    // GCP: the ambient identity (workload identity, metadata server, ADC)
+    // impersonates each tenant's service account.
+    #[cfg(feature = "gcp")]
+    let providers = {
+        let mut gcp = keyfold::gcp::GcpWrapperFactory::new();
+        if let Some(url) = config.provider_endpoints.get("gcp") {
+            gcp = gcp.endpoint_url(url);
+        }
+        providers.with("gcp", std::sync::Arc::new(gcp))
+    };
+    // Azure: managed or workload identity.
+    #[cfg(feature = "azure")]
+    let providers = {
+        let mut azure = keyfold::azure::AzureFactory::new();
+        if let Some(url) = config.provider_endpoints.get("azure") {
+            azure = azure.endpoint_url(url);
+        }
+        providers.with("azure", std::sync::Arc::new(azure))
+    };
     let service = tenant_kms_service::start(config, providers).await?;
+    for e in &service.enrolments {
+        // Shown once: the secret is never printed again. Hand it to the
+        // tenant admin over a trusted channel.
+        println!(
+            "tenant {}: step-up second factor enrolled for {}; add it to their authenticator app now, it will not be shown again:\n  {}\n  (secret {})",
+            e.tenant, e.admin, e.otpauth_uri, e.secret_base32
+        );
+    }
     eprintln!("tenant-kms-service listening on http://{}", service.addr);
     let stopper = service.stopper();
     tokio::spawn(async move {

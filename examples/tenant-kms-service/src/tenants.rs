@@ -104,7 +104,8 @@ impl Providers {
         }
     }
 
-    /// Also serve `provider` (`aws`, `gcp`, `azure`) configs with `factory`.
+    /// Also serve `provider` (`aws`, `gcp`, `azure`) configs with `factory`
+    /// (with the operator's settings: endpoints, base credentials).
     #[must_use]
     pub fn with(mut self, provider: &'static str, factory: Arc<dyn WrapperFactory>) -> Self {
         self.cloud.insert(provider, factory);
@@ -175,6 +176,16 @@ impl WrapperFactory for Providers {
     }
 }
 
+/// What a client and the audit log learn of a failed probe: the step and
+/// the kind, never the provider's text.
+fn probe_summary(f: &ProbeFailure) -> String {
+    let kind = f.kind.map_or_else(|| "error".to_owned(), |k| k.to_string());
+    format!(
+        "the live KMS probe of {} key {:?} failed at step `{}` ({kind}); the previous configuration stays in force",
+        f.provider, f.key_ref, f.step
+    )
+}
+
 /// A tenant whose KMS config was accepted.
 #[derive(Debug, Clone)]
 pub struct Onboarded {
@@ -232,6 +243,10 @@ pub struct Shared {
     pub rewrap: RewrapConfig,
     /// The keyrings' maximum staleness.
     pub max_staleness: std::time::Duration,
+    /// The keyrings' destroy grace period.
+    pub destroy_grace: std::time::Duration,
+    /// The keyrings' write window.
+    pub write_window: std::time::Duration,
 }
 
 impl Shared {
@@ -242,6 +257,8 @@ impl Shared {
     ) -> keyfold::keyring::KeyringBuilder {
         Keyring::builder(tenant, wrapper, Arc::new(self.db.clone()))
             .max_staleness(self.max_staleness)
+            .destroy_grace(self.destroy_grace)
+            .write_window(self.write_window)
             .audit(self.audit.clone())
             .lease_issuer(Arc::new(DbLeases {
                 db: self.db.clone(),
@@ -319,6 +336,17 @@ impl Shared {
         let wrapper = match probed {
             Ok(w) => w,
             Err(f) => {
+                // The full text (SDK output, remote bodies) goes to the
+                // operator log only; the audit entry and the client get the
+                // step and the kind.
+                crate::error::operator_log(format_args!(
+                    "tenant {id}: KMS probe of {} {} failed at {}: {}",
+                    f.provider, f.key_ref, f.step, f.message
+                ));
+                let f = ProbeFailure {
+                    message: probe_summary(&f),
+                    ..f
+                };
                 emit(AuditKind::ProbeFailed {
                     provider: f.provider.clone(),
                     key_ref: f.key_ref.clone(),
@@ -330,25 +358,34 @@ impl Shared {
             }
         };
         let previous_key_ref = slot.as_ref().map(|o| o.config.kms_key_ref().to_owned());
-        let keyring = match slot.as_ref() {
-            Some(o) => {
-                o.keyring
-                    .rewrap_master_keys(Arc::clone(&wrapper), actor)
-                    .await
-                    .map_err(OnboardError::Keyring)?;
-                Arc::clone(&o.keyring)
-            }
-            None => Arc::new(
-                self.keyring_builder(id, Arc::clone(&wrapper))
-                    .open_or_create()
-                    .await
-                    .map_err(OnboardError::Keyring)?,
-            ),
-        };
+        // The config is stored in the same transaction as the keyring save
+        // that moves the master keys under it (or creates the keyring): a
+        // crash cannot leave a config whose key does not hold the keyring,
+        // nor a keyring under a key no stored config names.
         let json = serde_json::to_string(&config).map_err(|e| OnboardError::Db(e.to_string()))?;
         self.db
-            .set_tenant_config(id, &json, Timestamp::now().as_secs())
-            .map_err(|e| OnboardError::Db(e.to_string()))?;
+            .set_pending(id, crate::db::PendingConfig { json: json.clone() });
+        let moved = match slot.as_ref() {
+            Some(o) => o
+                .keyring
+                .rewrap_master_keys(Arc::clone(&wrapper), actor)
+                .await
+                .map(|_| Arc::clone(&o.keyring)),
+            None => self
+                .keyring_builder(id, Arc::clone(&wrapper))
+                .open_or_create()
+                .await
+                .map(Arc::new),
+        };
+        let still_pending = self.db.take_pending(id);
+        let keyring = moved.map_err(OnboardError::Keyring)?;
+        if still_pending.is_some() {
+            // No save happened (the keyring existed with no master key to
+            // move): nothing else changed, store the config alone.
+            self.db
+                .set_tenant_config(id, &json, Timestamp::now().as_secs())
+                .map_err(|e| OnboardError::Db(e.to_string()))?;
+        }
         emit(AuditKind::ConfigUpdated {
             provider: config.provider().to_owned(),
             key_ref: config.kms_key_ref().to_owned(),
@@ -370,6 +407,16 @@ impl Shared {
             version_id: rotation.version_id,
             lease_id: rotation.lease_id,
         })
+    }
+
+    /// The keyring of an onboarded tenant.
+    pub async fn keyring_of(&self, tenant: &Tenant) -> Option<Arc<Keyring>> {
+        tenant
+            .kms
+            .read()
+            .await
+            .as_ref()
+            .map(|o| Arc::clone(&o.keyring))
     }
 
     fn sources(&self, tenant: &str) -> Vec<Arc<dyn RowSource>> {

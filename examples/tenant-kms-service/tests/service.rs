@@ -33,6 +33,11 @@ async fn local_kek_end_to_end() {
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
 
     let on = svc.onboard_local(ACME).await;
+    assert_eq!(on["ok"], true);
+    assert!(
+        on["note"].as_str().is_some_and(|n| n.contains("first")),
+        "{on}"
+    );
     assert_eq!(on["provider"], "local");
     assert_eq!(on["kms_key_ref"], "dev-kek");
     assert_eq!(on["new_key_version"], 1);
@@ -94,7 +99,7 @@ async fn local_kek_end_to_end() {
         .await;
     assert_eq!(
         (s, v["error"].clone()),
-        (StatusCode::FORBIDDEN, json!("step_up_required"))
+        (StatusCode::FORBIDDEN, json!("step_up_invalid"))
     );
     assert_eq!(
         svc.get("/admin/tenant-kms", ACME).await.1["active_version"],
@@ -117,7 +122,11 @@ async fn local_kek_end_to_end() {
     assert_eq!(done["totals"]["failed"], 0);
     assert_eq!(done["estimated_remaining"], 0);
     assert!(done["batches"].as_u64().unwrap() >= 5, "{done}");
-    assert!(done["lease_expires_at"].as_u64().unwrap() > done["started_at"].as_u64().unwrap());
+    // RFC 3339 times, which order as strings.
+    assert!(
+        done["lease_expires_at"].as_str().unwrap() > done["started_at"].as_str().unwrap(),
+        "{done}"
+    );
     let sources: Vec<&str> = done["sources"]
         .as_array()
         .unwrap()
@@ -145,7 +154,12 @@ async fn local_kek_end_to_end() {
     assert_eq!(meta["sealed"], false);
     assert_eq!(state_of(&meta, 1), "retired");
     assert_eq!(state_of(&meta, 2), "active");
-    assert!(meta["keys"][0]["created_at"].as_u64().is_some(), "{meta}");
+    assert!(
+        meta["keys"][0]["created_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == 20 && t.ends_with('Z')),
+        "{meta}"
+    );
 
     // Destroy only from disabled; then the old version is gone.
     let (s, v) = svc.version_op(ACME, 1, "destroy").await;
@@ -405,8 +419,9 @@ async fn a_tenant_cannot_touch_another_tenants_keys() {
         (Method::GET, "/secrets/acme-only?tenant=acme"),
         (Method::GET, "/admin/audit?tenant=acme"),
     ] {
-        let su = svc.step_up(GLOBEX).await;
-        let (s, v) = svc.call(method, path, Some(GLOBEX), Some(&su), None).await;
+        let (s, v) = svc
+            .call(method, path, Some(GLOBEX), Some("unused"), None)
+            .await;
         assert_eq!(
             (s, v["error"].clone()),
             (StatusCode::FORBIDDEN, json!("forbidden")),
@@ -414,7 +429,7 @@ async fn a_tenant_cannot_touch_another_tenants_keys() {
         );
     }
     // Acme's step-up token does not let globex rotate (nor acme's keys).
-    let acme_su = svc.step_up(ACME).await;
+    let acme_su = svc.step_up(ACME, "rotate", "acme").await;
     let (s, v) = svc
         .call(
             Method::POST,
@@ -425,8 +440,12 @@ async fn a_tenant_cannot_touch_another_tenants_keys() {
         )
         .await;
     assert_eq!(
-        (s, v["error"].clone()),
-        (StatusCode::FORBIDDEN, json!("step_up_required"))
+        (s, v["error"].clone(), v["reason"].clone()),
+        (
+            StatusCode::FORBIDDEN,
+            json!("step_up_invalid"),
+            json!("wrong_tenant")
+        )
     );
     // Globex rotating rotates globex's keyring only.
     svc.rotate(GLOBEX).await;
@@ -476,6 +495,7 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
     let cfg = config(&dir, 10, None);
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
 
+    // Bodies refused before any step-up or KMS call.
     let onboard = |body: RawBody| {
         let svc = &svc;
         async move {
@@ -489,95 +509,118 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
             .await
         }
     };
-    let cases: Vec<(RawBody, StatusCode, &str, &str)> = vec![
+    let aws = |extra: Value| {
+        let mut c = json!({
+            "region": "eu-west-1",
+            "role_arn": "arn:aws:iam::111122223333:role/keyfold",
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let cases: Vec<(RawBody, &str, &str, Option<&str>)> = vec![
         (
             RawBody::Text("{\"provider\": \"local\","),
-            StatusCode::BAD_REQUEST,
             "malformed_json",
             "EOF",
+            None,
         ),
-        (
-            RawBody::Text("[1, 2]"),
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            "object",
-        ),
+        (RawBody::Text("[1, 2]"), "malformed_json", "object", None),
         (
             RawBody::Json(json!({"provider": "oracle", "kms_key_ref": "k"})),
-            StatusCode::BAD_REQUEST,
             "unknown_provider",
             "oracle",
+            Some("provider"),
+        ),
+        (
+            RawBody::Json(json!({"kms_key_ref": "k"})),
+            "missing_field",
+            "provider",
+            Some("provider"),
+        ),
+        (
+            // The flat shape of earlier versions: settings go in `config`.
+            RawBody::Json(json!({
+                "provider": "aws", "kms_key_ref": "alias/acme", "region": "eu-west-1",
+            })),
+            "unknown_field",
+            "config",
+            Some("region"),
         ),
         (
             RawBody::Json(json!({
-                "provider": "aws", "kms_key_ref": "alias/acme", "region": "eu-west-1",
-                "role_arn": "arn:aws:iam::111122223333:role/keyfold",
-                "secret_access_key": "wJalrXUtnFEMI/K7MDENG"
+                "provider": "aws", "kms_key_ref": "alias/acme",
+                "config": aws(json!({"secret_access_key": "wJalrXUtnFEMI/K7MDENG"})),
             })),
-            StatusCode::BAD_REQUEST,
             "static_credentials",
             "secret_access_key",
+            Some("config.secret_access_key"),
         ),
         (
             RawBody::Json(json!({
                 "provider": "gcp",
                 "kms_key_ref": "projects/p/locations/l/keyRings/r/cryptoKeys/k",
-                "impersonate_service_account": "sa@p.iam.gserviceaccount.com",
-                "credentials_json": "{...}"
+                "config": {
+                    "impersonate_service_account": "sa@p.iam.gserviceaccount.com",
+                    "credentials_json": "{...}"
+                }
             })),
-            StatusCode::BAD_REQUEST,
             "static_credentials",
             "credentials_json",
+            Some("config.credentials_json"),
         ),
         (
             RawBody::Json(json!({
-                "provider": "aws", "kms_key_ref": "not-a-key", "region": "eu-west-1",
-                "role_arn": "arn:aws:iam::111122223333:role/keyfold"
+                "provider": "aws", "kms_key_ref": "not-a-key", "config": aws(json!({})),
             })),
-            StatusCode::BAD_REQUEST,
             "invalid_key_ref",
             "not-a-key",
+            Some("kms_key_ref"),
         ),
         (
             RawBody::Json(json!({"provider": "local", "kms_key_ref": "no-such-kek"})),
-            StatusCode::BAD_REQUEST,
             "invalid_key_ref",
             "no-such-kek",
+            Some("kms_key_ref"),
         ),
         (
-            RawBody::Json(
-                json!({"provider": "local", "kms_key_ref": "dev-kek", "kek_file": "/etc/passwd"}),
-            ),
-            StatusCode::BAD_REQUEST,
-            "invalid_config",
+            RawBody::Json(json!({
+                "provider": "local", "kms_key_ref": "dev-kek", "config": {"kek_file": "/etc/passwd"}
+            })),
+            "operator_only_field",
             "kek_file",
+            Some("config.kek_file"),
+        ),
+        (
+            RawBody::Json(json!({
+                "provider": "local", "kms_key_ref": "dev-kek", "config": {"label": "x"}
+            })),
+            "invalid_config",
+            "label",
+            Some("config.label"),
         ),
         (
             RawBody::Json(json!({
                 "provider": "gcp",
                 "kms_key_ref": "projects/p/locations/l/keyRings/r/cryptoKeys/k",
-                "impersonate_service_account": "sa@p.iam.gserviceaccount.com"
+                "config": {"impersonate_service_account": "sa@p.iam.gserviceaccount.com"}
             })),
-            StatusCode::BAD_REQUEST,
             "unsupported_provider",
             "gcp",
-        ),
-        (
-            // A KEK whose file is missing: the probe fails at `build`.
-            RawBody::Json(json!({"provider": "local", "kms_key_ref": "broken-kek"})),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "kms_probe_failed",
-            "missing-kek.hex",
+            Some("provider"),
         ),
     ];
-    for (body, status, code, mentions) in cases {
+    for (body, code, mentions, field) in cases {
         let (s, v) = onboard(body).await;
-        assert_eq!(s, status, "{code}: {v}");
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{code}: {v}");
         assert_eq!(v["error"], code, "{v}");
         assert!(
             v["message"].as_str().unwrap().contains(mentions),
             "{code}: {v}"
         );
+        assert_eq!(v.get("field").and_then(Value::as_str), field, "{v}");
+        assert!(v["request_id"].as_str().is_some(), "{v}");
         // Nothing stored.
         let (s, m) = svc.get("/admin/tenant-kms", ACME).await;
         assert_eq!(
@@ -585,19 +628,45 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
             (StatusCode::CONFLICT, json!("not_onboarded"))
         );
     }
+    // A KEK whose file is missing: the probe fails at `build`; the client
+    // learns the step, not the service's file paths.
+    let (s, v) = svc
+        .onboard(
+            ACME,
+            json!({"provider": "local", "kms_key_ref": "broken-kek"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"], "kms_probe_failed");
+    assert_eq!(v["step"], "build");
+    assert_eq!(v["previous_config_in_force"], false);
+    assert!(v["message"].as_str().unwrap().contains("`build`"), "{v}");
+    assert!(!v.to_string().contains("missing-kek.hex"), "{v}");
     let events = svc.audit(ACME).await;
-    assert_eq!(names(&events), ["kms.probe.failed"], "{events:?}");
-    assert_eq!(events[0]["detail"]["step"], "build");
-    assert_eq!(events[0]["client_ip"], "127.0.0.1");
+    let kms: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"].as_str().unwrap().starts_with("kms."))
+        .collect();
+    assert_eq!(kms.len(), 1, "{events:?}");
+    assert_eq!(kms[0]["event"], "kms.probe.failed");
+    assert_eq!(kms[0]["detail"]["step"], "build");
+    assert_eq!(kms[0]["client_ip"], "127.0.0.1");
+    assert!(
+        !kms[0].to_string().contains("missing-kek.hex"),
+        "{events:?}"
+    );
 
     // Once onboarded, a bad config changes nothing either.
     svc.onboard_local(ACME).await;
     svc.put_secret(ACME, "s", "v").await;
-    let (s, _) = onboard(RawBody::Json(
-        json!({"provider": "local", "kms_key_ref": "broken-kek"}),
-    ))
-    .await;
+    let (s, v) = svc
+        .onboard(
+            ACME,
+            json!({"provider": "local", "kms_key_ref": "broken-kek"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["previous_config_in_force"], true);
     let meta = svc.get("/admin/tenant-kms", ACME).await.1;
     assert_eq!(
         (meta["kms_key_ref"].clone(), meta["active_version"].clone()),
@@ -643,13 +712,12 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
         (StatusCode::NOT_FOUND, json!("unknown_key_version")),
         "{v}"
     );
-    let su = svc.step_up(ACME).await;
     let (s, v) = svc
         .call(
             Method::POST,
             "/admin/tenant-kms/versions/one/disable",
             Some(ACME),
-            Some(&su),
+            None,
             None,
         )
         .await;
@@ -657,7 +725,15 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
         (s, v["error"].clone()),
         (StatusCode::BAD_REQUEST, json!("invalid_version"))
     );
-    let (s, v) = svc.version_op(ACME, 1, "explode").await;
+    let (s, v) = svc
+        .call(
+            Method::POST,
+            "/admin/tenant-kms/versions/1/explode",
+            Some(ACME),
+            None,
+            None,
+        )
+        .await;
     assert_eq!(
         (s, v["error"].clone()),
         (StatusCode::NOT_FOUND, json!("not_found"))
@@ -671,35 +747,6 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
     assert_eq!(
         (s, v["error"].clone()),
         (StatusCode::CONFLICT, json!("no_previous_version"))
-    );
-    svc.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_step_up_token_is_refused() {
-    let dir = TempDir::new("step-up");
-    let mut cfg = config(&dir, 10, None);
-    cfg.step_up_ttl = std::time::Duration::ZERO;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
-    let su = svc.step_up(ACME).await;
-    let (s, v) = svc
-        .call(
-            Method::POST,
-            "/admin/tenant-kms/rotate",
-            Some(ACME),
-            Some(&su),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"].clone()),
-        (StatusCode::FORBIDDEN, json!("step_up_required")),
-        "{v}"
-    );
-    assert_eq!(
-        svc.get("/admin/tenant-kms", ACME).await.1["active_version"],
-        1
     );
     svc.stop().await;
 }

@@ -9,19 +9,86 @@
     reason = "test support shared by several test binaries"
 )]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tenant_kms_service::config::{KekSource, RewrapConfig, ServiceConfig, TenantConfig};
+use tenant_kms_service::stepup::StepUpConfig;
 use tenant_kms_service::tenants::Providers;
 use tenant_kms_service::{RunningService, start};
 
 pub const ACME: &str = "acme-admin-token-0123456789";
 pub const GLOBEX: &str = "globex-admin-token-0123456789";
+
+/// The TOTP step the tests' services use: short, so a test needing several
+/// step-up tokens (one per code) waits seconds, not minutes; at least 2 s so
+/// a code computed just before a step boundary is still accepted (skew 1).
+pub const TOTP_STEP_SECS: u64 = 2;
+
+/// The tenant a bearer token belongs to.
+pub fn tenant_of(token: &str) -> &'static str {
+    match token {
+        ACME => "acme",
+        GLOBEX => "globex",
+        other => panic!("no tenant for token {other:?}"),
+    }
+}
+
+/// A tenant admin's authenticator: the enrolled secret and the last TOTP
+/// step it used (the service accepts each step's code once).
+pub struct Authenticator {
+    pub totp: totp_rs::Totp,
+    pub last_step: Option<u64>,
+}
+
+impl Authenticator {
+    pub fn from_base32(b32: &str) -> Authenticator {
+        let secret = totp_rs::Secret::try_from_base32(b32).unwrap();
+        Authenticator {
+            totp: totp_rs::Builder::new()
+                .with_secret(secret)
+                .with_step_duration(TOTP_STEP_SECS)
+                .build()
+                .unwrap(),
+            last_step: None,
+        }
+    }
+
+    /// The code for `step`.
+    pub fn code_at(&self, step: u64) -> String {
+        self.totp.generate(step * TOTP_STEP_SECS).to_string()
+    }
+
+    /// A code not used before: this step's, or the next one's, or (after
+    /// both were used) the one after, waiting for the clock to get there.
+    pub async fn next_code(&mut self) -> String {
+        loop {
+            let now = unix_secs() / TOTP_STEP_SECS;
+            let step = self.last_step.map_or(now, |l| (l + 1).max(now));
+            if step <= now + 1 {
+                self.last_step = Some(step);
+                return self.code_at(step);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Authenticators by (database, bearer token): a restarted service on the
+/// same database enrols nothing new, and the admins keep theirs.
+static AUTHENTICATORS: Mutex<Option<HashMap<(PathBuf, String), Authenticator>>> = Mutex::new(None);
 
 /// A temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -51,14 +118,20 @@ impl Drop for TempDir {
 /// batches of `batch_size` every 20 ms.
 pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> ServiceConfig {
     let kek = dir.0.join("kek.hex");
-    if !kek.exists() {
-        std::fs::write(&kek, keyfold::LocalKek::generate_hex().unwrap().as_bytes()).unwrap();
+    for file in [kek.clone(), dir.0.join("kek-2.hex")] {
+        if !file.exists() {
+            std::fs::write(&file, keyfold::LocalKek::generate_hex().unwrap().as_bytes()).unwrap();
+        }
     }
     ServiceConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         database: dir.0.join("service.sqlite3"),
         local_keks: BTreeMap::from([
             ("dev-kek".to_owned(), KekSource::File(kek)),
+            (
+                "dev-kek-2".to_owned(),
+                KekSource::File(dir.0.join("kek-2.hex")),
+            ),
             (
                 "broken-kek".to_owned(),
                 KekSource::File(dir.0.join("missing-kek.hex")),
@@ -81,10 +154,18 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
             interval: Duration::from_millis(20),
             max_batches,
         },
-        step_up_ttl: Duration::from_secs(300),
+        step_up: StepUpConfig {
+            totp_step: Duration::from_secs(TOTP_STEP_SECS),
+            ..StepUpConfig::default()
+        },
+        provider_endpoints: BTreeMap::new(),
         // One instance per database here: no settle time before a destroy
         // (lazy_rewrap_on_read keeps keyfold's default).
         max_staleness: Duration::ZERO,
+        // Destroy right after the disable (keyfold's default is 24 h).
+        destroy_grace: Duration::ZERO,
+        // Each write is checked against it just before it is stored.
+        write_window: Duration::from_secs(1),
     }
 }
 
@@ -97,11 +178,43 @@ pub struct Service {
     pub running: Option<RunningService>,
     pub base: String,
     pub http: reqwest::Client,
+    pub database: PathBuf,
 }
 
 impl Service {
+    /// Starts the service; the second factors it enrols are kept as the
+    /// admins' authenticators (each tenant must be enrolled by the first
+    /// start on a database).
     pub async fn start(config: ServiceConfig, providers: Providers) -> Service {
-        let running = start(config, providers).await.unwrap();
+        let database = config.database.clone();
+        let tokens: HashMap<String, String> = config
+            .tenants
+            .iter()
+            .map(|t| (t.id.clone(), t.token.clone()))
+            .collect();
+        let mut running = start(config, providers).await.unwrap();
+        {
+            let mut all = AUTHENTICATORS.lock().unwrap();
+            let all = all.get_or_insert_with(HashMap::new);
+            for e in std::mem::take(&mut running.enrolments) {
+                assert!(
+                    e.otpauth_uri.starts_with("otpauth://totp/"),
+                    "{}",
+                    e.otpauth_uri
+                );
+                assert!(e.otpauth_uri.contains(&e.secret_base32));
+                all.insert(
+                    (database.clone(), tokens[&e.tenant].clone()),
+                    Authenticator::from_base32(&e.secret_base32),
+                );
+            }
+            for token in tokens.values() {
+                assert!(
+                    all.contains_key(&(database.clone(), token.clone())),
+                    "a tenant was not enrolled on its first start"
+                );
+            }
+        }
         let base = format!("http://{}", running.addr);
         Service {
             running: Some(running),
@@ -110,7 +223,43 @@ impl Service {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
+            database,
         }
+    }
+
+    /// A fresh TOTP code of the admin with bearer `token`.
+    pub async fn code(&self, token: &str) -> String {
+        // Taken out of the registry while waiting (no lock across .await).
+        let key = (self.database.clone(), token.to_owned());
+        let mut auth = AUTHENTICATORS
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .remove(&key)
+            .expect("an authenticator");
+        let code = auth.next_code().await;
+        AUTHENTICATORS
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .insert(key, auth);
+        code
+    }
+
+    /// A wrong code for the admin with bearer `token` (never a valid one).
+    pub fn wrong_code(&self, token: &str) -> String {
+        let all = AUTHENTICATORS.lock().unwrap();
+        let auth = &all.as_ref().unwrap()[&(self.database.clone(), token.to_owned())];
+        let now = unix_secs() / TOTP_STEP_SECS;
+        let valid: Vec<String> = (now.saturating_sub(2)..=now + 2)
+            .map(|s| auth.code_at(s))
+            .collect();
+        (0..)
+            .map(|n| format!("{:06}", (123_456 + n * 7_919) % 1_000_000))
+            .find(|c| !valid.contains(c))
+            .unwrap()
     }
 
     pub async fn stop(mut self) {
@@ -189,8 +338,7 @@ impl Service {
 
     pub async fn onboard_local(&self, token: &str) -> Value {
         let (s, v) = self
-            .post(
-                "/admin/tenant-kms",
+            .onboard(
                 token,
                 json!({ "provider": "local", "kms_key_ref": "dev-kek" }),
             )
@@ -199,14 +347,36 @@ impl Service {
         v
     }
 
-    pub async fn step_up(&self, token: &str) -> String {
-        let (s, v) = self.post("/admin/auth/step-up", token, json!({})).await;
+    /// `POST /admin/tenant-kms` with a step-up token for the body's key.
+    pub async fn onboard(&self, token: &str, body: Value) -> (StatusCode, Value) {
+        let key_ref = body["kms_key_ref"].as_str().unwrap_or_default().to_owned();
+        let su = self.step_up(token, "onboard", &key_ref).await;
+        self.call(
+            Method::POST,
+            "/admin/tenant-kms",
+            Some(token),
+            Some(&su),
+            Some(RawBody::Json(body)),
+        )
+        .await
+    }
+
+    /// Exchanges a fresh code for a step-up token for `action` on `target`.
+    pub async fn step_up(&self, token: &str, action: &str, target: &str) -> String {
+        let code = self.code(token).await;
+        let (s, v) = self
+            .post(
+                "/admin/auth/step-up",
+                token,
+                json!({ "code": code, "action": action, "target": target }),
+            )
+            .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v["step_up_token"].as_str().unwrap().to_owned()
     }
 
     pub async fn rotate(&self, token: &str) -> Value {
-        let su = self.step_up(token).await;
+        let su = self.step_up(token, "rotate", tenant_of(token)).await;
         let (s, v) = self
             .call(
                 Method::POST,
@@ -221,7 +391,7 @@ impl Service {
     }
 
     pub async fn version_op(&self, token: &str, version: u32, op: &str) -> (StatusCode, Value) {
-        let su = self.step_up(token).await;
+        let su = self.step_up(token, op, &version.to_string()).await;
         self.call(
             Method::POST,
             &format!("/admin/tenant-kms/versions/{version}/{op}"),
