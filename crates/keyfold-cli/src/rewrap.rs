@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use keyfold_rewrap::{
     BatchReport, Checkpoint, CompletionReport, JobError, JobOptions, Mode, RewrapJob, RowSource,
 };
@@ -168,7 +168,8 @@ fn counters_json(c: &keyfold_rewrap::Counters) -> serde_json::Value {
 /// How progress is shown: a bar on a terminal, plain lines otherwise,
 /// JSON lines with `--json`.
 enum Progress {
-    Bar(ProgressBar),
+    /// The bar, when this run started and the rows seen before it.
+    Bar(ProgressBar, Instant, u64),
     Lines,
     Json,
 }
@@ -181,27 +182,36 @@ impl Progress {
         if !std::io::stderr().is_terminal() {
             return Progress::Lines;
         }
-        let bar = ProgressBar::new(done);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} rows · {per_sec} · ETA {eta} · {msg}",
-        ) {
+        // Drawn from the first batch on, when the row count is known.
+        let bar = ProgressBar::with_draw_target(Some(done), ProgressDrawTarget::hidden());
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:30} {pos}/{len} rows · ETA {eta} · {msg}")
+        {
             bar.set_style(style);
         }
         bar.set_position(done);
-        bar.reset_eta();
-        Progress::Bar(bar)
+        Progress::Bar(bar, Instant::now(), done)
     }
 
     fn batch(&self, r: &BatchReport) {
         let t = &r.totals;
         match self {
-            Progress::Bar(bar) => {
+            Progress::Bar(bar, started, before) => {
                 bar.set_length(t.seen + r.estimated_remaining.unwrap_or(0));
                 bar.set_position(t.seen);
+                let secs = started.elapsed().as_secs_f64();
+                let rate = if secs > 0.0 {
+                    t.seen.saturating_sub(*before) as f64 / secs
+                } else {
+                    0.0
+                };
                 bar.set_message(format!(
-                    "{} rewrapped, {} skipped, {} failed",
+                    "{rate:.0} rows/s · {} rewrapped, {} skipped, {} failed",
                     t.rewrapped, t.skipped, t.failed
                 ));
+                if bar.is_hidden() {
+                    bar.set_draw_target(ProgressDrawTarget::stderr());
+                }
             }
             Progress::Lines => println!(
                 "batch {}: {} rows (+{} rewrapped) | total {} rewrapped, {} skipped, {} conflicts, {} failed | {} left",
@@ -230,7 +240,7 @@ impl Progress {
                     f.row_id, f.source, f.error
                 );
                 match self {
-                    Progress::Bar(bar) => bar.println(line),
+                    Progress::Bar(bar, ..) => bar.println(line),
                     _ => eprintln!("{line}"),
                 }
             }
@@ -238,7 +248,7 @@ impl Progress {
     }
 
     fn finish(&self) {
-        if let Progress::Bar(bar) = self {
+        if let Progress::Bar(bar, ..) = self {
             bar.finish_and_clear();
         }
     }
@@ -489,13 +499,16 @@ pub(crate) fn status(
         .map(|s| json!({"table": s.name, "exhausted": s.exhausted, "counters": counters_json(&s.counters)}))
         .collect();
     let mut text = format!(
-        "job {} on keyring {}: target version {}, mode {:?}\n\
+        "job {} on keyring {}: target version {}, mode {}\n\
          started {}, lease until {}\n\
          {} after {} batch(es): {} seen, {} rewrapped, {} skipped, {} conflicts, {} failed, {} unresolved\n",
         cp.job_id,
         cp.keyring_id,
         cp.target_version,
-        cp.mode,
+        match cp.mode {
+            Mode::Reencrypt => "re-encrypt",
+            _ => "rewrap",
+        },
         rfc3339(cp.started_at),
         rfc3339(cp.lease_expires_at),
         if cp.completed {
