@@ -494,3 +494,76 @@ fn policy_schedule_destroy_and_min_decryption_version() {
             .is_some()
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_failed_audit_write_after_the_change_exits_8() {
+    let s = Setup::new();
+    // /dev/full opens, and every write to it fails (ENOSPC).
+    let out = s
+        .with_config()
+        .args([
+            "--audit-log",
+            "/dev/full",
+            "--json",
+            "keyring",
+            "create",
+            "acme",
+        ])
+        .assert()
+        .code(8)
+        .get_output()
+        .clone();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"created\":true"),
+        "the result is still printed: {text}"
+    );
+    assert!(text.contains("\"kind\":\"audit\""), "{text}");
+    // The change stands.
+    let store = format!("file://{}", s.path("store").display());
+    s.keyfold()
+        .args(["--store", &store, "keyring", "show", "acme"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn help_shows_examples_and_exit_codes() {
+    let s = Setup::new();
+    let out = s
+        .keyfold()
+        .arg("--help")
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Exit codes:") && text.contains("130 interrupted"),
+        "{text}"
+    );
+    assert!(text.contains("keyfold kek generate --out"), "{text}");
+    for sub in [
+        &["keyring", "destroy"][..],
+        &["rewrap", "run"],
+        &["inspect"],
+        &["probe"],
+    ] {
+        let out = s
+            .keyfold()
+            .args(sub)
+            .arg("--help")
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Example"), "{sub:?}: {text}");
+    }
+    // Unknown flags are usage errors (clap's exit code 2).
+    s.keyfold()
+        .args(["keyring", "show", "--frobnicate"])
+        .assert()
+        .code(2);
+}
