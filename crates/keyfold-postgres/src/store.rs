@@ -1,10 +1,413 @@
-//! [`PgKeyringStore`]: keyrings in PostgreSQL (work in progress).
+//! [`PgKeyringStore`]: keyrings in one PostgreSQL table, compare-and-swap
+//! on the revision, change notifications through `LISTEN`/`NOTIFY`
+//! (docs/LIFECYCLE.md, "PostgreSQL store").
 
-use crate::migrate::Migration;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keyfold_core::keyring::StoredKeyring;
+use keyfold_core::store::{StoreError, from_bytes, to_bytes};
+use keyfold_core::{KeyringStore, Revision, StoreEvent};
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::migrate::{Migration, TablePrefix};
 
 /// The store's schema steps.
-pub(crate) const MIGRATIONS: &[Migration] = &[];
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    component: "store",
+    version: 1,
+    sql: |p| {
+        format!(
+            "CREATE TABLE {keyrings} (
+                keyring_id text PRIMARY KEY
+                    CHECK (keyring_id ~ '^[A-Za-z0-9._-]{{1,128}}$' AND keyring_id NOT IN ('.', '..')),
+                revision bigint NOT NULL CHECK (revision > 0),
+                keyring bytea NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now()
+            );
+            COMMENT ON TABLE {keyrings} IS
+                'keyfold keyrings: wrapped master key versions and their states (keyfold-postgres PgKeyringStore)';",
+            keyrings = p.table("keyrings"),
+        )
+    },
+}];
 
-/// Keyrings in one PostgreSQL table (being written).
-#[derive(Debug)]
-pub struct PgKeyringStore;
+/// How many change notifications a watcher may fall behind before it gets
+/// `Lagged` (and must then treat it as a resync).
+const EVENT_BUFFER: usize = 1024;
+
+/// Longest wait between two attempts to re-establish the listener.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+/// Keyrings in the table `<prefix>keyrings` (id, revision, the serialized
+/// keyring, updated_at) of the host's database.
+///
+/// - **Compare-and-swap**: a save is one `UPDATE … WHERE revision = $expected`
+///   (or `INSERT … ON CONFLICT DO NOTHING` when creating), so of many
+///   instances saving from one revision exactly one wins; the others get
+///   [`StoreError::Conflict`].
+/// - **Notifications**: the same statement calls `pg_notify` on the channel
+///   `<prefix>keyrings` with the keyring id, so the notification is sent if
+///   and only if the save commits. [`watch`](KeyringStore::watch) starts one
+///   listener per store (its own connection, outside the host's pool), which
+///   forwards each as [`StoreEvent::Changed`]. When that connection is lost,
+///   the listener reconnects (backing off up to 5 s), listens again and only
+///   then sends [`StoreEvent::Resync`]: every change after the resync's
+///   reload is notified. While it is down, instances keep their
+///   max-staleness bound (notifications only ever shorten it).
+/// - Saves never wait for the listener.
+///
+/// The stored bytes are [`keyfold_core::store::to_bytes`]'s (the revision is
+/// both a column and inside the bytes; a load checks they agree).
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use keyfold_core::KeyringStore;
+/// use keyfold_postgres::{PgKeyringStore, TablePrefix, migrate};
+/// let prefix = TablePrefix::new("billing_")?;
+/// migrate(&pool, &prefix).await?;
+/// let store = PgKeyringStore::new(pool, prefix);
+/// let changes = store.watch(); // Some(receiver) inside a tokio runtime
+/// assert!(store.load("tenant-42").await?.is_none());
+/// # drop(changes); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgKeyringStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    prefix: TablePrefix,
+    /// The table, quoted.
+    table: String,
+    /// The notification channel (`<prefix>keyrings`, unquoted).
+    channel: String,
+    /// The running listener task's sender, and what stops it when dropped.
+    #[allow(clippy::type_complexity, reason = "one pair, named at its use")]
+    events: Mutex<Option<(broadcast::Sender<StoreEvent>, oneshot::Sender<()>)>>,
+}
+
+impl fmt::Debug for PgKeyringStore {
+    // The pool's connect options hold the database password: never shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgKeyringStore")
+            .field("table", &self.inner.prefix.name("keyrings"))
+            .field("channel", &self.inner.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgKeyringStore {
+    /// A store over `pool`, in the table `<prefix>keyrings` (create it
+    /// with [`migrate`](crate::migrate)).
+    pub fn new(pool: PgPool, prefix: TablePrefix) -> Self {
+        PgKeyringStore {
+            inner: Arc::new(Inner {
+                table: prefix.table("keyrings"),
+                channel: prefix.name("keyrings"),
+                pool,
+                prefix,
+                events: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The notification channel saves announce themselves on
+    /// (`<prefix>keyrings`; the payload is the keyring id).
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// The table prefix.
+    pub fn prefix(&self) -> &TablePrefix {
+        &self.inner.prefix
+    }
+
+    /// Every keyring id in the store, in id order (for operators and
+    /// sweeps; a fleet rarely needs it).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the database fails.
+    pub async fn list(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT keyring_id FROM {} ORDER BY keyring_id",
+            self.inner.table
+        ))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(backend)
+    }
+
+    async fn current_revision(&self, keyring_id: &str) -> Result<Option<Revision>, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT revision FROM {} WHERE keyring_id = $1",
+            self.inner.table
+        ))
+        .bind(keyring_id)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(backend)?;
+        found.map(|r| to_revision(keyring_id, r)).transpose()
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+fn to_revision(keyring_id: &str, r: i64) -> Result<Revision, StoreError> {
+    u64::try_from(r)
+        .ok()
+        .filter(|r| *r > 0)
+        .map(Revision)
+        .ok_or_else(|| StoreError::Corrupt {
+            keyring_id: keyring_id.to_owned(),
+            reason: format!("revision {r} in the table"),
+        })
+}
+
+/// The same rule as the shipped stores: 1..=128 of `[A-Za-z0-9._-]`, not `.`/`..`.
+fn check_id(keyring_id: &str) -> Result<(), StoreError> {
+    let ok = !keyring_id.is_empty()
+        && keyring_id.len() <= 128
+        && keyring_id != "."
+        && keyring_id != ".."
+        && keyring_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(keyring_id.to_owned()))
+    }
+}
+
+#[async_trait]
+impl KeyringStore for PgKeyringStore {
+    async fn load(
+        &self,
+        keyring_id: &str,
+    ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+        check_id(keyring_id)?;
+        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(&format!(
+            "SELECT revision, keyring FROM {} WHERE keyring_id = $1",
+            self.inner.table
+        ))
+        .bind(keyring_id)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(backend)?;
+        let Some((column, bytes)) = row else {
+            return Ok(None);
+        };
+        let column = to_revision(keyring_id, column)?;
+        let (revision, keyring) = from_bytes(keyring_id, &bytes)?;
+        if revision != column {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!("row revision {column} but the stored keyring says {revision}"),
+            });
+        }
+        Ok(Some((revision, keyring)))
+    }
+
+    async fn save(
+        &self,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        check_id(keyring_id)?;
+        if keyring.keyring_id != keyring_id {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
+            });
+        }
+        if expected.is_some_and(|r| i64::try_from(r.0).is_err()) {
+            // No stored revision is that large.
+            return Err(StoreError::Conflict {
+                keyring_id: keyring_id.to_owned(),
+                expected,
+                found: self.current_revision(keyring_id).await?,
+            });
+        }
+        let next = Revision(expected.map_or(1, |r| r.0.saturating_add(1)));
+        let next_db = i64::try_from(next.0).map_err(|_| StoreError::Corrupt {
+            keyring_id: keyring_id.to_owned(),
+            reason: format!("revision {next} does not fit the table"),
+        })?;
+        // Validates the keyring (invariants, schema) before anything is sent.
+        let bytes = to_bytes(next, keyring)?;
+        let table = &self.inner.table;
+        // One statement: the write and its notification commit together.
+        let written: Option<i64> = match expected {
+            None => {
+                sqlx::query_scalar(&format!(
+                    "WITH w AS (
+                        INSERT INTO {table} (keyring_id, revision, keyring, updated_at)
+                        VALUES ($1, $2, $3, now())
+                        ON CONFLICT (keyring_id) DO NOTHING
+                        RETURNING keyring_id, revision
+                    )
+                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
+                ))
+                .bind(keyring_id)
+                .bind(next_db)
+                .bind(&bytes)
+                .bind(&self.inner.channel)
+                .fetch_optional(&self.inner.pool)
+                .await
+            }
+            Some(expected) => {
+                // Checked above.
+                let expected_db = i64::try_from(expected.0).unwrap_or(i64::MAX);
+                sqlx::query_scalar(&format!(
+                    "WITH w AS (
+                        UPDATE {table} SET revision = $2, keyring = $3, updated_at = now()
+                        WHERE keyring_id = $1 AND revision = $5
+                        RETURNING keyring_id, revision
+                    )
+                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
+                ))
+                .bind(keyring_id)
+                .bind(next_db)
+                .bind(&bytes)
+                .bind(&self.inner.channel)
+                .bind(expected_db)
+                .fetch_optional(&self.inner.pool)
+                .await
+            }
+        }
+        .map_err(backend)?;
+        match written {
+            Some(_) => Ok(next),
+            None => Err(StoreError::Conflict {
+                keyring_id: keyring_id.to_owned(),
+                expected,
+                found: self.current_revision(keyring_id).await?,
+            }),
+        }
+    }
+
+    /// Starts (or joins) this store's listener. `None` outside a tokio
+    /// runtime: instances then rely on the max-staleness bound alone.
+    fn watch(&self) -> Option<broadcast::Receiver<StoreEvent>> {
+        let mut events = self
+            .inner
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((tx, _)) = events.as_ref().filter(|(tx, _)| tx.receiver_count() > 0) {
+            return Some(tx.subscribe());
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, rx) = broadcast::channel(EVENT_BUFFER);
+        // Dropping `stop_tx` (with the store, or when a new listener
+        // replaces this one) ends the task.
+        let (stop_tx, stop_rx) = oneshot::channel();
+        runtime.spawn(listen(
+            listener_pool(&self.inner.pool),
+            self.inner.channel.clone(),
+            tx.clone(),
+            stop_rx,
+        ));
+        *events = Some((tx, stop_tx));
+        Some(rx)
+    }
+}
+
+/// A pool of one connection, outside the host's pool, for the listener
+/// (it holds its connection for as long as it listens).
+fn listener_pool(pool: &PgPool) -> PgPool {
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .application_name(LISTENER_APPLICATION_NAME);
+    PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .connect_lazy_with(options)
+}
+
+/// The `application_name` of the listener's connection (visible in
+/// `pg_stat_activity`).
+pub(crate) const LISTENER_APPLICATION_NAME: &str = "keyfold-postgres listener";
+
+async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(channel).await?;
+    Ok(listener)
+}
+
+/// The listener task: forwards notifications until nobody watches or the
+/// store is dropped (`stop` resolves); after a lost connection, reconnects,
+/// listens again, then sends [`StoreEvent::Resync`].
+///
+/// A pending `try_recv` is only ever abandoned when the task ends.
+async fn listen(
+    pool: PgPool,
+    channel: String,
+    tx: broadcast::Sender<StoreEvent>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut delay = Duration::from_millis(50);
+    let mut resync = false;
+    'connect: loop {
+        let connected = tokio::select! {
+            c = connect(&pool, &channel) => c,
+            () = tx.closed() => break,
+            _ = &mut stop => break,
+        };
+        let mut listener = match connected {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, channel, "keyring store listener cannot connect; retrying");
+                resync = true;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = tx.closed() => break,
+                    _ = &mut stop => break,
+                }
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                continue;
+            }
+        };
+        delay = Duration::from_millis(50);
+        if resync {
+            // Listening again: whatever changed while down is reloaded now,
+            // whatever changes from here on is notified.
+            let _ = tx.send(StoreEvent::Resync);
+        }
+        loop {
+            let next = tokio::select! {
+                next = listener.try_recv() => next,
+                () = tx.closed() => break 'connect,
+                _ = &mut stop => break 'connect,
+            };
+            match next {
+                Ok(Some(n)) => {
+                    let _ = tx.send(StoreEvent::Changed {
+                        keyring_id: n.payload().to_owned(),
+                    });
+                }
+                // Lost (None) or broken (Err): drop it, start anew.
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        channel,
+                        "keyring store listener lost its connection; reconnecting"
+                    );
+                    resync = true;
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    pool.close().await;
+}

@@ -1,11 +1,75 @@
-//! PgKeyringStore against a real PostgreSQL server (KEYFOLD_PG_URL).
+//! PgKeyringStore against a real PostgreSQL server (KEYFOLD_PG_URL; see
+//! tests/support).
 
 mod support;
 
+use std::time::Duration;
+
+use keyfold_core::keyring::StoredKeyring;
+use keyfold_core::store::StoreError;
+use keyfold_core::time::Timestamp;
+use keyfold_core::{KeyringStore, Revision, StoreEvent};
+use keyfold_postgres::{PgKeyringStore, TablePrefix, migrate};
+use sqlx::PgPool;
+use support::TestDb;
+use tokio::sync::broadcast;
+
+async fn store_on(db: &TestDb, prefix: &str) -> (PgPool, PgKeyringStore) {
+    let pool = db.pool().await;
+    let prefix = TablePrefix::new(prefix).unwrap();
+    migrate(&pool, &prefix).await.unwrap();
+    (pool.clone(), PgKeyringStore::new(pool, prefix))
+}
+
+fn keyring(id: &str) -> StoredKeyring {
+    StoredKeyring::new(id, Timestamp(1_000))
+}
+
+/// Waits (up to 30 s) until the store's listener connection is listening.
+async fn listener_ready(db: &TestDb) {
+    let mut admin = db.admin().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+             AND application_name = 'keyfold-postgres listener' AND query LIKE 'LISTEN%'",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next event matching `want`, or a panic once `within` has passed.
+async fn expect_event(
+    rx: &mut broadcast::Receiver<StoreEvent>,
+    within: Duration,
+    want: impl Fn(&StoreEvent) -> bool,
+) -> StoreEvent {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(event)) if want(&event) => return event,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("watch channel failed: {e}"),
+            Err(_) => panic!("no matching event within {within:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn harness_gives_each_test_its_own_database() {
-    let a = support::TestDb::new().await;
-    let b = support::TestDb::new().await;
+    let a = TestDb::new().await;
+    let b = TestDb::new().await;
     assert_ne!(a.name, b.name);
     let pool = a.pool().await;
     let db: String = sqlx::query_scalar("SELECT current_database()")
@@ -13,7 +77,338 @@ async fn harness_gives_each_test_its_own_database() {
         .await
         .unwrap();
     assert_eq!(db, a.name);
-    keyfold_postgres::migrate(&pool, &keyfold_postgres::TablePrefix::default())
+}
+
+#[tokio::test]
+async fn passes_the_store_conformance_suite() {
+    let db = TestDb::new().await;
+    let (_, store) = store_on(&db, "keyfold_").await;
+    keyfold_core::testkit::store_conformance(&store, "conformance").await;
+    // A second prefix in the same database is a separate store.
+    let (_, other) = store_on(&db, "other_").await;
+    keyfold_core::testkit::store_conformance(&other, "conformance").await;
+    assert_eq!(
+        store.list().await.unwrap(),
+        ["conformance-a", "conformance-b"]
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
+    let db = TestDb::new().await;
+    let pools = [db.pool().await, db.pool().await, db.pool().await];
+    let prefix = TablePrefix::default();
+    let runs = futures::future::join_all(pools.iter().map(|p| migrate(p, &prefix))).await;
+    for r in runs {
+        r.unwrap();
+    }
+    migrate(&pools[0], &prefix).await.unwrap();
+    let steps: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM keyfold_migrations WHERE component = 'store'")
+            .fetch_one(&pools[0])
+            .await
+            .unwrap();
+    assert_eq!(steps, 1, "the store's step is recorded once");
+    let dup: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT component, version FROM keyfold_migrations
+         GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pools[0])
+    .await
+    .unwrap();
+    assert_eq!(dup, 0);
+}
+
+#[tokio::test]
+async fn concurrent_writers_on_several_pools_exactly_one_wins_each_revision() {
+    let db = TestDb::new().await;
+    let prefix = TablePrefix::default();
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let pool = db.pool_with(2).await;
+        migrate(&pool, &prefix).await.unwrap();
+        stores.push(PgKeyringStore::new(pool, prefix.clone()));
+    }
+    let id = "tenant-race";
+    // Creation: exactly one of the four creates it.
+    let first = keyring(id);
+    let created = futures::future::join_all(stores.iter().map(|s| s.save(id, None, &first))).await;
+    assert_eq!(
+        created.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{created:?}"
+    );
+    let mut current = Revision(1);
+    for round in 0..25u64 {
+        let mut candidates = Vec::new();
+        for n in 0..stores.len() {
+            let mut k = keyring(id);
+            k.created_at = Timestamp(10_000 + round * 10 + n as u64);
+            candidates.push(k);
+        }
+        let results = futures::future::join_all(
+            stores
+                .iter()
+                .zip(&candidates)
+                .map(|(s, k)| s.save(id, Some(current), k)),
+        )
+        .await;
+        let mut winner = None;
+        for (n, r) in results.iter().enumerate() {
+            match r {
+                Ok(rev) => {
+                    assert!(
+                        winner.is_none(),
+                        "two writers won round {round}: {results:?}"
+                    );
+                    winner = Some((n, *rev));
+                }
+                Err(StoreError::Conflict {
+                    expected, found, ..
+                }) => {
+                    assert_eq!(*expected, Some(current));
+                    assert!(found.is_some_and(|f| f > current), "{r:?}");
+                }
+                Err(e) => panic!("a losing writer must get a conflict, got {e:?}"),
+            }
+        }
+        let (n, rev) = winner.expect("one writer wins each round");
+        assert_eq!(rev, Revision(current.0 + 1));
+        for s in &stores {
+            let (r, k) = s.load(id).await.unwrap().unwrap();
+            assert_eq!(
+                (r, &k),
+                (rev, &candidates[n]),
+                "every pool reads the winner"
+            );
+        }
+        current = rev;
+    }
+}
+
+#[tokio::test]
+async fn a_save_on_one_pool_notifies_a_watcher_on_another_within_a_second() {
+    let db = TestDb::new().await;
+    let (_, writer) = store_on(&db, "keyfold_").await;
+    let (_, watcher) = store_on(&db, "keyfold_").await;
+    let mut rx = watcher.watch().expect("PgKeyringStore can push changes");
+    // A second subscriber joins the same listener.
+    let mut rx2 = watcher.watch().unwrap();
+    listener_ready(&db).await;
+
+    let r1 = writer
+        .save("tenant-1", None, &keyring("tenant-1"))
         .await
         .unwrap();
+    let want = |e: &StoreEvent| {
+        *e == StoreEvent::Changed {
+            keyring_id: "tenant-1".into(),
+        }
+    };
+    expect_event(&mut rx, Duration::from_secs(1), want).await;
+    expect_event(&mut rx2, Duration::from_secs(1), want).await;
+    writer
+        .save("tenant-1", Some(r1), &keyring("tenant-1"))
+        .await
+        .unwrap();
+    expect_event(&mut rx, Duration::from_secs(1), want).await;
+
+    // A refused save notifies nothing; a later save's notification is the
+    // next event.
+    assert!(matches!(
+        writer
+            .save("tenant-1", Some(r1), &keyring("tenant-1"))
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    writer
+        .save("tenant-2", None, &keyring("tenant-2"))
+        .await
+        .unwrap();
+    let next = expect_event(&mut rx, Duration::from_secs(1), |_| true).await;
+    assert_eq!(
+        next,
+        StoreEvent::Changed {
+            keyring_id: "tenant-2".into()
+        }
+    );
+
+    // Another prefix uses another channel.
+    let (_, foreign) = store_on(&db, "other_").await;
+    foreign
+        .save("tenant-3", None, &keyring("tenant-3"))
+        .await
+        .unwrap();
+    writer
+        .save("tenant-4", None, &keyring("tenant-4"))
+        .await
+        .unwrap();
+    let next = expect_event(&mut rx, Duration::from_secs(1), |_| true).await;
+    assert_eq!(
+        next,
+        StoreEvent::Changed {
+            keyring_id: "tenant-4".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_killed_listener_connection_reconnects_and_sends_resync() {
+    let db = TestDb::new().await;
+    let (_, writer) = store_on(&db, "keyfold_").await;
+    let (_, watcher) = store_on(&db, "keyfold_").await;
+    let mut rx = watcher.watch().unwrap();
+    listener_ready(&db).await;
+
+    let mut admin = db.admin().await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND application_name = 'keyfold-postgres listener'",
+    )
+    .bind(&db.name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "exactly the one listener connection");
+
+    expect_event(&mut rx, Duration::from_secs(30), |e| {
+        *e == StoreEvent::Resync
+    })
+    .await;
+    // Resync comes after listening again: the next save is notified.
+    writer
+        .save("tenant-1", None, &keyring("tenant-1"))
+        .await
+        .unwrap();
+    expect_event(&mut rx, Duration::from_secs(5), |e| {
+        *e == StoreEvent::Changed {
+            keyring_id: "tenant-1".into(),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_listener_stops_when_nobody_watches() {
+    let db = TestDb::new().await;
+    let (_, watcher) = store_on(&db, "keyfold_").await;
+    let rx = watcher.watch().unwrap();
+    listener_ready(&db).await;
+    drop(rx);
+    let mut admin = db.admin().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'keyfold-postgres listener'",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener connection still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Watching again starts a new listener.
+    let mut rx = watcher.watch().unwrap();
+    listener_ready(&db).await;
+    let (_, writer) = store_on(&db, "keyfold_").await;
+    writer
+        .save("tenant-1", None, &keyring("tenant-1"))
+        .await
+        .unwrap();
+    expect_event(&mut rx, Duration::from_secs(5), |e| {
+        matches!(e, StoreEvent::Changed { .. })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tampered_rows_and_bad_ids_are_typed_errors() {
+    let db = TestDb::new().await;
+    let (pool, store) = store_on(&db, "keyfold_").await;
+    let r1 = store
+        .save("tenant-1", None, &keyring("tenant-1"))
+        .await
+        .unwrap();
+    assert_eq!(r1, Revision(1));
+
+    // The revision column and the stored bytes disagree.
+    sqlx::query("UPDATE keyfold_keyrings SET revision = 7 WHERE keyring_id = 'tenant-1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load("tenant-1").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Bytes that are not a keyring.
+    sqlx::query("UPDATE keyfold_keyrings SET keyring = '\\x00ff' WHERE keyring_id = 'tenant-1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load("tenant-1").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Another keyring's bytes under this id.
+    store
+        .save("tenant-2", None, &keyring("tenant-2"))
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE keyfold_keyrings SET keyring = (SELECT keyring FROM keyfold_keyrings
+         WHERE keyring_id = 'tenant-2'), revision = 1 WHERE keyring_id = 'tenant-1'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        store.load("tenant-1").await,
+        Err(StoreError::Corrupt { .. })
+    ));
+
+    for bad in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "a b",
+        "x'; DROP TABLE keyfold_keyrings; --",
+    ] {
+        assert!(matches!(
+            store.load(bad).await,
+            Err(StoreError::InvalidId(_))
+        ));
+        assert!(matches!(
+            store.save(bad, None, &keyring(bad)).await,
+            Err(StoreError::InvalidId(_))
+        ));
+    }
+    // An expected revision beyond what the table can hold is a conflict.
+    assert!(matches!(
+        store
+            .save("tenant-2", Some(Revision(u64::MAX)), &keyring("tenant-2"))
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+#[tokio::test]
+async fn debug_never_shows_the_database_password() {
+    let db = TestDb::new().await;
+    let secret = "hunter2-do-not-print";
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().connect_lazy_with(db.options.clone().password(secret));
+    let store = PgKeyringStore::new(pool, TablePrefix::default());
+    let _rx = store.watch();
+    let shown = format!("{store:?} {:?}", store.prefix());
+    assert!(!shown.contains(secret), "{shown}");
+    assert!(shown.contains("keyfold_keyrings"), "{shown}");
 }
