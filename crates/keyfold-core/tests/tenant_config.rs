@@ -207,3 +207,65 @@ fn an_operator_config_converts_only_without_operator_fields() {
     assert!(tenant_side.operator_fields().is_empty());
     TenantConfig::try_from(tenant_side).unwrap();
 }
+
+#[tokio::test]
+async fn local_keks_serve_tenant_configs_by_id_only() {
+    use keyfold_core::probe::{LocalKeks, ProbeStep, WrapperFactory, probe_config};
+    let dir = std::env::temp_dir().join(format!("keyfold-local-keks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kek.hex");
+    std::fs::write(&file, hex::encode([9u8; 32])).unwrap();
+    let keks = LocalKeks::new().file("dev-kek", &file);
+    assert_eq!(keks.ids().collect::<Vec<_>>(), ["dev-kek"]);
+
+    // The tenant names the id; the operator's file is read and probed.
+    let t = tenant(&local()).unwrap();
+    let wrapper = probe_config(&t, &keks).await.unwrap();
+    assert_eq!(wrapper.key_ref(), "dev-kek");
+
+    // Another id: refused without reading anything.
+    let other = tenant(&with(local(), "kms_key_ref", "prod-kek")).unwrap();
+    let failure = probe_config(&other, &keks).await.unwrap_err();
+    assert_eq!(failure.step, ProbeStep::Build);
+    assert!(failure.message.contains("no local KEK"), "{failure}");
+
+    // A config naming a source (it did not come through TenantConfig) is
+    // refused by the factory with the typed error.
+    for (field, config) in [
+        (
+            "kek_file",
+            LocalConfig {
+                kms_key_ref: "dev-kek".into(),
+                kek_env_var: None,
+                kek_file: Some("/etc/shadow".into()),
+            },
+        ),
+        (
+            "kek_env_var",
+            LocalConfig {
+                kms_key_ref: "dev-kek".into(),
+                kek_env_var: Some("AWS_SECRET_ACCESS_KEY".into()),
+                kek_file: None,
+            },
+        ),
+    ] {
+        let err = keks
+            .build(&ProviderConfig::Local(config))
+            .await
+            .unwrap_err();
+        let source = err
+            .source
+            .as_deref()
+            .and_then(|s| s.downcast_ref::<ConfigError>());
+        assert_eq!(
+            source,
+            Some(&ConfigError::OperatorOnly {
+                provider: "local",
+                field
+            }),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("shadow"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,14 +7,16 @@
 //! auditing the attempt is the keyring layer's job
 //! (`keyfold_core::probe::ConfigSlot`, in `keyring::onboarding`).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::format::secret::SecretKey;
-use crate::wrap::config::ProviderConfig;
+use crate::wrap::config::{ConfigError, ProviderConfig, TenantConfig};
 use crate::wrap::error::{WrapError, WrapErrorKind, WrapOperation};
 use crate::wrap::local::LocalKek;
 use crate::wrap::{KeyWrapper, WrapContext};
@@ -153,7 +155,11 @@ pub trait WrapperFactory: Send + Sync + fmt::Debug {
     async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError>;
 }
 
-/// Builds [`LocalKek`] wrappers from `local` configs (environment variable or file).
+/// Builds [`LocalKek`] wrappers from `local` configs that name their KEK's
+/// source (environment variable or file): configs the operator writes, such
+/// as a command-line tool's. A tenant's config must never reach it (the
+/// source fields are operator-only, docs/THREAT_MODEL.md "Tenant and
+/// operator settings"): use [`LocalKeks`] for those.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LocalFactory;
 
@@ -189,6 +195,110 @@ impl WrapperFactory for LocalFactory {
     }
 }
 
+/// Where an operator's local KEK is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KekSource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// The operator's local KEKs, by id: builds [`LocalKek`] wrappers from
+/// tenant `local` configs, which name only the KEK's id (`kms_key_ref`).
+/// A config naming a source (`kek_env_var`, `kek_file`: operator-only) is
+/// refused with [`ConfigError::OperatorOnly`] as the error's source, and an
+/// id the operator did not register is refused without reading anything.
+///
+/// ```
+/// use keyfold_core::config::TenantConfig;
+/// use keyfold_core::probe::{LocalKeks, WrapperFactory};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let keks = LocalKeks::new().env("dev-kek", "KEYFOLD_DEV_KEK");
+/// let tenant: TenantConfig =
+///     serde_json::from_str(r#"{"provider": "local", "kms_key_ref": "other-kek"}"#)?;
+/// let err = keks.build(&tenant).await.unwrap_err();
+/// assert!(err.to_string().contains("no local KEK"));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct LocalKeks {
+    keks: BTreeMap<String, KekSource>,
+}
+
+impl LocalKeks {
+    /// No KEKs yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// KEK `id` is read from environment variable `var` (hex or base64).
+    #[must_use]
+    pub fn env(mut self, id: impl Into<String>, var: impl Into<String>) -> Self {
+        self.keks.insert(id.into(), KekSource::Env(var.into()));
+        self
+    }
+
+    /// KEK `id` is read from file `path` (hex or base64).
+    #[must_use]
+    pub fn file(mut self, id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        self.keks.insert(id.into(), KekSource::File(path.into()));
+        self
+    }
+
+    /// The registered KEK ids.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keks.keys().map(String::as_str)
+    }
+}
+
+#[async_trait]
+impl WrapperFactory for LocalKeks {
+    async fn build(&self, config: &ProviderConfig) -> Result<Arc<dyn KeyWrapper>, WrapError> {
+        let misconfigured = |m: String| {
+            WrapError::new(
+                WrapErrorKind::Misconfigured,
+                config.provider(),
+                config.kms_key_ref(),
+                WrapOperation::Configure,
+            )
+            .with_message(m)
+        };
+        let ProviderConfig::Local(c) = config else {
+            return Err(misconfigured(format!(
+                "LocalKeks cannot build a {} wrapper",
+                config.provider()
+            )));
+        };
+        if let Err(e) = config.check_tenant() {
+            return Err(misconfigured(e.to_string()).with_source(e));
+        }
+        let kek = match self.keks.get(&c.kms_key_ref) {
+            Some(KekSource::Env(var)) => LocalKek::from_env(c.kms_key_ref.clone(), var),
+            Some(KekSource::File(path)) => LocalKek::from_file(c.kms_key_ref.clone(), path),
+            None => {
+                return Err(misconfigured(format!(
+                    "no local KEK {:?} is configured",
+                    c.kms_key_ref
+                )));
+            }
+        }
+        .map_err(|e| misconfigured(e.to_string()))?;
+        Ok(Arc::new(kek))
+    }
+}
+
+/// The validation a config gets before it is built: a config setting no
+/// operator-only field is checked as a tenant's ([`TenantConfig`]: a `local`
+/// one needs no KEK source, the factory has it), any other in full.
+fn validate(config: &ProviderConfig) -> Result<(), ConfigError> {
+    if config.operator_fields().is_empty() {
+        TenantConfig::try_from(config.clone()).map(|_| ())
+    } else {
+        config.validate()
+    }
+}
+
 /// Validates `config`, builds its wrapper with `factory` and probes it: the
 /// checks onboarding runs before a config is accepted. Changes nothing.
 ///
@@ -205,9 +315,7 @@ pub async fn probe_config(
         key_ref: config.kms_key_ref().to_owned(),
         message,
     };
-    config
-        .validate()
-        .map_err(|e| fail(ProbeStep::Validate, None, e.to_string()))?;
+    validate(config).map_err(|e| fail(ProbeStep::Validate, None, e.to_string()))?;
     let wrapper = factory
         .build(config)
         .await
