@@ -256,6 +256,12 @@ impl ServiceConfig {
     /// I/O errors.
     pub fn dev(dir: &Path, listen: SocketAddr) -> ConfigResult<ServiceConfig> {
         std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            // Tokens, TOTP secrets, the KEK and the database: owner-only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let kek = dir.join("kek.hex");
         if !kek.exists() {
             let hex = keyfold::LocalKek::generate_hex()?;

@@ -9,7 +9,8 @@ use tenant_kms_service::tenants::Providers;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn config() -> Result<ServiceConfig, BoxError> {
+/// The config, and in the development setup the file of its demo tokens.
+fn config() -> Result<(ServiceConfig, Option<PathBuf>), BoxError> {
     let mut args = std::env::args().skip(1);
     let mut file = std::env::var_os("TENANT_KMS_CONFIG").map(PathBuf::from);
     while let Some(arg) = args.next() {
@@ -28,7 +29,7 @@ fn config() -> Result<ServiceConfig, BoxError> {
         }
     }
     match file {
-        Some(f) => ServiceConfig::from_file(&f),
+        Some(f) => Ok((ServiceConfig::from_file(&f)?, None)),
         None => {
             let dir = std::env::var_os("TENANT_KMS_DATA")
                 .map_or_else(|| PathBuf::from("tenant-kms-data"), PathBuf::from);
@@ -42,14 +43,39 @@ fn config() -> Result<ServiceConfig, BoxError> {
                 dir.display(),
                 dir.join("dev-tokens.env").display()
             );
-            Ok(config)
+            Ok((config, Some(dir.join("dev-tokens.env"))))
         }
     }
 }
 
+/// Development setup only: keeps the demo tenants' TOTP secrets next to
+/// their bearer tokens (an owner-only file), so the README's session works.
+fn remember_dev_secrets(
+    file: &std::path::Path,
+    enrolments: &[tenant_kms_service::stepup::Enrolment],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(file)?;
+    for e in enrolments {
+        let name: String = e
+            .tenant
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        writeln!(f, "export {name}_TOTP_SECRET={}", e.secret_base32)?;
+    }
+    f.sync_all()
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let config = config()?;
+    let (config, dev_tokens) = config()?;
     let providers = Providers::local(config.local_keks.clone());
     #[cfg(feature = "aws")]
     let providers = {
@@ -92,6 +118,9 @@ async fn main() -> Result<(), BoxError> {
             "tenant {}: step-up second factor enrolled for {}; add it to their authenticator app now, it will not be shown again:\n  {}\n  (secret {})",
             e.tenant, e.admin, e.otpauth_uri, e.secret_base32
         );
+    }
+    if let Some(file) = dev_tokens {
+        remember_dev_secrets(&file, &service.enrolments)?;
     }
     eprintln!("tenant-kms-service listening on http://{}", service.addr);
     let stopper = service.stopper();
