@@ -186,7 +186,8 @@ pub struct MaintenanceBuilder {
 }
 
 impl MaintenanceBuilder {
-    /// How often `task` runs in [`Maintenance::run`] (at least 1 ms).
+    /// How often `task` runs in [`Maintenance::run`] (at least 1 ms; an
+    /// interval too long for the clock to represent runs the task once).
     #[must_use]
     pub fn interval(mut self, task: Task, every: Duration) -> Self {
         self.intervals
@@ -359,8 +360,13 @@ impl Maintenance {
                     let report = self.run_task(task).await;
                     on_report(task, &report);
                     // The interval counts from the end of the pass: a slow
-                    // pass never queues up passes behind it.
-                    due.insert(task, tokio::time::Instant::now() + self.interval(task));
+                    // pass never queues up passes behind it. An interval
+                    // the clock cannot represent means "never again", not
+                    // a panic.
+                    match tokio::time::Instant::now().checked_add(self.interval(task)) {
+                        Some(at) => due.insert(task, at),
+                        None => due.remove(&task),
+                    };
                 }
             }
             let Some(next) = due.values().min().copied() else {
