@@ -69,6 +69,18 @@ pub enum StoreError {
     /// A keyring id that cannot be used as a store key.
     #[error("invalid keyring id {0:?}: use 1..=128 characters of [A-Za-z0-9._-]")]
     InvalidId(String),
+    /// A [`FileStore`] directory that group or others can write (Unix
+    /// permissions): they could swap keyring files or plant links.
+    #[error(
+        "keyring store directory {path} is writable by group or others (mode {mode:o}); \
+         make it owner-only (chmod 700)"
+    )]
+    InsecureDirectory {
+        /// The directory.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Any other backend failure (hosts' own stores).
     #[error("keyring store: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
@@ -388,10 +400,13 @@ impl FileStore {
     }
 
     /// A store in `dir` (created if missing, owner-only on Unix: the
-    /// files hold wrapped keys and key check values).
+    /// files hold wrapped keys and key check values). An existing directory
+    /// that group or others can write is refused on Unix: they could replace
+    /// keyring files or plant links where the store writes.
     ///
     /// # Errors
-    /// [`StoreError::Io`] if the directory cannot be created.
+    /// [`StoreError::Io`] if the directory cannot be created or read;
+    /// [`StoreError::InsecureDirectory`] if group or others can write it.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         if !dir.is_dir() {
@@ -407,6 +422,20 @@ impl FileStore {
                 // Made meanwhile by someone else: fine.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
                 Err(source) => return Err(io_err(&dir, source)),
+            }
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir)
+                .map_err(|source| io_err(&dir, source))?
+                .permissions()
+                .mode();
+            if mode & 0o022 != 0 {
+                return Err(StoreError::InsecureDirectory {
+                    path: dir.display().to_string(),
+                    mode: mode & 0o7777,
+                });
             }
         }
         Ok(FileStore {
@@ -436,14 +465,16 @@ impl FileStore {
         }
     }
 
-    /// Opens a new file for writing, owner-only on Unix.
-    fn create_private(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
+    /// Opens a file for writing, owner-only on Unix; `new`: it must not
+    /// exist yet (`O_EXCL`: never follows a link planted in its place).
+    fn create_private(path: &Path, new: bool) -> std::io::Result<std::fs::File> {
         let mut options = std::fs::OpenOptions::new();
-        options
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(truncate);
+        options.read(true).write(true);
+        if new {
+            options.create_new(true);
+        } else {
+            options.create(true).truncate(false);
+        }
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         options.open(path)
