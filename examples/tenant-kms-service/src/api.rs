@@ -254,6 +254,12 @@ pub fn router(app: App) -> Router {
         .route("/admin/auth/step-up", post(step_up))
         .route("/admin/tenant-kms", post(onboard).get(metadata))
         .route("/admin/tenant-kms/rotate", post(rotate))
+        .route(
+            "/admin/tenant-kms/rotation",
+            axum::routing::patch(rotation_policy),
+        )
+        .route("/admin/tenant-kms/seal", post(seal))
+        .route("/admin/tenant-kms/unseal", post(unseal))
         .route("/admin/tenant-kms/versions/{v}/{op}", post(version_op))
         .route("/admin/tenant-kms/rewrap", get(rewrap_status))
         .route("/admin/audit", get(audit))
@@ -680,8 +686,16 @@ async fn metadata(admin: Admin) -> ApiResult {
         "active_version": m.active_version,
         "min_decryption_version": m.min_decryption_version,
         "version_count": m.version_count,
-        "sealed": m.sealed.is_some(),
+        "sealed": m.sealed.is_some() || keyring.operator_seal().is_some(),
         "sealed_info": m.sealed,
+        "operator_seal": keyring.operator_seal().map(|(since, reason)| json!({
+            "since": crate::time::rfc3339(since.as_secs()),
+            "reason": reason,
+        })),
+        "rotation_policy": keyring.rotation_policy().map(|p| json!({
+            "enabled": p.enabled(),
+            "period_days": p.period_days(),
+        })),
         "keys": m.versions,
     });
     crate::time::rfc3339_fields(&mut body);
@@ -698,19 +712,53 @@ async fn version_op(
     admin: Admin,
     headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let Path((v, op)) = path.map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
     let action = match op.as_str() {
         "disable" => Action::Disable,
         "enable" => Action::Enable,
-        "destroy" => Action::Destroy,
+        "destroy" | "schedule-destroy" => Action::Destroy,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("unknown operation {other:?}: disable, enable or destroy"),
+                format!(
+                    "unknown operation {other:?}: disable, enable, destroy or schedule-destroy"
+                ),
             ));
         }
+    };
+    // `schedule-destroy` takes `{"at": RFC 3339}` (optional: the earliest
+    // time allowed); the other operations no body.
+    let schedule_at = if op == "schedule-destroy" {
+        let bytes = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+        let at = if bytes.is_empty() {
+            None
+        } else {
+            let value: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::bad_request("malformed_json", e))?;
+            match value.get("at") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(crate::time::parse_rfc3339(t).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_field",
+                        format!("{t:?} is not an RFC 3339 UTC time like 2026-12-03T07:00:00Z"),
+                    )
+                    .field("at")
+                })?),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_field",
+                        "`at` is an RFC 3339 UTC time like 2026-12-03T07:00:00Z",
+                    )
+                    .field("at"));
+                }
+            }
+        };
+        Some(at)
+    } else {
+        None
     };
     let version: u32 = v.parse().map_err(|_| {
         ApiError::bad_request(
@@ -722,6 +770,24 @@ async fn version_op(
     let keyring = onboarded(&admin, &kms)?;
     require_step_up(&app, &admin, &headers, action, &version.to_string())?;
     let actor = admin.actor();
+    if let Some(at) = schedule_at {
+        if keyring.version_state(version).is_none() {
+            return Err(CoreError::UnknownVersion { version }.into());
+        }
+        let at = match at {
+            Some(secs) => Timestamp(secs),
+            None => keyring
+                .destroy_allowed_at(version)
+                .unwrap_or_else(Timestamp::now),
+        };
+        keyring.schedule_destroy(version, at, &actor).await?;
+        return Ok(Json(json!({
+            "version": version,
+            "state": keyring.version_state(version),
+            "destroy_scheduled_at": crate::time::rfc3339(at.as_secs()),
+            "note": "the maintenance task destroys the version once it is due and a scan finds no record left on it; enabling the version cancels",
+        })));
+    }
     match action {
         Action::Disable => keyring.disable(version, &actor).await?,
         Action::Enable => keyring.enable(version, &actor).await?,
@@ -767,6 +833,97 @@ async fn version_op(
         "version": version,
         "state": keyring.version_state(version),
     })))
+}
+
+/// `PATCH /admin/tenant-kms/rotation` `{"period_days": 1..=3650, "enabled": true}`.
+async fn rotation_policy(
+    State(app): State<App>,
+    admin: Admin,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let value: Value = parse_json(body)?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("malformed_json", "expected a JSON object"))?;
+    if let Some(extra) = object
+        .keys()
+        .find(|k| !["period_days", "enabled"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            format!("unknown field `{extra}`: expected period_days, enabled"),
+        )
+        .field(extra));
+    }
+    let enabled = match object.get("enabled") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("invalid_field", "`enabled` is true or false")
+                    .field("enabled"),
+            );
+        }
+    };
+    let bad_period = || {
+        ApiError::bad_request(
+            "invalid_field",
+            "`period_days` is a whole number of days, 1..=3650",
+        )
+        .field("period_days")
+    };
+    let days = object
+        .get("period_days")
+        .and_then(Value::as_u64)
+        .and_then(|d| u32::try_from(d).ok())
+        .ok_or_else(bad_period)?;
+    let policy = keyfold::RotationPolicy::new(enabled, days).map_err(|_| bad_period())?;
+    let kms = admin.tenant.kms.read().await;
+    let keyring = onboarded(&admin, &kms)?;
+    require_step_up(&app, &admin, &headers, Action::RotationPolicy, admin.id())?;
+    keyring
+        .set_rotation_policy(Some(policy), &admin.actor())
+        .await?;
+    Ok(Json(json!({
+        "rotation_policy": { "enabled": enabled, "period_days": days },
+        "note": "every instance's maintenance task evaluates the policy hourly and rotates when it is due (kms.rotate.scheduled)",
+    })))
+}
+
+/// `POST /admin/tenant-kms/seal` `{"reason": "..."}`: stops every use of the
+/// tenant's keys until an unseal (the post-breach cycle). No step-up: it
+/// only ever protects.
+async fn seal(admin: Admin, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let value: Value = parse_json(body)?;
+    let reason = value
+        .get("reason")
+        .and_then(Value::as_str)
+        .filter(|r| !r.trim().is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "missing_field",
+                "`reason` (why the keyring is sealed) is required",
+            )
+            .field("reason")
+        })?;
+    let keyring = keyring(&admin).await?;
+    keyring.seal(reason, &admin.actor());
+    Ok(Json(json!({
+        "sealed": true,
+        "reason": reason,
+        "note": "nothing is encrypted or decrypted until POST /admin/tenant-kms/unseal (step-up `unseal`)",
+    })))
+}
+
+/// `POST /admin/tenant-kms/unseal` (step-up `unseal`): lifts an operator's
+/// seal and retries the KMS if it had sealed the keyring too.
+async fn unseal(State(app): State<App>, admin: Admin, headers: HeaderMap) -> ApiResult {
+    let kms = admin.tenant.kms.read().await;
+    let keyring = onboarded(&admin, &kms)?;
+    require_step_up(&app, &admin, &headers, Action::Unseal, admin.id())?;
+    keyring.unseal_as(&admin.actor()).await?;
+    Ok(Json(json!({ "sealed": false })))
 }
 
 async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {

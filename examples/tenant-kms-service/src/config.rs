@@ -44,6 +44,10 @@ pub struct ServiceConfig {
     /// service encrypts just before writing). A destroy's evidence must be
     /// gathered at least this long after the version's retirement.
     pub write_window: Duration,
+    /// Runs every maintenance task this often instead of keyfold's
+    /// defaults (rotation policy hourly, scheduled destroys every minute,
+    /// unseal probes every second, cache sweeps every minute). For tests.
+    pub maintenance_interval: Option<Duration>,
 }
 
 /// Where a local KEK comes from (hex or base64, 32 bytes).
@@ -243,6 +247,7 @@ impl ServiceConfig {
             max_staleness: Duration::from_secs(file.max_staleness_secs),
             destroy_grace: Duration::from_secs(file.destroy_grace_secs),
             write_window: Duration::from_secs(file.write_window_secs),
+            maintenance_interval: None,
         };
         config.validate()?;
         Ok(config)
@@ -305,6 +310,7 @@ impl ServiceConfig {
             max_staleness: keyfold::keyring::DEFAULT_MAX_STALENESS,
             destroy_grace: DEFAULT_DESTROY_GRACE,
             write_window: keyfold::keyring::DEFAULT_WRITE_WINDOW,
+            maintenance_interval: None,
         };
         config.validate()?;
         Ok(config)

@@ -97,6 +97,15 @@ pub async fn start(
         }
     }
 
+    let mut maintenance = keyfold::Maintenance::builder()
+        .evidence(Arc::new(tenants::DbEvidence::new(db.clone())))
+        .actor(keyfold::audit::Actor::new("tenant-kms-service/maintenance"));
+    if let Some(every) = config.maintenance_interval {
+        for task in keyfold::keyring::maintenance::Task::ALL {
+            maintenance = maintenance.interval(task, every);
+        }
+    }
+    let maintenance = Arc::new(maintenance.build());
     let shared = Arc::new(Shared {
         audit: Arc::new(DbAudit::new(db.clone())),
         db,
@@ -105,6 +114,7 @@ pub async fn start(
         max_staleness: config.max_staleness,
         destroy_grace: config.destroy_grace,
         write_window: config.write_window,
+        maintenance: Arc::clone(&maintenance),
     });
     let mut tenants = Vec::new();
     for t in &config.tenants {
@@ -119,6 +129,7 @@ pub async fn start(
             .map_err(|e| format!("tenant {}: {e}", t.id))?
         {
             shared.resume_job(&tenant, &onboarded.keyring).await;
+            maintenance.add(Arc::clone(&onboarded.keyring));
             *tenant.kms.write().await = Some(onboarded);
         }
         tenants.push(tenant);
@@ -142,7 +153,23 @@ pub async fn start(
         })
         .await
     });
-    let worker = tokio::spawn(rewrap_worker(shared, tenants, shutdown.subscribe()));
+    let rewrap = tokio::spawn(rewrap_worker(shared, tenants, shutdown.subscribe()));
+    // keyfold's maintenance task (rotation policy, scheduled destroys,
+    // unseal probes, cache sweeps), stopped with the service.
+    let maintenance_task = tokio::spawn({
+        let m = Arc::clone(&maintenance);
+        async move { m.run().await }
+    });
+    let mut stop_maintenance = shutdown.subscribe();
+    let handle = maintenance.handle();
+    tokio::spawn(async move {
+        let _ = stop_maintenance.wait_for(|stop| *stop).await;
+        handle.stop();
+    });
+    let worker = tokio::spawn(async move {
+        let _ = rewrap.await;
+        let _ = maintenance_task.await;
+    });
     Ok(RunningService {
         addr,
         enrolments,

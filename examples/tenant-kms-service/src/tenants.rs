@@ -176,6 +176,50 @@ impl WrapperFactory for Providers {
     }
 }
 
+/// Evidence for the maintenance task's scheduled destroys: a scan of the
+/// tenant's two secret tables, taken when asked (so after the disable).
+#[derive(Debug, Clone)]
+pub struct DbEvidence {
+    db: Db,
+}
+
+impl DbEvidence {
+    /// Evidence from `db`.
+    pub fn new(db: Db) -> Self {
+        DbEvidence { db }
+    }
+}
+
+#[async_trait]
+impl keyfold::EvidenceSource for DbEvidence {
+    async fn evidence(
+        &self,
+        keyring_id: &str,
+        version: u32,
+    ) -> Option<keyfold::keyring::NoRecordsLeft> {
+        let checked_at = Timestamp::now();
+        let all = match self.db.all_ciphertexts(keyring_id) {
+            Ok(all) => all,
+            Err(e) => {
+                crate::error::operator_log(format_args!(
+                    "tenant {keyring_id}: destroy evidence scan failed: {e}"
+                ));
+                return None;
+            }
+        };
+        let remaining = all
+            .iter()
+            .filter(|ct| keyfold::format::inspect(ct).is_ok_and(|i| i.key_version == version))
+            .count();
+        (remaining == 0).then(|| keyfold::keyring::NoRecordsLeft {
+            keyring_id: keyring_id.to_owned(),
+            version,
+            source: format!("scan of {SECRETS} and {SECRET_VERSIONS}"),
+            checked_at,
+        })
+    }
+}
+
 /// What a client and the audit log learn of a failed probe: the step and
 /// the kind, never the provider's text.
 fn probe_summary(f: &ProbeFailure) -> String {
@@ -247,6 +291,9 @@ pub struct Shared {
     pub destroy_grace: std::time::Duration,
     /// The keyrings' write window.
     pub write_window: std::time::Duration,
+    /// The maintenance task (rotation policy, scheduled destroys, unseal
+    /// probes, cache sweeps) over every onboarded tenant's keyring.
+    pub maintenance: Arc<keyfold::Maintenance>,
 }
 
 impl Shared {
@@ -395,6 +442,7 @@ impl Shared {
             config,
             keyring: Arc::clone(&keyring),
         });
+        self.maintenance.add(Arc::clone(&keyring));
         // The job slot is held across the rotation, so the background task
         // cannot start a job of its own for the new version meanwhile.
         let mut job = tenant.job.lock().await;

@@ -18,6 +18,45 @@ pub fn rfc3339_ms(ms: i64) -> String {
     rfc3339(u64::try_from(ms / 1000).unwrap_or(0))
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC, whole seconds) into Unix
+/// seconds.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    // Howard Hinnant's days_from_civil.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    let out = u64::try_from(secs).ok()?;
+    // Reject dates that do not exist (2026-02-30): they do not round-trip.
+    (rfc3339(out) == s).then_some(out)
+}
+
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 → (year, month, day).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -64,6 +103,17 @@ mod tests {
         assert_eq!(rfc3339(1_234_567_890), "2009-02-13T23:31:30Z");
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
         assert_eq!(rfc3339_ms(1_234_567_890_999), "2009-02-13T23:31:30Z");
+        for secs in [0, 951_782_400, 1_234_567_890, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(secs)), Some(secs));
+        }
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-12-03T07:01:25",
+            "2026-12-03 07:01:25Z",
+            "x",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
         destroy_grace: Duration::ZERO,
         // Each write is checked against it just before it is stored.
         write_window: Duration::from_secs(1),
+        maintenance_interval: Some(Duration::from_millis(100)),
     }
 }
 
@@ -391,7 +392,12 @@ impl Service {
     }
 
     pub async fn version_op(&self, token: &str, version: u32, op: &str) -> (StatusCode, Value) {
-        let su = self.step_up(token, op, &version.to_string()).await;
+        let action = if op == "schedule-destroy" {
+            "destroy"
+        } else {
+            op
+        };
+        let su = self.step_up(token, action, &version.to_string()).await;
         self.call(
             Method::POST,
             &format!("/admin/tenant-kms/versions/{version}/{op}"),
