@@ -33,6 +33,8 @@ struct RawConfig {
     audit_log: Option<String>,
     #[serde(default)]
     keyring: KeyringSettings,
+    #[serde(default)]
+    table_prefix: Option<String>,
 }
 
 /// Keyring settings that must match the services' own (docs/LIFECYCLE.md):
@@ -58,6 +60,8 @@ pub(crate) struct Config {
     dir: Option<PathBuf>,
     pub(crate) audit_log: Option<String>,
     pub(crate) keyring: KeyringSettings,
+    /// keyfold-postgres's table prefix (default `keyfold_`).
+    pub(crate) table_prefix: Option<String>,
 }
 
 impl Config {
@@ -84,6 +88,7 @@ impl Config {
             dir: path.parent().map(Path::to_path_buf),
             audit_log: raw.audit_log,
             keyring: raw.keyring,
+            table_prefix: raw.table_prefix,
         })
     }
 
@@ -133,10 +138,14 @@ impl Config {
 pub(crate) enum StoreUrl {
     /// `file://DIR`.
     File(PathBuf),
+    /// `postgres://…` (keyfold-postgres's `PgKeyringStore`).
+    #[cfg(feature = "postgres")]
+    Postgres(String),
 }
 
 impl StoreUrl {
-    /// Parses `file://DIR` (`file:///abs/dir` or `file://rel/dir`).
+    /// Parses `file://DIR` (`file:///abs/dir` or `file://rel/dir`) or
+    /// `postgres://…`.
     pub(crate) fn parse(url: &str) -> Result<StoreUrl, CliError> {
         if let Some(path) = url.strip_prefix("file://") {
             if path.is_empty() {
@@ -147,21 +156,36 @@ impl StoreUrl {
             return Ok(StoreUrl::File(PathBuf::from(path)));
         }
         let scheme = url.split_once("://").map(|(s, _)| s);
+        #[cfg(feature = "postgres")]
+        if matches!(scheme, Some("postgres" | "postgresql")) {
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
         Err(CliError::usage(match scheme {
             Some("postgres" | "postgresql") => format!(
-                "store URL {:?}: PostgreSQL stores are not supported by this build yet; use file://DIR",
+                "store URL {:?}: this keyfold was built without the `postgres` feature",
                 redact_url(url)
             ),
-            Some(s) => format!("store URL scheme {s:?} is not supported: use file://DIR"),
-            None => format!("store {:?} is not a URL: use file://DIR", redact_url(url)),
+            Some(s) => {
+                format!("store URL scheme {s:?} is not supported: use file://DIR or postgres://…")
+            }
+            None => format!(
+                "store {:?} is not a URL: use file://DIR or postgres://…",
+                redact_url(url)
+            ),
         }))
     }
 
-    /// Opens the store. `create`: make the directory if it is missing
-    /// (otherwise a missing store is a not-found error, not a new store).
-    pub(crate) fn open(&self, create: bool) -> Result<Arc<dyn KeyringStore>, CliError> {
+    /// Opens the store. `create`: make the directory (or the tables) if
+    /// missing; otherwise a missing store directory is a not-found error,
+    /// not a new store.
+    pub(crate) async fn open(
+        &self,
+        create: bool,
+        table_prefix: Option<&str>,
+    ) -> Result<Arc<dyn KeyringStore>, CliError> {
         match self {
             StoreUrl::File(dir) => {
+                let _ = table_prefix;
                 if !create && !dir.is_dir() {
                     return Err(CliError::new(
                         Kind::NotFound,
@@ -170,6 +194,66 @@ impl StoreUrl {
                 }
                 Ok(Arc::new(FileStore::new(dir.clone())?))
             }
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(url) => {
+                let pool = pg::connect(url).await?;
+                let prefix = pg::prefix(table_prefix)?;
+                if create {
+                    keyfold_postgres::migrate(&pool, &prefix)
+                        .await
+                        .map_err(|e| {
+                            CliError::failure(format!("creating the store's tables: {e}"))
+                        })?;
+                }
+                Ok(Arc::new(keyfold_postgres::PgKeyringStore::new(
+                    pool, prefix,
+                )))
+            }
+        }
+    }
+}
+
+/// PostgreSQL connections.
+#[cfg(feature = "postgres")]
+pub(crate) mod pg {
+    use keyfold_postgres::TablePrefix;
+
+    use super::redact_url;
+    use crate::error::CliError;
+
+    /// A small pool on `url` (the password never appears in errors). One
+    /// connection is made first, so an unreachable server fails at once
+    /// rather than after the pool's retries.
+    pub(crate) async fn connect(url: &str) -> Result<sqlx::PgPool, CliError> {
+        use sqlx::{ConnectOptions, Connection};
+        let failed = |e: &dyn std::fmt::Display| {
+            CliError::failure(format!(
+                "cannot connect to {}: {}",
+                redact_url(url),
+                redact_url(&e.to_string())
+            ))
+        };
+        let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            CliError::usage(format!(
+                "store URL {}: {}",
+                redact_url(url),
+                redact_url(&e.to_string())
+            ))
+        })?;
+        let options = options.disable_statement_logging();
+        let first = options.connect().await.map_err(|e| failed(&e))?;
+        let _ = first.close().await;
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(15))
+            .connect_lazy_with(options))
+    }
+
+    /// The configured table prefix, checked.
+    pub(crate) fn prefix(prefix: Option<&str>) -> Result<TablePrefix, CliError> {
+        match prefix {
+            None => Ok(TablePrefix::default()),
+            Some(p) => TablePrefix::new(p).map_err(|e| CliError::usage(e.to_string())),
         }
     }
 }
@@ -247,12 +331,12 @@ mod tests {
             StoreUrl::parse("file://rel/dir").ok(),
             Some(StoreUrl::File("rel/dir".into()))
         );
-        for bad in [
-            "file://",
-            "/var/lib/k",
-            "s3://bucket",
-            "postgres://u:pw@h/db",
-        ] {
+        #[cfg(feature = "postgres")]
+        assert_eq!(
+            StoreUrl::parse("postgres://u:pw@h/db").ok(),
+            Some(StoreUrl::Postgres("postgres://u:pw@h/db".into()))
+        );
+        for bad in ["file://", "/var/lib/k", "s3://bucket", "mysql://u:pw@h/db"] {
             let e = StoreUrl::parse(bad).err();
             assert_eq!(e.as_ref().map(|e| e.kind), Some(Kind::Usage), "{bad}");
             assert!(!e.is_some_and(|e| e.message.contains("pw@")), "{bad}");

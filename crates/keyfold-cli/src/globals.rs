@@ -38,7 +38,7 @@ impl Globals {
     }
 
     /// The store: `--store`, else the config's `store`.
-    pub(crate) fn store(&self, create: bool) -> Result<Arc<dyn KeyringStore>, CliError> {
+    pub(crate) async fn store(&self, create: bool) -> Result<Arc<dyn KeyringStore>, CliError> {
         let url = self
             .store
             .as_deref()
@@ -48,7 +48,9 @@ impl Globals {
                     "no keyring store: pass --store file://DIR or set \"store\" in the config",
                 )
             })?;
-        StoreUrl::parse(url)?.open(create)
+        StoreUrl::parse(url)?
+            .open(create, self.config.table_prefix.as_deref())
+            .await
     }
 
     /// The audit sink: `--audit-log`, else the config's, else stderr.
@@ -83,7 +85,7 @@ impl Globals {
         audit: Arc<JsonLinesSink>,
         create: bool,
     ) -> Result<Keyring, CliError> {
-        let mut builder = Keyring::builder(id, wrapper, self.store(create)?).audit(audit);
+        let mut builder = Keyring::builder(id, wrapper, self.store(create).await?).audit(audit);
         let settings = self.config.keyring;
         if let Some(s) = settings.max_staleness_secs {
             builder = builder.max_staleness(Duration::from_secs(s));

@@ -141,7 +141,7 @@ pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError
             } else {
                 Arc::new(NoKms)
             };
-            let store = g.store(false)?;
+            let store = g.store(false).await?;
             let ring = keyfold_core::Keyring::builder(keyring.as_str(), wrapper, store)
                 .open()
                 .await?;
@@ -378,10 +378,13 @@ pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError
                 } else {
                     Arc::new(NoKms)
                 };
-                let ring =
-                    keyfold_core::Keyring::builder(keyring.as_str(), wrapper, g.store(false)?)
-                        .open()
-                        .await?;
+                let ring = keyfold_core::Keyring::builder(
+                    keyring.as_str(),
+                    wrapper,
+                    g.store(false).await?,
+                )
+                .open()
+                .await?;
                 let (text, json) = describe(ring.rotation_policy(), ring.last_rotation());
                 g.output.emit(
                     &format!("keyring {keyring}: {text}\n"),

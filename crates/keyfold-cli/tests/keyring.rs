@@ -186,7 +186,7 @@ fn bad_store_urls_and_missing_config_are_usage_errors() {
         "/var/lib/keyfold",
         "s3://bucket/x",
         "file://",
-        "postgres://app:hunter2@db/x",
+        "mysql://app:hunter2@db/x",
     ] {
         let out = s
             .keyfold()

@@ -1,0 +1,118 @@
+//! The keyring commands against a `postgres://` store (keyfold-postgres's
+//! `PgKeyringStore`), end to end on the binary, on the PostgreSQL server
+//! named by `KEYFOLD_PG_URL` (scripts/test-all starts a throwaway one:
+//! `eval "$(scripts/setup-postgres)"`). Never skipped: without the variable
+//! the tests fail saying what to do.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use common::{Setup, json_of};
+use sqlx::ConnectOptions;
+
+fn server_url() -> String {
+    match std::env::var("KEYFOLD_PG_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "KEYFOLD_PG_URL is not set: these tests need a PostgreSQL server. Start a throwaway \
+             one with `eval \"$(scripts/setup-postgres)\"` from the repository root \
+             (scripts/test-all does this)."
+        ),
+    }
+}
+
+/// A fresh database on the server; its URL.
+async fn fresh_database() -> String {
+    let server = server_url();
+    let mut random = [0u8; 4];
+    keyfold_core::rng::fill(&mut random).unwrap();
+    let name = format!(
+        "keyfold_cli_test_{}_{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(random)
+    );
+    let options: sqlx::postgres::PgConnectOptions = server.parse().expect("KEYFOLD_PG_URL parses");
+    let mut admin = options.connect().await.expect("connect to KEYFOLD_PG_URL");
+    sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create database");
+    let (base, query) = match server.split_once('?') {
+        Some((b, q)) => (b.to_owned(), format!("?{q}")),
+        None => (server.clone(), String::new()),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_end..].find('/') {
+        Some(i) => base[..authority_end + i].to_owned(),
+        None => base,
+    };
+    format!("{root}/{name}{query}")
+}
+
+#[tokio::test]
+async fn keyring_lifecycle_on_a_postgres_store() {
+    let s = Setup::new();
+    let url = fresh_database().await;
+    let pg = |args: &[&str]| {
+        let mut cmd = s.with_config();
+        cmd.args(["--store", &url]).args(args);
+        cmd
+    };
+    // Before `create` made the tables: an error, not a new store.
+    pg(&["keyring", "show", "acme"]).assert().failure();
+    pg(&["keyring", "create", "acme"]).assert().success();
+    pg(&["keyring", "rotate", "acme"]).assert().success();
+    pg(&["keyring", "disable", "acme", "1", "--yes"])
+        .assert()
+        .success();
+    pg(&["keyring", "policy", "acme", "--period-days", "30"])
+        .assert()
+        .success();
+    let out = pg(&["--json", "keyring", "show", "acme"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let json = json_of(&out);
+    assert_eq!(json["active_version"], 2);
+    assert_eq!(json["versions"][0]["state"], "disabled");
+    assert_eq!(
+        json["revision"], 5,
+        "create, first version, rotate, disable, policy"
+    );
+    // Unknown keyrings and illegal transitions keep their exit codes.
+    pg(&["keyring", "rotate", "nobody"]).assert().code(5);
+    pg(&["keyring", "disable", "acme", "2", "--yes"])
+        .assert()
+        .code(6);
+    assert_eq!(
+        s.audit_names(),
+        [
+            "kms.rotate",
+            "kms.rotate",
+            "kms.version.state_changed",
+            "kms.version.state_changed",
+            "kms.rotation_policy.set"
+        ]
+    );
+}
+
+#[test]
+fn an_unreachable_postgres_store_fails_without_printing_its_password() {
+    let s = Setup::new();
+    let out = s
+        .with_config()
+        .args([
+            "--store",
+            "postgres://app:hunter2@127.0.0.1:1/x",
+            "keyring",
+            "show",
+            "acme",
+        ])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
