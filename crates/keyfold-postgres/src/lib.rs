@@ -16,16 +16,18 @@
 //! Every type takes the host's [`sqlx::PgPool`] and a [`TablePrefix`]
 //! (default `keyfold_`); [`migrate`] creates or upgrades the tables. Queries
 //! are checked at run time (no database at build time); connections use TLS
-//! through rustls when the pool's options ask for it (`sslmode=require` or
-//! stricter).
+//! through rustls as the pool's options ask (`sslmode`; use `verify-full` in
+//! production).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use keyfold_postgres::{PgKeyringStore, TablePrefix, migrate};
+//! use keyfold_postgres::{PgAuditSink, PgKeyringStore, TablePrefix, migrate};
 //! let pool = sqlx::PgPool::connect("postgres://app@db.internal/app?sslmode=verify-full").await?;
 //! let prefix = TablePrefix::default();
 //! migrate(&pool, &prefix).await?;
-//! # let _ = PgKeyringStore; Ok(()) }
+//! let store = PgKeyringStore::new(pool.clone(), prefix.clone());
+//! let audit = PgAuditSink::new(pool, prefix);
+//! # let _ = (store, audit); Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 
@@ -35,6 +37,7 @@ mod migrate;
 mod store;
 mod table;
 
+pub use audit::{ChainHead, ChainVerification, PgAuditError, PgAuditSink, Tamper};
 pub use job::{
     DistributedJobError, DistributedJobOptions, JobStatus, RewrapCoordinator, RewrapWorker,
     WorkerReport,

@@ -103,12 +103,16 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
         r.unwrap();
     }
     migrate(&pools[0], &prefix).await.unwrap();
-    let steps: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM keyfold_migrations WHERE component = 'store'")
-            .fetch_one(&pools[0])
-            .await
-            .unwrap();
-    assert_eq!(steps, 1, "the store's step is recorded once");
+    let steps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM keyfold_migrations WHERE component IN ('store', 'audit')",
+    )
+    .fetch_one(&pools[0])
+    .await
+    .unwrap();
+    assert_eq!(
+        steps, 2,
+        "the store's and the audit's steps are recorded once each"
+    );
     let dup: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT component, version FROM keyfold_migrations
          GROUP BY 1, 2 HAVING count(*) > 1) d",
