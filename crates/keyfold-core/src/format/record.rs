@@ -4,7 +4,7 @@
 //! These take the master key version directly; the keyring picks it for you.
 
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::format::context::EncryptionContext;
 use crate::format::error::CryptoError;
@@ -95,10 +95,15 @@ pub(crate) fn write_wrap(
         .split_at_mut_checked(KEY_LEN)
         .ok_or(CryptoError::Encrypt)?;
     sealed.copy_from_slice(data_key);
-    let tag = master
-        .wrap_cipher()
-        .seal(nonce, &aad, sealed)
-        .map_err(|_| CryptoError::Encrypt)?;
+    let tag = match master.wrap_cipher().seal(nonce, &aad, sealed) {
+        Ok(tag) => tag,
+        Err(_) => {
+            // A failed seal may leave the data key in clear in the caller's
+            // header buffer: wipe it before handing the buffer back.
+            sealed.zeroize();
+            return Err(CryptoError::Encrypt);
+        }
+    };
     tag_out.copy_from_slice(&tag);
     Ok(())
 }

@@ -21,9 +21,12 @@ pub struct SecretKey(SecretBox<[u8; KEY_LEN]>);
 impl SecretKey {
     /// Takes ownership of `bytes`; the caller's array is zeroized.
     pub fn from_bytes(bytes: &mut [u8; KEY_LEN]) -> Self {
-        let key = SecretKey(SecretBox::new(Box::new(*bytes)));
+        // Copied straight into the heap: `Box::new(*bytes)` would make a
+        // temporary copy on the stack that nothing wipes.
+        let mut boxed = Box::new([0u8; KEY_LEN]);
+        boxed.copy_from_slice(bytes);
         bytes.zeroize();
-        key
+        SecretKey(SecretBox::new(boxed))
     }
 
     /// Copies key material from a slice.

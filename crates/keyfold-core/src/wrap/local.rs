@@ -173,7 +173,9 @@ impl KeyWrapper for LocalKek {
         rng::fill(&mut nonce).map_err(|_| {
             self.error(WrapErrorKind::Unavailable, op, "OS random generator failed")
         })?;
-        let mut body = Zeroizing::new(*key.expose());
+        // Copied into the wiped buffer directly, with no stack temporary.
+        let mut body = Zeroizing::new([0u8; KEY_LEN]);
+        body.copy_from_slice(key.expose());
         let tag = self
             .cipher()
             .encrypt_inout_detached(
