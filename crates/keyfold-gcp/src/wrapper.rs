@@ -65,6 +65,7 @@ pub struct GcpKmsWrapperBuilder {
     config: GcpConfig,
     endpoint_url: Option<String>,
     allow_loopback: bool,
+    allowed_service_accounts: Option<Vec<String>>,
     credentials: CredentialSource,
     retry: RetryPolicy,
     sleeper: Arc<dyn Sleeper>,
@@ -89,6 +90,20 @@ impl GcpKmsWrapperBuilder {
     #[must_use]
     pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
         self.allow_loopback = allow;
+        self
+    }
+
+    /// Pins the tenant to these service accounts: [`build`](Self::build)
+    /// refuses a config impersonating any other. The service's ambient
+    /// identity can impersonate every service account that granted it the
+    /// Token Creator role, whoever names it (docs/THREAT_MODEL.md, "Confused
+    /// deputy"): bind each tenant to the accounts verified when it signed up.
+    #[must_use]
+    pub fn allowed_service_accounts<S: Into<String>>(
+        mut self,
+        accounts: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.allowed_service_accounts = Some(accounts.into_iter().map(Into::into).collect());
         self
     }
 
@@ -171,6 +186,16 @@ impl GcpKmsWrapperBuilder {
         let key = GcpKeyRef::parse(&self.config.kms_key_ref).map_err(refused)?;
         if let Some(url) = &self.endpoint_url {
             check_google_endpoint(url, self.allow_loopback).map_err(refused)?;
+        }
+        if let Some(allowed) = &self.allowed_service_accounts {
+            let account = &self.config.impersonate_service_account;
+            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(account)) {
+                return Err(refused(ConfigError::InvalidField {
+                    provider: PROVIDER,
+                    field: "impersonate_service_account",
+                    reason: format!("{account} is not a service account this tenant may use"),
+                }));
+            }
         }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(misconfigured(
@@ -388,6 +413,7 @@ impl GcpKmsWrapper {
             config,
             endpoint_url: None,
             allow_loopback: false,
+            allowed_service_accounts: None,
             credentials: CredentialSource::Impersonated,
             retry: RetryPolicy::none(),
             sleeper: Arc::new(TokioSleeper),
@@ -722,6 +748,17 @@ impl GcpWrapperFactory {
     #[must_use]
     pub fn allow_loopback_endpoints_for_tests(mut self, allow: bool) -> Self {
         self.template = self.template.allow_loopback_endpoints_for_tests(allow);
+        self
+    }
+
+    /// As [`GcpKmsWrapperBuilder::allowed_service_accounts`]. A factory is
+    /// cheap to clone: narrow a clone to each tenant's accounts.
+    #[must_use]
+    pub fn allowed_service_accounts<S: Into<String>>(
+        mut self,
+        accounts: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.template = self.template.allowed_service_accounts(accounts);
         self
     }
 

@@ -153,3 +153,17 @@ async fn a_tenant_config_cannot_name_an_endpoint() {
         assert_eq!(field_of(config_error(&err)), "endpoint_url");
     }
 }
+
+#[tokio::test]
+async fn a_pinned_tenant_cannot_impersonate_another_service_account() {
+    let pinned = GcpWrapperFactory::new().allowed_service_accounts([SA]);
+    pinned.build(&ProviderConfig::Gcp(tenant())).await.unwrap();
+    let other = GcpConfig {
+        impersonate_service_account: "keyfold@victim.iam.gserviceaccount.com".into(),
+        ..tenant()
+    };
+    let err = pinned.build(&ProviderConfig::Gcp(other)).await.unwrap_err();
+    let inner = config_error(&err);
+    assert_eq!(field_of(inner), "impersonate_service_account");
+    assert!(inner.to_string().contains("victim"), "{inner}");
+}
