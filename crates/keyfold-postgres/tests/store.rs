@@ -25,12 +25,12 @@ fn keyring(id: &str) -> StoredKeyring {
     StoredKeyring::new(id, Timestamp(1_000))
 }
 
-/// Waits (up to 30 s) until the store's listener connection is listening.
-async fn listener_ready(db: &TestDb) {
+/// Waits (up to 30 s) until `n` listener connections of `db` are listening.
+async fn listeners_ready(db: &TestDb, n: i64) {
     let mut admin = db.admin().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let n: i64 = sqlx::query_scalar(
+        let listening: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
              AND application_name = 'keyfold-postgres listener' AND query LIKE 'LISTEN%'",
         )
@@ -38,7 +38,7 @@ async fn listener_ready(db: &TestDb) {
         .fetch_one(&mut admin)
         .await
         .unwrap();
-        if n > 0 {
+        if listening >= n {
             return;
         }
         assert!(
@@ -198,7 +198,7 @@ async fn a_save_on_one_pool_notifies_a_watcher_on_another_within_a_second() {
     let mut rx = watcher.watch().expect("PgKeyringStore can push changes");
     // A second subscriber joins the same listener.
     let mut rx2 = watcher.watch().unwrap();
-    listener_ready(&db).await;
+    listeners_ready(&db, 1).await;
 
     let r1 = writer
         .save("tenant-1", None, &keyring("tenant-1"))
@@ -262,7 +262,7 @@ async fn a_killed_listener_connection_reconnects_and_sends_resync() {
     let (_, writer) = store_on(&db, "keyfold_").await;
     let (_, watcher) = store_on(&db, "keyfold_").await;
     let mut rx = watcher.watch().unwrap();
-    listener_ready(&db).await;
+    listeners_ready(&db, 1).await;
 
     let mut admin = db.admin().await;
     let killed: Vec<bool> = sqlx::query_scalar(
@@ -297,7 +297,7 @@ async fn the_listener_stops_when_nobody_watches() {
     let db = TestDb::new().await;
     let (_, watcher) = store_on(&db, "keyfold_").await;
     let rx = watcher.watch().unwrap();
-    listener_ready(&db).await;
+    listeners_ready(&db, 1).await;
     drop(rx);
     let mut admin = db.admin().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -321,7 +321,7 @@ async fn the_listener_stops_when_nobody_watches() {
     }
     // Watching again starts a new listener.
     let mut rx = watcher.watch().unwrap();
-    listener_ready(&db).await;
+    listeners_ready(&db, 1).await;
     let (_, writer) = store_on(&db, "keyfold_").await;
     writer
         .save("tenant-1", None, &keyring("tenant-1"))
@@ -415,4 +415,53 @@ async fn debug_never_shows_the_database_password() {
     let shown = format!("{store:?} {:?}", store.prefix());
     assert!(!shown.contains(secret), "{shown}");
     assert!(shown.contains("keyfold_keyrings"), "{shown}");
+}
+
+/// The promise of the issue: a disable on one instance reaches another
+/// within a second, with max staleness and the key cache's TTL an hour.
+#[tokio::test]
+async fn a_disable_on_one_instance_reaches_another_within_a_second() {
+    use std::sync::Arc;
+
+    use keyfold_core::keyring::{KeyState, Keyring};
+    use keyfold_core::{Actor, EncryptionContext, Error, LocalKek, SecretKey};
+
+    let db = TestDb::new().await;
+    let (_, writer_store) = store_on(&db, "keyfold_").await;
+    let (_, reader_store) = store_on(&db, "keyfold_").await;
+    let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
+    let admin = Actor::new("admin@example.com");
+    let ctx = EncryptionContext::new().with("row", "1");
+
+    let writer = Keyring::builder("tenant-a", kek.clone(), Arc::new(writer_store))
+        .create()
+        .await
+        .unwrap();
+    writer.rotate(&admin).await.unwrap();
+    let record = writer.encrypt(&ctx, b"kept").await.unwrap();
+    writer.rotate(&admin).await.unwrap();
+    let reader = Keyring::builder("tenant-a", kek, Arc::new(reader_store))
+        .max_staleness(Duration::from_secs(3600))
+        .cache_ttl(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(reader.decrypt(&ctx, &record).await.unwrap(), b"kept");
+    // The writer's keyring watches too: both listeners.
+    listeners_ready(&db, 2).await;
+
+    writer.disable(1, &admin).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match reader.decrypt(&ctx, &record).await {
+            Err(Error::KeyState {
+                version: 1,
+                state: KeyState::Disabled,
+            }) => break,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => panic!("the reader still decrypts a second after the disable: {other:?}"),
+        }
+    }
 }
