@@ -1,5 +1,5 @@
 //! [`PgAuditSink`]: audit events in an append-only, hash-chained table
-//! (docs/LIFECYCLE.md, "PostgreSQL audit log").
+//! (docs/LIFECYCLE.md, "PostgreSQL (`keyfold-postgres`)", "Audit log").
 //!
 //! Row `n` of `<prefix>audit` holds the event's canonical content (its JSON
 //! as [`AuditEvent`]'s serde form writes it), the previous row's hash, and

@@ -1,6 +1,6 @@
 //! PostgreSQL for a keyfold fleet: the database the services already run
 //! becomes the keyrings' store, the audit log and the place a rewrap job's
-//! work is shared (docs/LIFECYCLE.md, "PostgreSQL").
+//! work is shared (docs/LIFECYCLE.md, "PostgreSQL (`keyfold-postgres`)").
 //!
 //! - [`PgKeyringStore`]: keyrings in one table with compare-and-swap on the
 //!   revision, and change notifications through `LISTEN`/`NOTIFY`

@@ -1,6 +1,6 @@
 //! [`PgKeyringStore`]: keyrings in one PostgreSQL table, compare-and-swap
 //! on the revision, change notifications through `LISTEN`/`NOTIFY`
-//! (docs/LIFECYCLE.md, "PostgreSQL store").
+//! (docs/LIFECYCLE.md, "PostgreSQL (`keyfold-postgres`)", "Store").
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
