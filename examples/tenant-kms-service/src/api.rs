@@ -947,10 +947,50 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
             .await
             .unwrap_or(0);
     }
+    let failures: Vec<Value> = app
+        .shared
+        .db
+        .row_failures(admin.id())?
+        .into_iter()
+        .filter(|f| f.job_id == row.job_id)
+        .map(|f| {
+            json!({
+                "source": f.source,
+                "row_id": f.row_id,
+                "reason": f.error,
+                "attempts": f.attempts,
+                "next_retry_at": crate::time::rfc3339_ms(f.next_retry_at_ms),
+            })
+        })
+        .collect();
+    let reasons: Vec<String> = match row.status.as_str() {
+        "failed" => row.error.iter().cloned().collect(),
+        _ => failures
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} row {}: {}",
+                    f["source"].as_str().unwrap_or_default(),
+                    f["row_id"].as_str().unwrap_or_default(),
+                    f["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect(),
+    };
+    let next = match row.status.as_str() {
+        "incomplete" => Some(
+            "the rows listed are retried with backoff; fix what the reasons name (or rewrite the secret), or disable and destroy only once they are gone",
+        ),
+        "failed" => Some("the job stopped; a rotation starts a new one"),
+        _ => None,
+    };
     let mut body = json!({
         "job_id": row.job_id,
         "status": row.status,
         "error": row.error,
+        "reasons": reasons,
+        "failures": failures,
+        "next": next,
         "target_version": cp.target_version,
         "started_at": cp.started_at,
         "lease_expires_at": cp.lease_expires_at,

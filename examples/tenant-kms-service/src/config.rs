@@ -92,6 +92,9 @@ pub struct RewrapConfig {
     /// never). For draining an instance before shutdown, and for tests; the
     /// job resumes from its checkpoint on the next start.
     pub max_batches: Option<u64>,
+    /// The first retry of a row that failed comes this long after; each
+    /// later one twice as long (at most an hour). Default 5 s.
+    pub retry_base: Duration,
 }
 
 impl Default for RewrapConfig {
@@ -100,6 +103,7 @@ impl Default for RewrapConfig {
             batch_size: 100,
             interval: Duration::from_secs(5),
             max_batches: None,
+            retry_base: Duration::from_secs(5),
         }
     }
 }
@@ -236,6 +240,7 @@ impl ServiceConfig {
                 batch_size: file.rewrap.batch_size.unwrap_or(100),
                 interval: Duration::from_secs(file.rewrap.interval_secs.unwrap_or(5)),
                 max_batches: None,
+                retry_base: Duration::from_secs(5),
             },
             step_up: StepUpConfig {
                 token_ttl: Duration::from_secs(file.step_up_ttl_secs),

@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS rewrap_leases (
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, at INTEGER NOT NULL,
     event TEXT NOT NULL, actor TEXT NOT NULL, client_ip TEXT, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rewrap_failures (
+    tenant TEXT NOT NULL, job_id TEXT NOT NULL, source TEXT NOT NULL, row_id TEXT NOT NULL,
+    error TEXT NOT NULL, attempts INTEGER NOT NULL, next_retry_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, source, row_id));
 CREATE TABLE IF NOT EXISTS step_up_factors (
     tenant TEXT PRIMARY KEY, admin TEXT NOT NULL, secret BLOB NOT NULL,
     last_step INTEGER NOT NULL DEFAULT -1, created_at INTEGER NOT NULL);
@@ -471,6 +475,91 @@ impl Db {
         Ok(())
     }
 
+    // ----- rewrap row failures -----------------------------------------------
+
+    /// Records that a row failed (again): its reason, its attempt count and
+    /// when to retry it.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_row_failure(&self, tenant: &str, f: &RowFailureRow) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "INSERT INTO rewrap_failures (tenant, job_id, source, row_id, error, attempts, next_retry_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (tenant, source, row_id) DO UPDATE SET
+                 job_id = ?2, error = ?5, attempts = ?6, next_retry_at_ms = ?7",
+            params![
+                tenant,
+                f.job_id,
+                f.source,
+                f.row_id,
+                f.error,
+                i64::from(f.attempts),
+                f.next_retry_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The tenant's failed rows (of any job), oldest retry first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn row_failures(&self, tenant: &str) -> rusqlite::Result<Vec<RowFailureRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT job_id, source, row_id, error, attempts, next_retry_at_ms FROM rewrap_failures
+             WHERE tenant = ?1 ORDER BY next_retry_at_ms, source, row_id",
+        )?;
+        let rows = stmt.query_map(params![tenant], |r| {
+            Ok(RowFailureRow {
+                job_id: r.get(0)?,
+                source: r.get(1)?,
+                row_id: r.get(2)?,
+                error: r.get(3)?,
+                attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                next_retry_at_ms: r.get(5)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Forgets a failed row (moved, gone, or its job replaced).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn resolve_row_failure(&self, tenant: &str, source: &str, row_id: &str) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "DELETE FROM rewrap_failures WHERE tenant = ?1 AND source = ?2 AND row_id = ?3",
+            params![tenant, source, row_id],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets every failed row of the tenant's jobs other than `job_id`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn clear_row_failures_except(&self, tenant: &str, job_id: &str) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "DELETE FROM rewrap_failures WHERE tenant = ?1 AND job_id <> ?2",
+            params![tenant, job_id],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the status of the tenant's job row, if it is still `job_id`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_job_status(&self, tenant: &str, job_id: &str, status: &str) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "UPDATE rewrap_jobs SET status = ?3 WHERE tenant = ?1 AND job_id = ?2",
+            params![tenant, job_id, status],
+        )?;
+        Ok(())
+    }
+
     // ----- step-up ---------------------------------------------------------
 
     /// Enrols `secret` as the TOTP factor of `tenant`'s admin unless one is
@@ -695,12 +784,30 @@ fn owner_only(path: &Path, create: bool) -> std::io::Result<()> {
     }
 }
 
+/// A row a rewrap job could not move, retried with backoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFailureRow {
+    /// The job it failed in.
+    pub job_id: String,
+    /// The source (table).
+    pub source: String,
+    /// The row id.
+    pub row_id: String,
+    /// Why it failed last.
+    pub error: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When it is retried next, Unix milliseconds.
+    pub next_retry_at_ms: i64,
+}
+
 /// A stored rewrap job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRow {
     /// The job id (the rotation's lease id when there was one).
     pub job_id: String,
-    /// `running`, `completed` or `failed`.
+    /// `running`, `completed`, `incomplete` (finished with rows left, being
+    /// retried) or `failed` (stopped; `error` says why).
     pub status: String,
     /// Why it failed.
     pub error: Option<String>,

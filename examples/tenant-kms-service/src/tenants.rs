@@ -503,6 +503,14 @@ impl Shared {
         }
         match builder.create() {
             Ok(job) => {
+                // The new job goes over every row again: the old job's
+                // failed rows are its business now.
+                if let Err(e) = self
+                    .db
+                    .clear_row_failures_except(tenant, &job.checkpoint().job_id)
+                {
+                    crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
+                }
                 self.persist(tenant, &job, None);
                 *slot = Some(job);
             }
@@ -546,8 +554,14 @@ impl Shared {
 
     fn persist(&self, tenant: &str, job: &RewrapJob, error: Option<String>) {
         let cp = job.checkpoint();
+        let rows_left = cp.completed
+            && self
+                .db
+                .row_failures(tenant)
+                .is_ok_and(|f| f.iter().any(|f| f.job_id == cp.job_id));
         let status = match (&error, cp.completed) {
             (Some(_), _) => "failed",
+            (None, true) if rows_left => "incomplete",
             (None, true) => "completed",
             (None, false) => "running",
         };
@@ -560,6 +574,107 @@ impl Shared {
         if let Err(e) = self.db.save_job(tenant, &row, Timestamp::now().as_secs()) {
             eprintln!("tenant {tenant}: cannot persist the rewrap checkpoint: {e}");
         }
+    }
+
+    fn record_failure(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        source: &str,
+        row_id: &str,
+        error: &str,
+        previous_attempts: u32,
+    ) {
+        let attempts = previous_attempts.saturating_add(1);
+        let base = i64::try_from(self.rewrap.retry_base.as_millis()).unwrap_or(i64::MAX);
+        let delay = base
+            .saturating_mul(1_i64 << (attempts - 1).min(20))
+            .min(3_600_000);
+        let row = crate::db::RowFailureRow {
+            job_id: job_id.to_owned(),
+            source: source.to_owned(),
+            row_id: row_id.to_owned(),
+            error: error.to_owned(),
+            attempts,
+            next_retry_at_ms: crate::stepup::unix_ms().saturating_add(delay),
+        };
+        if let Err(e) = self.db.record_row_failure(tenant, &row) {
+            crate::error::operator_log(format_args!(
+                "tenant {tenant}: cannot record a failed rewrap row: {e}"
+            ));
+        }
+    }
+
+    /// Retries the rows of the tenant's finished job that failed and are
+    /// due (backoff doubling from `retry_base`), moving each to the job's
+    /// target; the job's status becomes `completed` once none is left.
+    /// Returns whether any row was tried.
+    async fn retry_failures(&self, tenant: &str, keyring: &Arc<Keyring>) -> bool {
+        let Ok(Some(job)) = self.db.job(tenant) else {
+            return false;
+        };
+        if job.status != "incomplete" {
+            return false;
+        }
+        let Ok(cp) = serde_json::from_str::<Checkpoint>(&job.checkpoint) else {
+            return false;
+        };
+        let now = crate::stepup::unix_ms();
+        let failures = self.db.row_failures(tenant).unwrap_or_default();
+        let mut tried = false;
+        for f in failures.iter().filter(|f| f.job_id == job.job_id) {
+            if f.next_retry_at_ms > now {
+                continue;
+            }
+            tried = true;
+            let table = if f.source == SECRETS {
+                SECRETS
+            } else {
+                SECRET_VERSIONS
+            };
+            let source = SecretTable::new(self.db.clone(), tenant, table);
+            let outcome = match source.get(&f.row_id).await {
+                Err(e) => Err(e.to_string()),
+                Ok(None) => Ok(()), // gone: nothing left to move
+                Ok(Some(row)) => match keyring
+                    .rewrap(&row.context, &row.ciphertext, cp.target_version)
+                    .await
+                {
+                    Ok(None) => Ok(()), // on the target (or later) already
+                    Ok(Some(new)) => match source
+                        .compare_and_swap(&f.row_id, &row.ciphertext, &new)
+                        .await
+                    {
+                        Ok(keyfold::rewrap::CasOutcome::Swapped) => Ok(()),
+                        Ok(_) => Err("the row changed meanwhile".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            match outcome {
+                Ok(()) => {
+                    if let Err(e) = self.db.resolve_row_failure(tenant, &f.source, &f.row_id) {
+                        crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
+                    }
+                }
+                Err(e) => {
+                    crate::error::operator_log(format_args!(
+                        "tenant {tenant}: retry {} of {} row {} failed: {e}",
+                        f.attempts, f.source, f.row_id
+                    ));
+                    self.record_failure(tenant, &f.job_id, &f.source, &f.row_id, &e, f.attempts);
+                }
+            }
+        }
+        let left = self
+            .db
+            .row_failures(tenant)
+            .is_ok_and(|all| all.iter().any(|f| f.job_id == job.job_id));
+        if !left && let Err(e) = self.db.set_job_status(tenant, &job.job_id, "completed") {
+            crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
+        }
+        tried
     }
 
     /// Runs one batch of the tenant's job, if it has one to run. Creates a
@@ -597,10 +712,19 @@ impl Shared {
             self.new_job(id, &mut slot, &keyring, None);
         }
         let Some(job) = slot.as_mut() else {
-            return false;
+            drop(slot);
+            return self.retry_failures(id, &keyring).await;
         };
         match job.next_batch().await {
             Ok(Some(report)) => {
+                let job_id = job.checkpoint().job_id.clone();
+                for f in &report.failures {
+                    crate::error::operator_log(format_args!(
+                        "tenant {id}: rewrap job {job_id}: {} row {} failed: {}",
+                        f.source, f.row_id, f.error
+                    ));
+                    self.record_failure(id, &job_id, &f.source, &f.row_id, &f.error, 0);
+                }
                 self.persist(id, job, None);
                 if report.completed {
                     *slot = None;

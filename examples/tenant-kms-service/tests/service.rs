@@ -750,3 +750,71 @@ async fn bad_input_is_a_4xx_naming_the_problem_and_stores_nothing() {
     );
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_rows_make_the_job_incomplete_with_reasons_and_are_retried() {
+    let dir = TempDir::new("incomplete");
+    let cfg = config(&dir, 10, None);
+    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
+    svc.onboard_local(ACME).await;
+    for i in 0..5 {
+        svc.put_secret(ACME, &format!("a{i}"), "v").await;
+    }
+    // A row whose record is bound to another name: it cannot be moved.
+    let db = tenant_kms_service::db::Db::open(&cfg.database).unwrap();
+    db.lock()
+        .execute_batch(
+            "INSERT INTO secrets (tenant, name, version, ciphertext, created_at)
+             SELECT tenant, 'bad', version, ciphertext, created_at FROM secrets
+             WHERE tenant = 'acme' AND name = 'a0';",
+        )
+        .unwrap();
+    let lease = svc.rotate(ACME).await["rewrap_lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = svc
+        .wait_rewrap(ACME, |v| {
+            v["job_id"] == lease.as_str() && v["status"] != "running"
+        })
+        .await;
+    assert_eq!(v["status"], "incomplete", "{v}");
+    assert_eq!(v["totals"]["failed"], 1, "{v}");
+    let failures = v["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{v}");
+    assert_eq!(failures[0]["source"], "secrets");
+    assert_eq!(failures[0]["row_id"], "bad");
+    assert!(
+        failures[0]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+    assert!(
+        failures[0]["next_retry_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert!(v["reasons"][0].as_str().unwrap().contains("bad"), "{v}");
+    assert!(v["next"].as_str().is_some(), "{v}");
+    // Retried, with growing delays.
+    let v = svc
+        .wait_rewrap(ACME, |v| v["failures"][0]["attempts"].as_u64() >= Some(3))
+        .await;
+    assert_eq!(v["status"], "incomplete", "{v}");
+    // The bad row goes away: the next retry finds nothing left to move.
+    db.lock()
+        .execute_batch("DELETE FROM secrets WHERE tenant = 'acme' AND name = 'bad';")
+        .unwrap();
+    let v = svc.wait_rewrap(ACME, |v| v["status"] == "completed").await;
+    assert_eq!(v["job_id"], lease.as_str());
+    assert_eq!(v["failures"], json!([]), "{v}");
+    for i in 0..5 {
+        assert_eq!(
+            svc.get_secret(ACME, &format!("a{i}")).await["key_version"],
+            2
+        );
+    }
+    svc.stop().await;
+}

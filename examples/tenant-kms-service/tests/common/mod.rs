@@ -153,6 +153,7 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
             batch_size,
             interval: Duration::from_millis(20),
             max_batches,
+            retry_base: Duration::from_millis(50),
         },
         step_up: StepUpConfig {
             totp_step: Duration::from_secs(TOTP_STEP_SECS),
