@@ -528,7 +528,12 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn resolve_row_failure(&self, tenant: &str, source: &str, row_id: &str) -> rusqlite::Result<()> {
+    pub fn resolve_row_failure(
+        &self,
+        tenant: &str,
+        source: &str,
+        row_id: &str,
+    ) -> rusqlite::Result<()> {
         self.lock().execute(
             "DELETE FROM rewrap_failures WHERE tenant = ?1 AND source = ?2 AND row_id = ?3",
             params![tenant, source, row_id],
