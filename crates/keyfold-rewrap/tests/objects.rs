@@ -79,10 +79,19 @@ async fn objects_and_header_only_rows_are_rewrapped_without_their_payload() {
     assert_eq!(report.totals.rewrapped, 4, "{:?}", report.failures);
     assert_eq!(report.totals.failed, 0);
 
+    assert!(job.completion().unwrap().evidence(1).is_some());
+
     // Version 1 is destroyed (cryptographic erasure): every object still
-    // decrypts under version 2.
-    let evidence = job.completion().unwrap().evidence(1).unwrap();
+    // decrypts under version 2. Evidence counts only when gathered after
+    // the disable: a second job checks again (every row is on version 2).
     ring.disable(1, &admin()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    let mut check = RewrapJob::builder(ring.clone(), sources(&table))
+        .clock(clock.clone())
+        .create()
+        .unwrap();
+    while check.next_batch().await.unwrap().is_some() {}
+    let evidence = check.completion().unwrap().evidence(1).unwrap();
     ring.destroy(1, DestroyAuthorization::Evidence(evidence), &admin())
         .await
         .unwrap();
