@@ -2,10 +2,12 @@
 //! [`RewrapJob`] over the shard's range, checkpoints after every batch.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::future::Shared;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::retry::RetryPolicy;
 use keyfold_rewrap::{Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowSource, Shard};
@@ -38,6 +40,28 @@ struct Claimed {
     range: IdRange,
     epoch: i64,
     checkpoint: Option<String>,
+}
+
+/// What a worker's lanes share.
+struct LaneState {
+    report: Mutex<WorkerReport>,
+    /// A lane failed: the others stop after their batch.
+    stop: AtomicBool,
+    /// Shards claimed (or about to be), for `max_shards`.
+    claimed: AtomicU64,
+}
+
+impl LaneState {
+    fn update(&self, f: impl FnOnce(&mut WorkerReport)) {
+        f(&mut self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    fn stopped<C: Future<Output = ()>>(&self, cancel: &Shared<C>) -> bool {
+        self.stop.load(Ordering::SeqCst) || cancel.clone().now_or_never().is_some()
+    }
 }
 
 /// How working a shard ended.
@@ -80,6 +104,7 @@ pub struct RewrapWorker {
     poll: Duration,
     retry: RetryPolicy,
     max_shards: Option<u64>,
+    lanes: usize,
 }
 
 impl std::fmt::Debug for RewrapWorker {
@@ -120,6 +145,7 @@ impl RewrapWorker {
             poll: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             max_shards: None,
+            lanes: 2,
         }
     }
 
@@ -146,6 +172,15 @@ impl RewrapWorker {
         self
     }
 
+    /// Shards this worker works at once (default 2, at least 1): while one
+    /// lane waits on the database, another moves rows, so one worker keeps
+    /// both its own CPU and the database busy.
+    #[must_use]
+    pub fn lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self
+    }
+
     /// Return after finishing this many shards (default: no limit), e.g. to
     /// recycle a process.
     #[must_use]
@@ -163,23 +198,57 @@ impl RewrapWorker {
     }
 
     /// Works shards until every shard of the job is done, or until `cancel`
-    /// completes: then, between two batches, the worker releases its shard
-    /// (its checkpoint saved) and returns.
+    /// completes: then, between two batches, the worker releases its shards
+    /// (their checkpoints saved) and returns.
     ///
     /// # Errors
     /// [`DistributedJobError::JobFailed`] when the job stopped for good
     /// (this worker recorded why when it was the one to find out);
     /// [`DistributedJobError::Job`] when a shard's batch failed otherwise
     /// (KMS unreachable, a source failing persistently: the shard is
-    /// released for another try); `UnknownSource`; the database's.
+    /// released for another try); `UnknownSource`; the database's. The
+    /// worker's other lanes then stop after their current batch.
     pub async fn run_until(
         &self,
         cancel: impl Future<Output = ()>,
     ) -> Result<WorkerReport, DistributedJobError> {
-        let cancel = cancel.fuse();
-        tokio::pin!(cancel);
-        let mut report = WorkerReport::default();
+        let cancel = cancel.shared();
+        let state = LaneState {
+            report: Mutex::new(WorkerReport::default()),
+            stop: AtomicBool::new(false),
+            claimed: AtomicU64::new(0),
+        };
+        let results =
+            futures::future::join_all((0..self.lanes).map(|_| self.lane(&cancel, &state))).await;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(state
+            .report
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// One lane: claims and works shards one after the other.
+    async fn lane<C: Future<Output = ()>>(
+        &self,
+        cancel: &Shared<C>,
+        state: &LaneState,
+    ) -> Result<(), DistributedJobError> {
+        let result = self.lane_inner(cancel, state).await;
+        if result.is_err() {
+            state.stop.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    async fn lane_inner<C: Future<Output = ()>>(
+        &self,
+        cancel: &Shared<C>,
+        state: &LaneState,
+    ) -> Result<(), DistributedJobError> {
         loop {
+            if state.stopped(cancel) {
+                return Ok(());
+            }
             let job = self.coordinator.job_row(&self.job_id).await?;
             if let Some(reason) = job.failed.clone() {
                 return Err(DistributedJobError::JobFailed {
@@ -193,28 +262,24 @@ impl RewrapWorker {
                     given: self.keyring.id().to_owned(),
                 });
             }
-            if cancel.as_mut().now_or_never().is_some()
-                || self.max_shards.is_some_and(|n| report.shards_finished >= n)
-            {
-                return Ok(report);
+            // Reserve a shard before claiming, so lanes never exceed it.
+            let reserved = state.claimed.fetch_add(1, Ordering::SeqCst);
+            if self.max_shards.is_some_and(|n| reserved >= n) {
+                return Ok(());
             }
             match self.claim(&job).await? {
-                Some(claimed) => {
-                    match self
-                        .work(&job, claimed, &mut report, cancel.as_mut())
-                        .await?
-                    {
-                        Flow::Finished => report.shards_finished += 1,
-                        Flow::Lost => report.shards_lost += 1,
-                        Flow::Cancelled => return Ok(report),
-                    }
-                }
+                Some(claimed) => match self.work(&job, claimed, state, cancel).await? {
+                    Flow::Finished => state.update(|r| r.shards_finished += 1),
+                    Flow::Lost => state.update(|r| r.shards_lost += 1),
+                    Flow::Cancelled => return Ok(()),
+                },
                 None => {
+                    state.claimed.fetch_sub(1, Ordering::SeqCst);
                     if self.remaining().await? == 0 {
-                        return Ok(report);
+                        return Ok(());
                     }
                     tokio::select! {
-                        () = cancel.as_mut() => return Ok(report),
+                        () = cancel.clone() => return Ok(()),
                         () = tokio::time::sleep(self.poll) => {}
                     }
                 }
@@ -274,12 +339,12 @@ impl RewrapWorker {
         .await
     }
 
-    async fn work(
+    async fn work<C: Future<Output = ()>>(
         &self,
         job: &JobRow,
         claimed: Claimed,
-        report: &mut WorkerReport,
-        mut cancel: std::pin::Pin<&mut futures::future::Fuse<impl Future<Output = ()>>>,
+        state: &LaneState,
+        cancel: &Shared<C>,
     ) -> Result<Flow, DistributedJobError> {
         let Some(base) = self.sources.iter().find(|t| t.name() == claimed.source) else {
             self.release(&claimed).await?;
@@ -321,7 +386,7 @@ impl RewrapWorker {
         };
         let mut read_saved = 0u64;
         loop {
-            if cancel.as_mut().now_or_never().is_some() {
+            if state.stopped(cancel) {
                 self.release(&claimed).await?;
                 return Ok(Flow::Cancelled);
             }
@@ -348,11 +413,13 @@ impl RewrapWorker {
             let read = table.rows_read();
             let delta = read.saturating_sub(read_saved);
             read_saved = read;
-            report.rows_read = report.rows_read.saturating_add(delta);
-            if let Some(b) = &batch {
-                report.batches += 1;
-                add(&mut report.counters, &b.counters);
-            }
+            state.update(|report| {
+                report.rows_read = report.rows_read.saturating_add(delta);
+                if let Some(b) = &batch {
+                    report.batches += 1;
+                    add(&mut report.counters, &b.counters);
+                }
+            });
             if !self
                 .save(job, &claimed, shard_job.checkpoint(), delta, completed)
                 .await?
