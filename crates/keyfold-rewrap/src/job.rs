@@ -12,7 +12,7 @@ use keyfold_core::time::{Clock, SystemClock, Timestamp};
 use keyfold_core::{Error as CoreError, MasterKey, StreamError, format, record, stream};
 
 use crate::checkpoint::{Checkpoint, Counters, Mode, Shard, SourceCheckpoint};
-use crate::source::{CasOutcome, Row, RowSource, SourceError};
+use crate::source::{CasOutcome, CasWrite, Row, RowSource, SourceError};
 
 /// Default rows per batch, split evenly across the sources.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -23,6 +23,12 @@ pub const DEFAULT_PACE: Duration = Duration::from_secs(5);
 const CHECKPOINT_SCHEMA: u32 = 1;
 /// Re-reads of a row after compare-and-swap misses before giving up on it.
 const MAX_CONFLICT_RETRIES: u32 = 3;
+
+/// Counter: rows a rewrap job handled, by `outcome` (`rewrapped`,
+/// `skipped`, `conflict`, `failed`); docs/OBSERVABILITY.md.
+pub const REWRAP_ROWS: &str = "keyfold_rewrap_rows_total";
+/// Counter: rewrap batches, by `outcome` (`ok`, `error`).
+pub const REWRAP_BATCHES: &str = "keyfold_rewrap_batches_total";
 
 /// The job stopped and writes nothing more.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +137,16 @@ pub struct BatchReport {
     pub estimated_remaining: Option<u64>,
     /// The job is finished.
     pub completed: bool,
+}
+
+/// An item of [`RewrapJob::into_stream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobProgress {
+    /// A batch ran.
+    Batch(BatchReport),
+    /// The job is finished: the last item of the stream.
+    Completed(CompletionReport),
 }
 
 /// The outcome of a finished job.
@@ -342,6 +358,16 @@ fn random_id() -> Result<String, CoreError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A row's first pass, before the batch write.
+enum Prepared {
+    /// Outside the job's shard (read, not counted).
+    NotOwned,
+    Skip,
+    Write(Vec<u8>),
+    Failed(String),
+    Abort(CoreError),
+}
+
 enum RowOutcome {
     Rewrapped,
     Skipped,
@@ -349,6 +375,9 @@ enum RowOutcome {
     Failed(String),
     /// Stop the batch: the row is untouched and not counted.
     Abort(CoreError),
+    /// Stop the job before this row's write: the target can no longer
+    /// take records. The row is untouched and not counted.
+    Stop(JobError),
 }
 
 impl RewrapJob {
@@ -396,6 +425,41 @@ impl RewrapJob {
     /// # Errors
     /// [`JobError`]; the job then writes nothing more.
     pub async fn next_batch(&mut self) -> Result<Option<BatchReport>, JobError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "keyfold.rewrap.batch",
+            job_id = %self.checkpoint.job_id,
+            keyring_id = %self.checkpoint.keyring_id,
+            target_version = self.checkpoint.target_version,
+            rows = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = self.next_batch_untraced().instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(Some(report)) => {
+                let c = &report.counters;
+                span.record("rows", c.seen);
+                for (label, n) in [
+                    ("rewrapped", c.rewrapped),
+                    ("skipped", c.skipped),
+                    ("conflict", c.conflicts),
+                    ("failed", c.failed),
+                ] {
+                    metrics::counter!(REWRAP_ROWS, "outcome" => label).increment(n);
+                }
+                "ok"
+            }
+            Ok(None) => "done",
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        if outcome != "done" {
+            metrics::counter!(REWRAP_BATCHES, "outcome" => outcome).increment(1);
+        }
+        result
+    }
+
+    async fn next_batch_untraced(&mut self) -> Result<Option<BatchReport>, JobError> {
         if self.checkpoint.completed {
             return Ok(None);
         }
@@ -492,14 +556,41 @@ impl RewrapJob {
         }
     }
 
-    /// The job as a stream of batch reports, ending when it is finished or
-    /// after the first error.
-    pub fn into_stream(self) -> impl Stream<Item = Result<BatchReport, JobError>> {
+    /// The job as a stream: a [`JobProgress::Batch`] per batch (persist
+    /// its checkpoint), then, once the job is finished, one
+    /// [`JobProgress::Completed`] with the completion report (the evidence
+    /// for destroying the old versions), and the stream ends. After an
+    /// error it ends too.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use futures::StreamExt;
+    /// # use keyfold_rewrap::{JobProgress, RewrapJob, RowSource};
+    /// # async fn run(keyring: Arc<keyfold_core::Keyring>, sources: Vec<Arc<dyn RowSource>>)
+    /// # -> Result<(), Box<dyn std::error::Error>> {
+    /// let job = RewrapJob::builder(keyring, sources).create()?;
+    /// let mut progress = std::pin::pin!(job.into_stream());
+    /// while let Some(item) = progress.next().await {
+    ///     match item? {
+    ///         JobProgress::Batch(report) => println!("batch {}: {:?}", report.batch, report.counters),
+    ///         JobProgress::Completed(done) => {
+    ///             let evidence = done.evidence(1); // Some(..) when version 1 may go
+    ///             println!("done: {:?}", evidence.is_some());
+    ///         }
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn into_stream(self) -> impl Stream<Item = Result<JobProgress, JobError>> {
         futures::stream::unfold(Some(self), |job| async move {
             let mut job = job?;
             match job.next_batch().await {
-                Ok(Some(report)) => Some((Ok(report), Some(job))),
-                Ok(None) => None,
+                Ok(Some(report)) => Some((Ok(JobProgress::Batch(report)), Some(job))),
+                // Finished (by the last batch, or before this stream began).
+                Ok(None) => job
+                    .completion()
+                    .map(|done| (Ok(JobProgress::Completed(done)), None)),
                 Err(e) => Some((Err(e), None)),
             }
         })
@@ -518,8 +609,50 @@ impl RewrapJob {
     /// Reloads the keyring (another instance may have changed it) and
     /// refuses to go on if the target can no longer take records.
     async fn check_target(&self) -> Result<Arc<MasterKey>, JobError> {
-        let target = self.checkpoint.target_version;
         self.keyring.refresh().await.map_err(JobError::Keyring)?;
+        self.target_usable()?;
+        // The keyring retries transient KMS errors itself (and seals when
+        // they persist); nothing to add here.
+        self.keyring
+            .master_key(self.checkpoint.target_version)
+            .await
+            .map_err(|e| self.target_error(e))
+    }
+
+    /// Before each write (docs/LIFECYCLE.md, "Pinned target"): the target
+    /// may have been disabled, destroyed or rolled back by another instance
+    /// since the batch began, and the key the job holds would still rewrap
+    /// and verify. Judged on this instance's view, in memory: the key
+    /// lookup reloads the view only when a store change notification
+    /// arrived (or the view is older than max staleness and the target's
+    /// key left the cache), never once per row.
+    async fn recheck_target(&self) -> Result<(), JobError> {
+        self.keyring
+            .master_key(self.checkpoint.target_version)
+            .await
+            .map_err(|e| self.target_error(e))?;
+        self.target_usable()
+    }
+
+    /// A keyring error about the target as the job reports it.
+    fn target_error(&self, e: CoreError) -> JobError {
+        let target = self.checkpoint.target_version;
+        match e {
+            CoreError::KeyState { version, state } if version == target => {
+                JobError::TargetUnusable { target, state }
+            }
+            CoreError::KeyDestroyed { version } if version == target => JobError::TargetUnusable {
+                target,
+                state: KeyState::Destroyed,
+            },
+            e => JobError::Keyring(e),
+        }
+    }
+
+    /// The target on this instance's current view (no I/O): usable, and
+    /// not newer than the active version.
+    fn target_usable(&self) -> Result<(), JobError> {
+        let target = self.checkpoint.target_version;
         match self.keyring.version_state(target) {
             Some(state @ (KeyState::Disabled | KeyState::Destroyed)) => {
                 return Err(JobError::TargetUnusable { target, state });
@@ -535,12 +668,7 @@ impl RewrapJob {
         if active.is_none_or(|a| a < target) {
             return Err(JobError::TargetRolledBack { target, active });
         }
-        // The keyring retries transient KMS errors itself (and seals when
-        // they persist); nothing to add here.
-        self.keyring
-            .master_key(target)
-            .await
-            .map_err(JobError::Keyring)
+        Ok(())
     }
 
     /// Retries a transient store error with the job's backoff and jitter.
@@ -564,7 +692,11 @@ impl RewrapJob {
         }
     }
 
-    /// Fetches up to `quota` rows from source `i` and processes them.
+    /// Fetches up to `quota` rows from source `i` and processes them: every
+    /// row is moved in memory first, then all of them are written with one
+    /// [`RowSource::compare_and_swap_many`] (a source that implements it as
+    /// one statement makes a batch cost two round trips). Rows that lost a
+    /// race are re-read and retried one by one.
     /// Returns how many rows the source returned.
     async fn process_source(
         &mut self,
@@ -590,19 +722,110 @@ impl RewrapJob {
                 error,
             })?;
         let fetched = rows.len();
-        let mut counters = Counters::default();
-        let mut last_cursor = None;
         let mut aborted = None;
+        // Each row owned by the shard with its first outcome, in cursor
+        // order; rows to write hold the new ciphertext until the batch write.
+        let mut outcomes: Vec<(Row, Prepared)> = Vec::with_capacity(rows.len());
+        // Cursor of the last row before any row this shard owns is done.
+        let mut skipped_cursor = None;
         for row in rows {
             if !self.checkpoint.shard.owns(&row.id) {
-                last_cursor = Some(row.cursor.clone());
+                if outcomes.is_empty() {
+                    skipped_cursor = Some(row.cursor.clone());
+                } else {
+                    // Not ours: passes as skipped-over, without counting.
+                    outcomes.push((row, Prepared::NotOwned));
+                }
                 continue;
             }
-            let cursor = row.cursor.clone();
-            match self
-                .process_row(&*source, row.clone(), target_key, &mut counters)
+            match self.prepare_row(&row, target_key).await {
+                Prepared::Abort(error) => {
+                    aborted = Some(JobError::Keyring(error));
+                    break;
+                }
+                prepared => outcomes.push((row, prepared)),
+            }
+        }
+
+        if outcomes
+            .iter()
+            .any(|(_, p)| matches!(p, Prepared::Write(_)))
+        {
+            // Nothing of this source's batch is recorded: a new job sees
+            // these rows again.
+            self.recheck_target().await?;
+        }
+        let writes: Vec<CasWrite<'_>> = outcomes
+            .iter()
+            .filter_map(|(row, p)| match p {
+                Prepared::Write(new) => Some(CasWrite {
+                    id: &row.id,
+                    expected: &row.ciphertext,
+                    new,
+                }),
+                _ => None,
+            })
+            .collect();
+        let written = if writes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.source_retry(|| source.compare_and_swap_many(&writes))
                 .await
-            {
+                .and_then(|out| {
+                    if out.len() == writes.len() {
+                        Ok(out)
+                    } else {
+                        Err(SourceError::permanent(format!(
+                            "compare_and_swap_many answered {} outcomes for {} writes",
+                            out.len(),
+                            writes.len()
+                        )))
+                    }
+                })
+        };
+        drop(writes);
+        let mut written = written.map(Vec::into_iter);
+
+        let mut counters = Counters::default();
+        let mut last_cursor = skipped_cursor;
+        for (row, prepared) in outcomes {
+            let cursor = row.cursor.clone();
+            let outcome = match prepared {
+                Prepared::NotOwned => {
+                    last_cursor = Some(cursor);
+                    continue;
+                }
+                Prepared::Skip => RowOutcome::Skipped,
+                Prepared::Failed(error) => RowOutcome::Failed(error),
+                Prepared::Abort(error) => RowOutcome::Abort(error),
+                Prepared::Write(_) => match &mut written {
+                    Ok(out) => match out.next() {
+                        Some(CasOutcome::Swapped) => RowOutcome::Rewrapped,
+                        Some(CasOutcome::Conflict) | None => {
+                            counters.conflicts += 1;
+                            match self.source_retry(|| source.get(&row.id)).await {
+                                Ok(Some(current)) => {
+                                    self.process_row(
+                                        &*source,
+                                        current,
+                                        target_key,
+                                        &mut counters,
+                                        MAX_CONFLICT_RETRIES,
+                                    )
+                                    .await
+                                }
+                                // Deleted meanwhile: nothing left on an old version.
+                                Ok(None) => RowOutcome::Skipped,
+                                Err(e) => {
+                                    RowOutcome::Failed(format!("re-read after conflict: {e}"))
+                                }
+                            }
+                        }
+                    },
+                    Err(e) => RowOutcome::Failed(format!("write: {e}")),
+                },
+            };
+            match outcome {
                 RowOutcome::Rewrapped => counters.rewrapped += 1,
                 RowOutcome::Skipped => counters.skipped += 1,
                 RowOutcome::Unresolved => counters.unresolved += 1,
@@ -615,6 +838,12 @@ impl RewrapJob {
                     });
                 }
                 RowOutcome::Abort(error) => {
+                    // Rows after this one that were already written are
+                    // seen again (on the target) by the next batch.
+                    aborted = Some(JobError::Keyring(error));
+                    break;
+                }
+                RowOutcome::Stop(error) => {
                     aborted = Some(error);
                     break;
                 }
@@ -637,37 +866,52 @@ impl RewrapJob {
         match aborted {
             // Rows before this one are recorded; it and the rest are
             // fetched again by the next batch.
-            Some(error) => Err(JobError::Keyring(error)),
+            Some(error) => Err(error),
             None => Ok(fetched),
         }
     }
 
+    /// What to do with one row: skip it, or write the returned ciphertext.
+    async fn prepare_row(&self, row: &Row, target_key: &Arc<MasterKey>) -> Prepared {
+        // A record, a stream object, or only the header of either.
+        let info = match format::inspect_header(&row.ciphertext) {
+            Ok(info) => info,
+            Err(e) => {
+                return Prepared::Failed(format!("not a keyfold record or stream: {e}"));
+            }
+        };
+        if info.key_version >= self.checkpoint.target_version {
+            return Prepared::Skip;
+        }
+        match self.move_record(row, info, target_key).await {
+            Ok(new) => Prepared::Write(new),
+            // The KMS is out of reach: every row would fail the same
+            // way. Stop without moving the cursor past this row.
+            Err(e @ CoreError::Sealed { .. }) => Prepared::Abort(e),
+            Err(e) => Prepared::Failed(e.to_string()),
+        }
+    }
+
+    /// Moves one row that lost a race, one compare-and-swap at a time, with
+    /// up to `attempts` tries.
     async fn process_row(
         &self,
         source: &dyn RowSource,
         mut row: Row,
         target_key: &Arc<MasterKey>,
         counters: &mut Counters,
+        attempts: u32,
     ) -> RowOutcome {
-        let target = self.checkpoint.target_version;
-        for _ in 0..=MAX_CONFLICT_RETRIES {
-            // A record, a stream object, or only the header of either.
-            let info = match format::inspect_header(&row.ciphertext) {
-                Ok(info) => info,
-                Err(e) => {
-                    return RowOutcome::Failed(format!("not a keyfold record or stream: {e}"));
-                }
+        for _ in 0..attempts {
+            let new = match self.prepare_row(&row, target_key).await {
+                Prepared::Write(new) => new,
+                Prepared::Skip | Prepared::NotOwned => return RowOutcome::Skipped,
+                Prepared::Failed(e) => return RowOutcome::Failed(e),
+                Prepared::Abort(e) => return RowOutcome::Abort(e),
             };
-            if info.key_version >= target {
-                return RowOutcome::Skipped;
+            if let Err(e) = self.recheck_target().await {
+                return RowOutcome::Stop(e);
             }
-            let new = match self.move_record(&row, info, target_key).await {
-                Ok(new) => new,
-                // The KMS is out of reach: every row would fail the same
-                // way. Stop without moving the cursor past this row.
-                Err(e @ CoreError::Sealed { .. }) => return RowOutcome::Abort(e),
-                Err(e) => return RowOutcome::Failed(e.to_string()),
-            };
             match self
                 .source_retry(|| source.compare_and_swap(&row.id, &row.ciphertext, &new))
                 .await

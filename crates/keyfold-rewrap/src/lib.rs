@@ -7,6 +7,8 @@ pub mod lazy;
 pub mod source;
 
 pub use checkpoint::{Checkpoint, Counters, Mode, Shard, SourceCheckpoint};
-pub use job::{BatchReport, CompletionReport, JobError, JobOptions, RewrapJob, RowFailure};
+pub use job::{
+    BatchReport, CompletionReport, JobError, JobOptions, JobProgress, RewrapJob, RowFailure,
+};
 pub use lazy::{LazyRead, decrypt_and_upgrade};
 pub use source::{CasOutcome, CasWrite, Row, RowSource, SourceError};
