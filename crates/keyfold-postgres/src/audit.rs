@@ -239,20 +239,33 @@ pub struct PgAuditSink {
 }
 
 struct Inner {
-    pool: PgPool,
+    tables: Arc<Tables>,
     prefix: TablePrefix,
+    /// The writer task's queue, once started. Dropping it (with the sink)
+    /// lets the writer finish what is queued and end.
+    queue: Mutex<Option<mpsc::UnboundedSender<Msg>>>,
+    /// Shared with the writer task.
+    failed: Arc<Mutex<Failed>>,
+}
+
+/// What an append needs.
+struct Tables {
+    pool: PgPool,
+    /// `<prefix>audit`, quoted.
     audit: String,
+    /// `<prefix>audit_head`, quoted.
     head: String,
-    state: Mutex<QueueState>,
 }
 
 #[derive(Default)]
-struct QueueState {
-    /// The writer task's queue, once started.
-    queue: Option<mpsc::UnboundedSender<Msg>>,
+struct Failed {
     /// Events the writer gave up on, oldest first.
     unwritten: VecDeque<AuditEvent>,
     last_error: Option<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Msg {
@@ -273,19 +286,11 @@ const RETRIES: [Duration; 3] = [
 impl fmt::Debug for PgAuditSink {
     // The pool's connect options hold the database password: never shown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.inner.lock();
+        let unwritten = lock(&self.inner.failed).unwritten.len();
         f.debug_struct("PgAuditSink")
             .field("table", &self.inner.prefix.name("audit"))
-            .field("unwritten", &state.unwritten.len())
+            .field("unwritten", &unwritten)
             .finish_non_exhaustive()
-    }
-}
-
-impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -295,11 +300,14 @@ impl PgAuditSink {
     pub fn new(pool: PgPool, prefix: TablePrefix) -> Self {
         PgAuditSink {
             inner: Arc::new(Inner {
-                audit: prefix.table("audit"),
-                head: prefix.table("audit_head"),
-                pool,
+                tables: Arc::new(Tables {
+                    audit: prefix.table("audit"),
+                    head: prefix.table("audit_head"),
+                    pool,
+                }),
                 prefix,
-                state: Mutex::new(QueueState::default()),
+                queue: Mutex::new(None),
+                failed: Arc::default(),
             }),
         }
     }
@@ -318,7 +326,7 @@ impl PgAuditSink {
     /// # Errors
     /// [`PgAuditError`] when they were not written.
     pub async fn append_all(&self, events: &[AuditEvent]) -> Result<ChainHead, PgAuditError> {
-        append_all(&self.inner, events).await
+        append_all(&self.inner.tables, events).await
     }
 
     /// Waits until every event given to [`AuditSink::record`] so far has
@@ -328,7 +336,7 @@ impl PgAuditSink {
     /// [`PgAuditError::Unwritten`] while events the writer gave up on wait in
     /// [`take_unwritten`](Self::take_unwritten).
     pub async fn flush(&self) -> Result<(), PgAuditError> {
-        let queue = self.inner.lock().queue.clone();
+        let queue = lock(&self.inner.queue).clone();
         if let Some(queue) = queue {
             let (tx, rx) = oneshot::channel();
             if queue.send(Msg::Flush(tx)).is_ok() {
@@ -336,7 +344,7 @@ impl PgAuditSink {
                 let _ = rx.await;
             }
         }
-        let state = self.inner.lock();
+        let state = lock(&self.inner.failed);
         if state.unwritten.is_empty() {
             Ok(())
         } else {
@@ -350,7 +358,7 @@ impl PgAuditSink {
     /// Removes and returns the recorded events the writer gave up on,
     /// oldest first (append them again with [`append_all`](Self::append_all)).
     pub fn take_unwritten(&self) -> Vec<AuditEvent> {
-        let mut state = self.inner.lock();
+        let mut state = lock(&self.inner.failed);
         state.last_error = None;
         state.unwritten.drain(..).collect()
     }
@@ -360,8 +368,8 @@ impl PgAuditSink {
     /// # Errors
     /// [`PgAuditError`] when the database fails or the head is invalid.
     pub async fn head(&self) -> Result<ChainHead, PgAuditError> {
-        let mut conn = self.inner.pool.acquire().await?;
-        read_head(&mut conn, &self.inner.head, false).await
+        let mut conn = self.inner.tables.pool.acquire().await?;
+        read_head(&mut conn, &self.inner.tables.head, false).await
     }
 
     /// Checks the whole chain, in row order, in one consistent snapshot.
@@ -390,7 +398,7 @@ impl PgAuditSink {
         &self,
         anchor: Option<&ChainHead>,
     ) -> Result<ChainVerification, PgAuditError> {
-        let inner = &self.inner;
+        let inner = &self.inner.tables;
         let mut tx = inner.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
@@ -480,8 +488,8 @@ impl PgAuditSink {
 
     /// Queues `event` for the writer task, starting it if needed.
     fn enqueue(&self, event: AuditEvent) {
-        let mut state = self.inner.lock();
-        let event = match &state.queue {
+        let mut queue = lock(&self.inner.queue);
+        let event = match queue.as_ref() {
             Some(queue) => match queue.send(Msg::Event(event)) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(Msg::Event(event))) => event,
@@ -490,15 +498,20 @@ impl PgAuditSink {
             None => event,
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            state.unwritten.push_back(event);
-            state.last_error = Some("recorded outside a tokio runtime".to_owned());
+            let mut failed = lock(&self.inner.failed);
+            failed.unwritten.push_back(event);
+            failed.last_error = Some("recorded outside a tokio runtime".to_owned());
             return;
         };
         let (tx, rx) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive.
         let _ = tx.send(Msg::Event(event));
-        state.queue = Some(tx);
-        runtime.spawn(write_queue(Arc::downgrade(&self.inner), rx));
+        *queue = Some(tx);
+        runtime.spawn(write_queue(
+            self.inner.tables.clone(),
+            self.inner.failed.clone(),
+            rx,
+        ));
     }
 }
 
@@ -510,9 +523,13 @@ impl AuditSink for PgAuditSink {
     }
 }
 
-/// The writer task: appends queued events in order, in batches, until the
-/// sink is dropped.
-async fn write_queue(sink: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+/// The writer task: appends queued events in order, in batches; once the
+/// sink is dropped it writes what is still queued, then ends.
+async fn write_queue(
+    tables: Arc<Tables>,
+    failed: Arc<Mutex<Failed>>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+) {
     let mut batch = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -531,25 +548,23 @@ async fn write_queue(sink: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiv
             }
             next = rx.try_recv().ok();
         }
-        let Some(inner) = sink.upgrade() else { return };
         if !batch.is_empty() {
-            let mut result = append_all(&inner, &batch).await;
+            let mut result = append_all(&tables, &batch).await;
             for delay in RETRIES {
                 if result.is_ok() {
                     break;
                 }
                 tokio::time::sleep(delay).await;
-                result = append_all(&inner, &batch).await;
+                result = append_all(&tables, &batch).await;
             }
             if let Err(e) = result {
                 tracing::error!(error = %e, events = batch.len(), "audit events not written; kept for PgAuditSink::take_unwritten");
-                let mut state = inner.lock();
+                let mut state = lock(&failed);
                 state.unwritten.extend(batch.drain(..));
                 state.last_error = Some(e.to_string());
             }
             batch.clear();
         }
-        drop(inner);
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
@@ -608,7 +623,7 @@ async fn read_head(
     })
 }
 
-async fn append_all(inner: &Inner, events: &[AuditEvent]) -> Result<ChainHead, PgAuditError> {
+async fn append_all(inner: &Tables, events: &[AuditEvent]) -> Result<ChainHead, PgAuditError> {
     let contents = events
         .iter()
         .map(serde_json::to_vec)

@@ -424,3 +424,35 @@ async fn debug_never_shows_the_database_password() {
     assert!(!shown.contains(secret), "{shown}");
     assert!(shown.contains("keyfold_audit"), "{shown}");
 }
+
+#[tokio::test]
+async fn events_recorded_just_before_the_sink_is_dropped_are_still_written() {
+    let db = TestDb::new().await;
+    let (pool, sink) = sink_on(&db).await;
+    for n in 0..20 {
+        sink.record(event(n));
+    }
+    drop(sink);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let written = actors(&pool).await;
+        if written.len() == 20 {
+            let expected: Vec<String> = (0..20).map(|n| event(n).actor.0).collect();
+            assert_eq!(written, expected);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 20 events written",
+            written.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let sink = PgAuditSink::new(pool, TablePrefix::default());
+    assert!(matches!(
+        sink.verify().await.unwrap(),
+        ChainVerification::Intact {
+            head: ChainHead { seq: 20, .. }
+        }
+    ));
+}
