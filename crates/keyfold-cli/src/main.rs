@@ -11,6 +11,8 @@ mod kek;
 mod keyring;
 mod probe;
 mod rewrap;
+#[cfg(feature = "postgres")]
+mod rewrap_pg;
 mod sqlite;
 mod ui;
 
@@ -70,7 +72,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .await
             }
             Command::Rewrap(RewrapCommand::Status { job, evidence_for }) => {
-                rewrap::status(&job, evidence_for, &globals)
+                rewrap::status(&job, evidence_for, &globals).await
             }
             Command::Kek(_) | Command::Inspect { .. } => Ok(()),
         }

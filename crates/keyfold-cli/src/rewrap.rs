@@ -28,22 +28,29 @@ pub(crate) const JOB_TABLE: &str = "keyfold_rewrap_jobs";
 /// A job spec file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JobSpec {
-    /// `sqlite://PATH` (relative to the spec file).
+pub(crate) struct JobSpec {
+    /// `sqlite://PATH` (relative to the spec file) or `postgres://…`.
     database: String,
     /// The keyring whose records the tables hold.
-    keyring: String,
+    pub(crate) keyring: String,
     /// Every table with records of that keyring: evidence for a destroy is
     /// only as complete as this list.
-    tables: Vec<TableSpec>,
+    pub(crate) tables: Vec<TableSpec>,
     #[serde(default)]
-    batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     #[serde(default)]
-    mode: Option<Mode>,
+    pub(crate) mode: Option<Mode>,
+}
+
+/// Where a job spec's tables live.
+enum Database {
+    Sqlite(PathBuf),
+    #[cfg(feature = "postgres")]
+    Postgres(String),
 }
 
 impl JobSpec {
-    fn load(path: &Path) -> Result<(JobSpec, PathBuf), CliError> {
+    fn load(path: &Path) -> Result<(JobSpec, Database), CliError> {
         let bad = |m: String| CliError::usage(format!("job spec {}: {m}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let spec: JobSpec = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
@@ -52,17 +59,23 @@ impl JobSpec {
                 "no tables: list every table holding the keyring's records".into(),
             ));
         }
+        #[cfg(feature = "postgres")]
+        if spec.database.starts_with("postgres://") || spec.database.starts_with("postgresql://") {
+            let url = spec.database.clone();
+            return Ok((spec, Database::Postgres(url)));
+        }
         let db = match spec.database.strip_prefix("sqlite://") {
             Some(p) if !p.is_empty() => {
                 let p = Path::new(p);
-                match path.parent() {
+                Database::Sqlite(match path.parent() {
                     Some(dir) if p.is_relative() => dir.join(p),
                     _ => p.to_path_buf(),
-                }
+                })
             }
             _ => {
                 return Err(bad(format!(
-                    "database {:?}: use sqlite://PATH (PostgreSQL tables are not supported by this build yet)",
+                    "database {:?}: use sqlite://PATH or postgres://… (the latter with the \
+                     `postgres` feature)",
                     redact_url(&spec.database)
                 )));
             }
@@ -144,7 +157,7 @@ fn save_checkpoint(conn: &Mutex<Connection>, cp: &Checkpoint) -> Result<(), CliE
     Ok(())
 }
 
-fn job_error(e: JobError) -> CliError {
+pub(crate) fn job_error(e: JobError) -> CliError {
     let kind = match &e {
         JobError::TargetUnusable { .. }
         | JobError::TargetRolledBack { .. }
@@ -160,7 +173,7 @@ fn job_error(e: JobError) -> CliError {
     CliError::new(kind, format!("{e}{hint}"))
 }
 
-fn counters_json(c: &keyfold_rewrap::Counters) -> serde_json::Value {
+pub(crate) fn counters_json(c: &keyfold_rewrap::Counters) -> serde_json::Value {
     json!({"seen": c.seen, "rewrapped": c.rewrapped, "skipped": c.skipped,
            "conflicts": c.conflicts, "failed": c.failed, "unresolved": c.unresolved})
 }
@@ -263,6 +276,20 @@ pub(crate) async fn run(
     g: &Globals,
 ) -> Result<(), CliError> {
     let (spec, db) = JobSpec::load(job_path)?;
+    #[cfg_attr(
+        not(feature = "postgres"),
+        allow(
+            clippy::infallible_destructuring_match,
+            reason = "one variant without the postgres feature"
+        )
+    )]
+    let db = match db {
+        Database::Sqlite(db) => db,
+        #[cfg(feature = "postgres")]
+        Database::Postgres(url) => {
+            return crate::rewrap_pg::run(&spec, &url, restart, batch_size, g).await;
+        }
+    };
     let actor = g.actor()?;
     let audit = g.audit()?;
     let conn = Arc::new(Mutex::new(open_db(&db, false)?));
@@ -421,24 +448,38 @@ pub(crate) async fn run(
 }
 
 #[cfg(unix)]
-fn interrupt_signal() -> Result<tokio::signal::unix::Signal, CliError> {
+pub(crate) fn interrupt_signal() -> Result<tokio::signal::unix::Signal, CliError> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| CliError::failure(format!("cannot handle Ctrl-C: {e}")))
 }
 
 #[cfg(not(unix))]
-fn interrupt_signal() -> Result<tokio::signal::windows::CtrlC, CliError> {
+pub(crate) fn interrupt_signal() -> Result<tokio::signal::windows::CtrlC, CliError> {
     tokio::signal::windows::ctrl_c()
         .map_err(|e| CliError::failure(format!("cannot handle Ctrl-C: {e}")))
 }
 
 /// `keyfold rewrap status`.
-pub(crate) fn status(
+pub(crate) async fn status(
     job_path: &Path,
     evidence_for: Option<u32>,
     g: &Globals,
 ) -> Result<(), CliError> {
     let (spec, db) = JobSpec::load(job_path)?;
+    #[cfg_attr(
+        not(feature = "postgres"),
+        allow(
+            clippy::infallible_destructuring_match,
+            reason = "one variant without the postgres feature"
+        )
+    )]
+    let db = match db {
+        Database::Sqlite(db) => db,
+        #[cfg(feature = "postgres")]
+        Database::Postgres(url) => {
+            return crate::rewrap_pg::status(&spec, &url, evidence_for, g).await;
+        }
+    };
     let conn = open_db(&db, true)?;
     let cp = latest_job(&conn, &spec.keyring)?.ok_or_else(|| {
         CliError::new(
@@ -460,38 +501,17 @@ pub(crate) fn status(
             totals,
             started_at: cp.started_at,
         };
-        let why_not = if !cp.completed {
-            Some("the job has not finished".to_owned())
-        } else if !report.is_clean() {
-            Some(format!(
-                "the job left {} failed and {} unresolved rows",
-                totals.failed, totals.unresolved
-            ))
-        } else if version >= cp.target_version {
-            Some(format!(
-                "the job moved records onto version {}",
-                cp.target_version
-            ))
-        } else {
-            None
-        };
-        let evidence = match (why_not, report.evidence(version)) {
-            (None, Some(e)) => e,
-            (why, _) => {
-                return Err(CliError::new(
+        let evidence =
+            evidence_refusal(cp.completed.then_some(&report), version).map_err(|why| {
+                CliError::new(
                     Kind::Lifecycle,
                     format!(
-                        "job {} is no evidence that version {version} has no records: {}",
-                        cp.job_id,
-                        why.unwrap_or_else(|| "it does not cover every row".to_owned())
+                        "job {} is no evidence that version {version} has no records: {why}",
+                        cp.job_id
                     ),
-                ));
-            }
-        };
-        let json = serde_json::to_value(&evidence).map_err(|e| CliError::failure(e.to_string()))?;
-        // The evidence is meant for a file: JSON in both modes.
-        g.output.emit(&format!("{json}\n"), &json);
-        return Ok(());
+                )
+            })?;
+        return emit_evidence(&evidence, g);
     }
     let per_table: Vec<serde_json::Value> = cp
         .sources
@@ -541,4 +561,39 @@ pub(crate) fn status(
                 "tables": per_table}),
     );
     Ok(())
+}
+
+/// Prints destroy evidence: JSON in both modes (it is meant for a file).
+pub(crate) fn emit_evidence(
+    evidence: &keyfold_core::keyring::NoRecordsLeft,
+    g: &Globals,
+) -> Result<(), CliError> {
+    let json = serde_json::to_value(evidence).map_err(|e| CliError::failure(e.to_string()))?;
+    g.output.emit(&format!("{json}\n"), &json);
+    Ok(())
+}
+
+/// Why a finished job is no evidence for `version`, if it is not.
+pub(crate) fn evidence_refusal(
+    report: Option<&CompletionReport>,
+    version: u32,
+) -> Result<keyfold_core::keyring::NoRecordsLeft, String> {
+    let Some(report) = report else {
+        return Err("the job has not finished".to_owned());
+    };
+    if !report.is_clean() {
+        return Err(format!(
+            "the job left {} failed and {} unresolved rows",
+            report.totals.failed, report.totals.unresolved
+        ));
+    }
+    if version >= report.target_version {
+        return Err(format!(
+            "the job moved records onto version {}",
+            report.target_version
+        ));
+    }
+    report
+        .evidence(version)
+        .ok_or_else(|| "it does not cover every row".to_owned())
 }

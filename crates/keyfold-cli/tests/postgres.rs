@@ -116,3 +116,157 @@ fn an_unreachable_postgres_store_fails_without_printing_its_password() {
     assert!(err.contains("cannot connect"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+fn context(table: &str, id: &str) -> keyfold_core::EncryptionContext {
+    keyfold_core::EncryptionContext::new()
+        .with("tenant", "acme")
+        .with("table", table)
+        .with("row", id)
+}
+
+#[tokio::test]
+async fn rewrap_run_and_status_on_postgres_tables() {
+    let s = Setup::new();
+    let url = fresh_database().await;
+    s.with_config()
+        .args(["keyring", "create", "acme"])
+        .assert()
+        .success();
+    let ring = s.open("acme").await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE secrets (id text PRIMARY KEY, tenant text NOT NULL, ciphertext bytea NOT NULL);
+         CREATE TABLE tokens (id bigint PRIMARY KEY, tenant text NOT NULL, body bytea);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for i in 0..40i64 {
+        let id = format!("s{i:03}");
+        let ct = ring
+            .encrypt(&context("secrets", &id), id.as_bytes())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO secrets VALUES ($1, 'acme', $2)")
+            .bind(&id)
+            .bind(ct)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let n = i * 13 + 1;
+        let ct = ring
+            .encrypt(&context("tokens", &n.to_string()), n.to_string().as_bytes())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO tokens VALUES ($1, 'acme', $2)")
+            .bind(n)
+            .bind(ct)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let table = |name: &str, ct: &str| {
+        serde_json::json!({"name": name, "id_column": "id", "ciphertext_column": ct,
+            "context": {"tenant": {"column": "tenant"}, "table": {"value": name}, "row": {"column": "id"}}})
+    };
+    let spec = serde_json::json!({"database": url, "keyring": "acme", "batch_size": 7,
+        "tables": [table("secrets", "ciphertext"), table("tokens", "body")]});
+    std::fs::write(s.path("pgjob.json"), spec.to_string()).unwrap();
+    s.with_config()
+        .args(["rewrap", "status", "--job", "pgjob.json"])
+        .assert()
+        .code(5);
+    s.with_config()
+        .args(["keyring", "rotate", "acme"])
+        .assert()
+        .success();
+
+    let out = s
+        .with_config()
+        .args(["--json", "rewrap", "run", "--job", "pgjob.json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["completed"], true, "{text}");
+    assert_eq!(summary["totals"]["rewrapped"], 80, "{text}");
+    assert!(
+        !text.contains("postgres://postgres@"),
+        "no URL in the output: {text}"
+    );
+
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, ciphertext FROM secrets UNION ALL SELECT id::text, body FROM tokens",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 80);
+    let ring = s.open("acme").await;
+    for (id, ct) in rows {
+        assert_eq!(keyfold_core::format::inspect(&ct).unwrap().key_version, 2);
+        let table = if id.starts_with('s') {
+            "secrets"
+        } else {
+            "tokens"
+        };
+        assert_eq!(
+            ring.decrypt(&context(table, &id), &ct).await.unwrap(),
+            id.as_bytes()
+        );
+    }
+
+    let out = s
+        .with_config()
+        .args(["--json", "rewrap", "status", "--job", "pgjob.json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let json = json_of(&out);
+    assert_eq!(
+        (json["completed"].as_bool(), json["target_version"].as_u64()),
+        (Some(true), Some(2))
+    );
+    let out = s
+        .with_config()
+        .args([
+            "rewrap",
+            "status",
+            "--job",
+            "pgjob.json",
+            "--evidence-for",
+            "1",
+        ])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let evidence = json_of(&out);
+    assert_eq!(
+        (
+            evidence["keyring_id"].as_str(),
+            evidence["version"].as_u64()
+        ),
+        (Some("acme"), Some(1))
+    );
+    s.with_config()
+        .args([
+            "rewrap",
+            "status",
+            "--job",
+            "pgjob.json",
+            "--evidence-for",
+            "2",
+        ])
+        .assert()
+        .code(6);
+    let names = s.audit_names();
+    assert!(
+        names.contains(&"kms.rewrap.started".to_owned())
+            && names.contains(&"kms.rewrap.completed".to_owned()),
+        "{names:?}"
+    );
+}
