@@ -260,6 +260,61 @@ async fn an_instance_stops_encrypting_under_a_version_retired_elsewhere() {
     }
 }
 
+/// The real clock with its wall reading stepped by `back` seconds (an NTP
+/// step, a VM restore); the monotonic reading is the real one.
+#[derive(Debug)]
+struct SteppedBack(std::sync::atomic::AtomicU64);
+
+impl Clock for SteppedBack {
+    fn now(&self) -> Timestamp {
+        let back = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        Timestamp(Timestamp::now().as_secs().saturating_sub(back))
+    }
+}
+
+/// Defect 3 on the real clock: an instance whose wall clock is stepped
+/// back an hour still sees its view age (monotonic clock) and stops
+/// encrypting under a version retired elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_stepped_back_does_not_keep_an_instance_on_a_retired_version() {
+    for kind in KINDS {
+        let fleet = Fleet::new(kind);
+        let rings = rotated_instances(&fleet, 1).await;
+        let clock = Arc::new(SteppedBack(std::sync::atomic::AtomicU64::new(0)));
+        let stepped = fleet.builder().clock(clock.clone()).open().await.unwrap();
+        let ct = stepped.encrypt(&ctx("1"), b"x").await.unwrap();
+        assert_eq!(keyfold_core::format::inspect(&ct).unwrap().key_version, 1);
+        clock.0.store(3600, std::sync::atomic::Ordering::SeqCst);
+        rings[0].rotate(&admin()).await.unwrap();
+        eventually(&format!("{kind:?}: encrypts under v2"), || async {
+            let ct = stepped.encrypt(&ctx("1"), b"x").await.unwrap();
+            keyfold_core::format::inspect(&ct).unwrap().key_version == 2
+        })
+        .await;
+    }
+}
+
+/// Item 9 on a fleet: a minimum decryption version set on one instance
+/// stops the others decrypting below it within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_decryption_version_reaches_every_replica() {
+    for kind in KINDS {
+        let fleet = Fleet::new(kind);
+        let (writer, reader, record) = writer_and_reader(&fleet).await;
+        let disabled = writer
+            .set_min_decryption_version(2, &admin())
+            .await
+            .unwrap();
+        assert_eq!(disabled, [1]);
+        eventually(&format!("{kind:?}: the reader refuses v1"), || async {
+            reader.decrypt(&ctx("1"), &record).await.is_err()
+        })
+        .await;
+        let fresh = writer.encrypt(&ctx("2"), b"row two").await.unwrap();
+        assert_eq!(reader.decrypt(&ctx("2"), &fresh).await.unwrap(), b"row two");
+    }
+}
+
 /// Defect 5: a transient KMS failure seals an instance, and it heals by
 /// itself once the KMS answers again: nobody calls `unseal`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
