@@ -567,3 +567,55 @@ fn help_shows_examples_and_exit_codes() {
         .assert()
         .code(2);
 }
+
+/// On a terminal (a pseudo-terminal from util-linux's `script`), a
+/// destructive command asks for the keyring id and acts only on it.
+#[cfg(target_os = "linux")]
+#[test]
+fn on_a_terminal_the_operator_confirms_by_typing_the_keyring_id() {
+    let s = Setup::new();
+    s.with_config()
+        .args(["keyring", "create", "acme"])
+        .assert()
+        .success();
+    s.with_config()
+        .args(["keyring", "rotate", "acme"])
+        .assert()
+        .success();
+    let bin = assert_cmd::cargo::cargo_bin("keyfold");
+    let on_tty = |answer: &str| {
+        let command = format!(
+            "{} --config {} keyring disable acme 1",
+            bin.display(),
+            s.path("config.json").display()
+        );
+        std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .current_dir(s.dir.path())
+            .env("KEYFOLD_ACTOR", "ops@example.com")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(answer.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("util-linux `script` runs the CLI on a pseudo-terminal")
+    };
+    let out = on_tty("yes\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Type \"acme\" to confirm"), "{text}");
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert_eq!(s.audit_names().len(), 3, "nothing changed");
+
+    let out = on_tty("acme\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("version 1 disabled"), "{text}");
+    assert_eq!(
+        s.audit_names().last().map(String::as_str),
+        Some("kms.version.state_changed")
+    );
+}
