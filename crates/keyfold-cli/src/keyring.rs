@@ -146,8 +146,28 @@ pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError
                 .open()
                 .await?;
             let m = ring.metadata();
-            let json = serde_json::to_value(&m).map_err(|e| CliError::failure(e.to_string()))?;
-            g.output.emit(&show_text(&m), &json);
+            let mut json =
+                serde_json::to_value(&m).map_err(|e| CliError::failure(e.to_string()))?;
+            let mut text = show_text(&m);
+            let policy = ring.rotation_policy();
+            if let Some(p) = policy {
+                let _ = writeln!(
+                    text,
+                    "rotation policy: every {} day(s), {}",
+                    p.period_days(),
+                    if p.enabled() { "enabled" } else { "disabled" }
+                );
+            }
+            if let Some(o) = json.as_object_mut() {
+                o.insert(
+                    "rotation_policy".into(),
+                    policy.map_or(
+                        serde_json::Value::Null,
+                        |p| json!({"enabled": p.enabled(), "period_days": p.period_days()}),
+                    ),
+                );
+            }
+            g.output.emit(&text, &json);
             Ok(())
         }
         KeyringCommand::Create { keyring } => {

@@ -488,6 +488,7 @@ fn policy_schedule_destroy_and_min_decryption_version() {
         .clone();
     let json = json_of(&out);
     assert_eq!(json["min_decryption_version"], 4);
+    assert_eq!(json["rotation_policy"]["period_days"], 90);
     assert!(
         json["versions"][0]["destroy_scheduled_at"]
             .as_u64()
