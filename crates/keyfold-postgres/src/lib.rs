@@ -12,6 +12,14 @@
 //! - [`PgAuditSink`]: an append-only, hash-chained audit table whose
 //!   [`verify`](PgAuditSink::verify) finds the first row edited, removed or
 //!   reordered.
+//! - [`PgTable`]: the rewrap job's [`RowSource`](keyfold_rewrap::RowSource)
+//!   over any table (id, ciphertext and context columns checked against
+//!   the catalog), whose batch compare-and-swap is one statement.
+//! - [`RewrapCoordinator`] and [`RewrapWorker`]: one rewrap job run by many
+//!   worker processes through job, shard and checkpoint tables; shards are
+//!   id ranges claimed with `FOR UPDATE SKIP LOCKED` under leases, each row
+//!   is read once, and the completion evidence exists only once every shard
+//!   is done (docs/LIFECYCLE.md, "Distributed, on PostgreSQL").
 //!
 //! Every type takes the host's [`sqlx::PgPool`] and a [`TablePrefix`]
 //! (default `keyfold_`); [`migrate`] creates or upgrades the tables. Queries

@@ -39,6 +39,8 @@ use sqlx::{ConnectOptions, PgPool};
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const TABLE: &str = "accounts";
+/// Shards a worker works at once (`RewrapWorker::lanes`, default 2).
+const LANES: usize = 2;
 
 fn context(id: &str, tenant: &str) -> EncryptionContext {
     EncryptionContext::new()
@@ -211,6 +213,7 @@ async fn rewrap(
         let worker = coordinator
             .worker(&job, ring.clone(), vec![source(&wpool).await?])
             .name(format!("worker-{w}"))
+            .lanes(LANES)
             .poll_interval(Duration::from_millis(50));
         tasks.push(tokio::spawn(async move { worker.run().await }));
     }
@@ -241,20 +244,20 @@ async fn rewrap(
 }
 
 /// The same reads and batched compare-and-swap `UPDATE`s as the job (same
-/// ranges, same statements), with no crypto: each ciphertext is written
-/// back with its last byte flipped.
+/// ranges, same statements, `streams` at once), with no crypto: each
+/// ciphertext is written back with its last byte flipped.
 async fn baseline(
     scratch: &Scratch,
     pool: &PgPool,
-    workers: usize,
+    streams: usize,
     batch: usize,
 ) -> Result<Duration> {
     let ranges: VecDeque<IdRange> = source(pool).await?.split(16).await?.into();
     let queue = Arc::new(Mutex::new(ranges));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let table = source(&scratch.pool(2).await?).await?;
+    for _ in 0..streams {
+        let table = source(&scratch.pool(1).await?).await?;
         let queue = Arc::clone(&queue);
         tasks.push(tokio::spawn(async move {
             let mut moved = 0u64;
@@ -404,7 +407,9 @@ async fn bench(rows: i64, workers: &[usize], batch: usize) -> Result<()> {
     println!("|---|---|---|---|---|");
     for &w in workers {
         reset(&pool).await?;
-        let limit = baseline(&scratch, &pool, w, batch).await?;
+        // As many streams as the job has: each worker works two shards at
+        // once (RewrapWorker::lanes).
+        let limit = baseline(&scratch, &pool, w * LANES, batch).await?;
         reset(&pool).await?;
         let (elapsed, status) = rewrap(&scratch, &pool, &ring, w, batch, false).await?;
         if status.totals.rewrapped != rows as u64 {
@@ -413,7 +418,8 @@ async fn bench(rows: i64, workers: &[usize], batch: usize) -> Result<()> {
         let job_rate = rows as f64 / elapsed.as_secs_f64();
         let limit_rate = rows as f64 / limit.as_secs_f64();
         println!(
-            "| {w} | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} |",
+            "| {w} ({}) | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} |",
+            w * LANES,
             job_rate / limit_rate,
             status.rows_read as f64 / status.totals.rewrapped as f64
         );
