@@ -244,6 +244,9 @@ where
                 ),
             ));
         }
+        // Another instance may have onboarded the tenant or replaced its
+        // config since this one loaded it.
+        app.shared.sync_config(&tenant).await;
         Ok(Admin { tenant })
     }
 }

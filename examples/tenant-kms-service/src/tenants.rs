@@ -457,6 +457,46 @@ impl Shared {
         })
     }
 
+    /// Follows the tenant's stored config when another instance onboarded
+    /// the tenant or replaced its config: reopens the keyring under the
+    /// stored config (and resumes its stored rewrap job). One indexed read
+    /// per request; nothing happens when the config is the one in use.
+    pub async fn sync_config(&self, tenant: &Tenant) {
+        let id = tenant.config.id.as_str();
+        let stored = match self.db.tenant_config(id) {
+            Ok(Some(json)) => json,
+            Ok(None) => return,
+            Err(e) => {
+                crate::error::operator_log(format_args!("tenant {id}: {e}"));
+                return;
+            }
+        };
+        let current = |slot: &Option<Onboarded>| {
+            slot.as_ref()
+                .and_then(|o| serde_json::to_string(&o.config).ok())
+                .is_some_and(|json| json == stored)
+        };
+        if current(&*tenant.kms.read().await) {
+            return;
+        }
+        let mut slot = tenant.kms.write().await;
+        if current(&slot) {
+            return;
+        }
+        match self.reopen(id).await {
+            Ok(Some(onboarded)) => {
+                *tenant.job.lock().await = None;
+                self.resume_job(tenant, &onboarded.keyring).await;
+                self.maintenance.add(Arc::clone(&onboarded.keyring));
+                *slot = Some(onboarded);
+            }
+            Ok(None) => {}
+            Err(e) => crate::error::operator_log(format_args!(
+                "tenant {id}: cannot follow the stored config: {e}"
+            )),
+        }
+    }
+
     /// The keyring of an onboarded tenant.
     pub async fn keyring_of(&self, tenant: &Tenant) -> Option<Arc<Keyring>> {
         tenant
@@ -682,6 +722,7 @@ impl Shared {
     /// whose job could not be created, or a rollback). Returns whether a
     /// batch ran.
     pub async fn drive(&self, tenant: &Tenant) -> bool {
+        self.sync_config(tenant).await;
         let Some(keyring) = tenant
             .kms
             .read()

@@ -672,3 +672,63 @@ async fn onboarding_stores_the_config_and_the_keyring_in_one_transaction() {
     assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_state_is_shared_by_instances_on_one_database() {
+    let dir = TempDir::new("two-instances");
+    let cfg = config(&dir, 10, None);
+    let a = Service::start(cfg.clone(), local_providers(&cfg)).await;
+    let b = Service::start(cfg.clone(), local_providers(&cfg)).await;
+    a.onboard_local(ACME).await;
+
+    // A token issued by one instance is used on another, once.
+    let su = a.step_up(ACME, "rotate", "acme").await;
+    let (s, v) = rotate_with(&b, ACME, Some(&su)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = rotate_with(&a, ACME, Some(&su)).await;
+    assert_eq!(
+        (s, v["reason"].clone()),
+        (StatusCode::FORBIDDEN, json!("unknown_token")),
+        "{v}"
+    );
+    // A code accepted by one instance is refused by the other.
+    let code = a.code(ACME).await;
+    let (s, v) = exchange(&a, ACME, &code, "rotate", "acme").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = exchange(&b, ACME, &code, "rotate", "acme").await;
+    assert_eq!(
+        (s, v["error"].clone()),
+        (StatusCode::UNAUTHORIZED, json!("step_up_code_reused")),
+        "{v}"
+    );
+    // Failures count across instances too.
+    for _ in 0..4 {
+        let (s, _) = exchange(&a, ACME, &a.wrong_code(ACME), "rotate", "acme").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let (s, _) = exchange(&b, ACME, &b.wrong_code(ACME), "rotate", "acme").await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "1 reused + 4 wrong on a: locked on b"
+    );
+
+    // A config replaced on one instance is followed by the other.
+    let globex = common::GLOBEX;
+    b.onboard_local(globex).await;
+    b.put_secret(globex, "g", "before").await;
+    let (s, v) = a
+        .onboard(
+            globex,
+            json!({ "provider": "local", "kms_key_ref": "dev-kek-2" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let meta = b.get("/admin/tenant-kms", globex).await.1;
+    assert_eq!(meta["kms_key_ref"], "dev-kek-2", "{meta}");
+    assert_eq!(b.get_secret(globex, "g").await["value"], "before");
+    b.put_secret(globex, "g", "after").await;
+    assert_eq!(a.get_secret(globex, "g").await["value"], "after");
+    a.stop().await;
+    b.stop().await;
+}
