@@ -21,8 +21,9 @@ pub(crate) struct Inspection {
     pub(crate) header: HeaderInfo,
     /// Bytes in the whole input.
     pub(crate) total_len: u64,
-    /// Plaintext bytes (records: the payload; streams: all segments').
-    pub(crate) plaintext_len: u64,
+    /// Plaintext bytes (records: the payload; streams: all segments');
+    /// `None` for a header alone.
+    pub(crate) plaintext_len: Option<u64>,
     /// Streams only.
     pub(crate) segments: Option<u64>,
 }
@@ -49,6 +50,16 @@ pub(crate) fn inspect_reader(source: &str, input: &mut dyn Read) -> Result<Inspe
         .map_err(|e| CliError::failure(format!("reading {source}: {e}")))?;
     let total_len = head.len() as u64 + rest;
     let body = total_len - header.header_len as u64;
+    if body == 0 {
+        // Exactly a header: what a host stores when the payload lives
+        // elsewhere (a rewrap job's header-only rows).
+        return Ok(Inspection {
+            header,
+            total_len,
+            plaintext_len: None,
+            segments: None,
+        });
+    }
     let (plaintext_len, segments) = match header.kind {
         HeaderKind::Stream => {
             let segment = u64::from(header.segment_size.unwrap_or(format::DEFAULT_SEGMENT_SIZE));
@@ -98,7 +109,7 @@ pub(crate) fn inspect_reader(source: &str, input: &mut dyn Read) -> Result<Inspe
     Ok(Inspection {
         header,
         total_len,
-        plaintext_len,
+        plaintext_len: Some(plaintext_len),
         segments,
     })
 }
@@ -128,7 +139,7 @@ pub(crate) fn run(file: &str, output: Output) -> Result<(), CliError> {
          suite:              {} (id {:#04x})\n\
          master key version: {}\n\
          header:             {} bytes\n\
-         payload:            {} bytes of plaintext ({} bytes in all)\n",
+         payload:            {}\n",
         h.suite,
         if h.kind == HeaderKind::Stream {
             format::stream_suite_id(h.suite)
@@ -137,8 +148,10 @@ pub(crate) fn run(file: &str, output: Output) -> Result<(), CliError> {
         },
         h.key_version,
         h.header_len,
-        found.plaintext_len,
-        found.total_len,
+        match found.plaintext_len {
+            Some(n) => format!("{n} bytes of plaintext ({} bytes in all)", found.total_len),
+            None => "none here: a header alone (its payload is stored elsewhere)".to_owned(),
+        },
     );
     if let (Some(segments), Some(size)) = (found.segments, h.segment_size) {
         text.push_str(&format!(
@@ -158,6 +171,7 @@ pub(crate) fn run(file: &str, output: Output) -> Result<(), CliError> {
             "total_len": found.total_len,
             "segment_size": h.segment_size,
             "segments": found.segments,
+            "header_only": found.plaintext_len.is_none(),
         }),
     );
     Ok(())

@@ -202,7 +202,7 @@ fn inspect_refuses_truncated_records_and_streams() {
     let s = Setup::new();
     let path = record_file(&s, "r.kf", 1, b"abc");
     let bytes = std::fs::read(&path).unwrap();
-    for cut in [1, 50, 100, 115] {
+    for cut in [1, 50, 101, 115] {
         let cut_path = s.path(&format!("cut{cut}"));
         std::fs::write(&cut_path, &bytes[..cut]).unwrap();
         let out = s
@@ -238,4 +238,30 @@ fn inspect_a_missing_file_is_not_found() {
         .args(["inspect", "no-such-file"])
         .assert()
         .code(5);
+}
+
+#[test]
+fn inspect_a_header_alone() {
+    let s = Setup::new();
+    let record = std::fs::read(record_file(&s, "r.kf", 4, b"abc")).unwrap();
+    let stream = std::fs::read(stream_file(&s, "s.kf", 64, 10)).unwrap();
+    for (bytes, kind, len) in [
+        (&record[..100], "record", 100),
+        (&stream[..111], "stream", 111),
+    ] {
+        let path = s.path(&format!("{kind}.header"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = s
+            .keyfold()
+            .args(["--json", "inspect"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let json = json_of(&out);
+        assert_eq!(json["kind"], kind);
+        assert_eq!(json["header_only"], true);
+        assert_eq!(json["header_len"], len);
+        assert!(json["plaintext_len"].is_null());
+    }
 }
