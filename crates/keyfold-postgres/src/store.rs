@@ -40,6 +40,19 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
 /// `Lagged` (and must then treat it as a resync).
 const EVENT_BUFFER: usize = 1024;
 
+/// How often a listener checks its connection by default.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// A channel of this listener's own: `<prefix>hb_<8 random hex>` (at most
+/// 51 bytes, under PostgreSQL's 63-byte identifier limit).
+fn heartbeat_channel(prefix: &TablePrefix) -> String {
+    let mut random = [0u8; 4];
+    // Only needs to differ between listeners; a fixed fallback still works
+    // (other listeners' heartbeats would then also count as heard).
+    let _ = keyfold_core::rng::fill(&mut random);
+    prefix.name(&format!("hb_{}", hex::encode(random)))
+}
+
 /// Longest wait between two attempts to re-establish the listener.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
@@ -54,7 +67,8 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 ///   `<prefix>keyrings` with the keyring id, so the notification is sent if
 ///   and only if the save commits. [`watch`](KeyringStore::watch) starts one
 ///   listener per store (its own connection, outside the host's pool), which
-///   forwards each as [`StoreEvent::Changed`]. When that connection is lost,
+///   forwards each as [`StoreEvent::Changed`]. When that connection is lost
+///   (or goes silent: see [`set_listener_heartbeat`](Self::set_listener_heartbeat)),
 ///   the listener reconnects (backing off up to 5 s), listens again and only
 ///   then sends [`StoreEvent::Resync`]: every change after the resync's
 ///   reload is notified. While it is down, instances keep their
@@ -87,6 +101,8 @@ struct Inner {
     table: String,
     /// The notification channel (`<prefix>keyrings`, unquoted).
     channel: String,
+    /// The listener's heartbeat period, in milliseconds.
+    heartbeat_ms: std::sync::atomic::AtomicU64,
     /// The running listener task's sender, and what stops it when dropped.
     #[allow(clippy::type_complexity, reason = "one pair, named at its use")]
     events: Mutex<Option<(broadcast::Sender<StoreEvent>, oneshot::Sender<()>)>>,
@@ -113,8 +129,24 @@ impl PgKeyringStore {
                 pool,
                 prefix,
                 events: Mutex::new(None),
+                heartbeat_ms: std::sync::atomic::AtomicU64::new(
+                    u64::try_from(DEFAULT_HEARTBEAT.as_millis()).unwrap_or(u64::MAX),
+                ),
             }),
         }
+    }
+
+    /// Sets how often a listener started from now on checks its connection
+    /// (default 10 s): it notifies its own channel through the host's pool
+    /// each period, and takes its connection as lost (reconnect, then
+    /// [`StoreEvent::Resync`]) after three periods with nothing received.
+    /// Clamped to 10 ms ..= 1 h.
+    pub fn set_listener_heartbeat(&self, every: Duration) {
+        let every = every.clamp(Duration::from_millis(10), Duration::from_secs(3600));
+        self.inner.heartbeat_ms.store(
+            u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The notification channel saves announce themselves on
@@ -311,10 +343,19 @@ impl KeyringStore for PgKeyringStore {
         // Dropping `stop_tx` (with the store, or when a new listener
         // replaces this one) ends the task.
         let (stop_tx, stop_rx) = oneshot::channel();
+        let heartbeat = Duration::from_millis(
+            self.inner
+                .heartbeat_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         runtime.spawn(listen(
-            listener_pool(&self.inner.pool),
-            self.inner.channel.clone(),
-            tx.clone(),
+            Listen {
+                host: self.inner.pool.clone(),
+                channel: self.inner.channel.clone(),
+                heartbeat_channel: heartbeat_channel(&self.inner.prefix),
+                heartbeat,
+                tx: tx.clone(),
+            },
             stop_rx,
         ));
         *events = Some((tx, stop_tx));
@@ -322,8 +363,10 @@ impl KeyringStore for PgKeyringStore {
     }
 }
 
-/// A pool of one connection, outside the host's pool, for the listener
-/// (it holds its connection for as long as it listens).
+/// A pool of one connection, outside the host's pool, for one listener
+/// connection (it holds it for as long as it listens). Each reconnect makes
+/// a new one: a dead connection's cleanup (`UNLISTEN`) may hang on a dead
+/// network and must not hold the next connection's slot.
 fn listener_pool(pool: &PgPool) -> PgPool {
     let options = pool
         .connect_options()
@@ -333,6 +376,7 @@ fn listener_pool(pool: &PgPool) -> PgPool {
     PgPoolOptions::new()
         .max_connections(1)
         .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options)
 }
 
@@ -340,39 +384,54 @@ fn listener_pool(pool: &PgPool) -> PgPool {
 /// `pg_stat_activity`).
 pub(crate) const LISTENER_APPLICATION_NAME: &str = "keyfold-postgres listener";
 
-async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(channel).await?;
-    Ok(listener)
+/// A listening connection, and the pool it came from.
+async fn connect(host: &PgPool, channels: &[&str]) -> Result<(PgPool, PgListener), sqlx::Error> {
+    let pool = listener_pool(host);
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen_all(channels.iter().copied()).await?;
+    Ok((pool, listener))
+}
+
+/// What the listener task needs.
+struct Listen {
+    /// The host's pool (heartbeats are sent through it).
+    host: PgPool,
+    channel: String,
+    /// This listener's own heartbeat channel.
+    heartbeat_channel: String,
+    heartbeat: Duration,
+    tx: broadcast::Sender<StoreEvent>,
 }
 
 /// The listener task: forwards notifications until nobody watches or the
 /// store is dropped (`stop` resolves); after a lost connection, reconnects,
 /// listens again, then sends [`StoreEvent::Resync`].
 ///
-/// A pending `try_recv` is only ever abandoned when the task ends.
-async fn listen(
-    pool: PgPool,
-    channel: String,
-    tx: broadcast::Sender<StoreEvent>,
-    mut stop: oneshot::Receiver<()>,
-) {
+/// A connection that dies silently (a network that drops packets: no
+/// error, no notification) is found by the heartbeat: every `heartbeat` the
+/// task notifies its own channel through the host's pool; when nothing at
+/// all has arrived for three heartbeats, the connection is taken as lost.
+///
+/// `PgListener::try_recv` is cancel-safe (sqlx reads whole messages), so the
+/// heartbeat tick may interrupt it.
+async fn listen(l: Listen, mut stop: oneshot::Receiver<()>) {
     let mut delay = Duration::from_millis(50);
     let mut resync = false;
+    let channels = [l.channel.as_str(), l.heartbeat_channel.as_str()];
     'connect: loop {
         let connected = tokio::select! {
-            c = connect(&pool, &channel) => c,
-            () = tx.closed() => break,
+            c = connect(&l.host, &channels) => c,
+            () = l.tx.closed() => break,
             _ = &mut stop => break,
         };
-        let mut listener = match connected {
-            Ok(listener) => listener,
+        let (pool, mut listener) = match connected {
+            Ok(connected) => connected,
             Err(e) => {
-                tracing::warn!(error = %e, channel, "keyring store listener cannot connect; retrying");
+                tracing::warn!(error = %e, channel = l.channel, "keyring store listener cannot connect; retrying");
                 resync = true;
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = tx.closed() => break,
+                    () = l.tx.closed() => break,
                     _ = &mut stop => break,
                 }
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
@@ -383,31 +442,53 @@ async fn listen(
         if resync {
             // Listening again: whatever changed while down is reloaded now,
             // whatever changes from here on is notified.
-            let _ = tx.send(StoreEvent::Resync);
+            let _ = l.tx.send(StoreEvent::Resync);
         }
+        let mut tick = tokio::time::interval(l.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = tokio::time::Instant::now();
+        let mut ping: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let next = tokio::select! {
                 next = listener.try_recv() => next,
-                () = tx.closed() => break 'connect,
+                _ = tick.tick() => {
+                    if heard.elapsed() >= l.heartbeat * 3 {
+                        tracing::warn!(channel = l.channel, "keyring store listener heard nothing for three heartbeats; reconnecting");
+                        break;
+                    }
+                    if ping.as_ref().is_none_or(|p| p.is_finished()) {
+                        let (host, hb, limit) = (l.host.clone(), l.heartbeat_channel.clone(), l.heartbeat);
+                        ping = Some(tokio::spawn(async move {
+                            let notify = sqlx::query("SELECT pg_notify($1, '')").bind(hb).execute(&host);
+                            let _ = tokio::time::timeout(limit, notify).await;
+                        }));
+                    }
+                    continue;
+                }
+                () = l.tx.closed() => break 'connect,
                 _ = &mut stop => break 'connect,
             };
+            heard = tokio::time::Instant::now();
             match next {
+                Ok(Some(n)) if n.channel() == l.heartbeat_channel => {}
                 Ok(Some(n)) => {
-                    let _ = tx.send(StoreEvent::Changed {
+                    let _ = l.tx.send(StoreEvent::Changed {
                         keyring_id: n.payload().to_owned(),
                     });
                 }
                 // Lost (None) or broken (Err): drop it, start anew.
                 Ok(None) | Err(_) => {
                     tracing::warn!(
-                        channel,
+                        channel = l.channel,
                         "keyring store listener lost its connection; reconnecting"
                     );
-                    resync = true;
-                    continue 'connect;
+                    break;
                 }
             }
         }
+        resync = true;
+        // Not awaited: a dead connection's cleanup may never finish.
+        drop(listener);
+        drop(pool);
     }
-    pool.close().await;
 }

@@ -465,3 +465,116 @@ async fn a_disable_on_one_instance_reaches_another_within_a_second() {
         }
     }
 }
+
+/// A TCP proxy to the server whose chosen connections can be frozen:
+/// bytes stop flowing both ways and nothing is closed, as on a network that
+/// drops packets.
+struct FreezingProxy {
+    port: u16,
+    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    frozen: std::sync::Arc<std::sync::Mutex<std::ops::Range<u64>>>,
+}
+
+impl FreezingProxy {
+    async fn start(host: String, port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = FreezingProxy {
+            port: listener.local_addr().unwrap().port(),
+            next_id: Default::default(),
+            frozen: std::sync::Arc::new(std::sync::Mutex::new(0..0)),
+        };
+        let (next_id, frozen) = (proxy.next_id.clone(), proxy.frozen.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = next_id.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect((host.as_str(), port)).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, id, frozen.clone()));
+                tokio::spawn(Self::pipe(sr, cw, id, frozen.clone()));
+            }
+        });
+        proxy
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        id: u64,
+        frozen: std::sync::Arc<std::sync::Mutex<std::ops::Range<u64>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.lock().unwrap().contains(&id) {
+                // Dropped on the floor, and the link stays open, silent.
+                std::future::pending::<()>().await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The id the next connection gets.
+    fn next_id(&self) -> u64 {
+        self.next_id.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Freezes the connections with these ids.
+    fn freeze(&self, ids: std::ops::Range<u64>) {
+        *self.frozen.lock().unwrap() = ids;
+    }
+}
+
+#[tokio::test]
+async fn a_silently_dead_listener_connection_is_found_by_the_heartbeat() {
+    let db = TestDb::new().await;
+    let (_, writer) = store_on(&db, "keyfold_").await;
+    let proxy = FreezingProxy::start(db.options.get_host().to_owned(), db.options.get_port()).await;
+    // The watcher's own pool: one connection (id 0), made now.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .connect_with(db.options.clone().port(proxy.port))
+        .await
+        .unwrap();
+    let watcher = PgKeyringStore::new(pool, TablePrefix::default());
+    watcher.set_listener_heartbeat(Duration::from_millis(100));
+    assert!(watcher.load("tenant-1").await.unwrap().is_none());
+    let first_listener = proxy.next_id();
+    let mut rx = watcher.watch().unwrap();
+    listeners_ready(&db, 1).await;
+    // Only the listener's connection goes silent: no error reaches it.
+    proxy.freeze(first_listener..proxy.next_id());
+
+    expect_event(&mut rx, Duration::from_secs(30), |e| {
+        *e == StoreEvent::Resync
+    })
+    .await;
+    // Listening again on a new connection: the next save is notified.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut revision = None;
+    loop {
+        revision = Some(
+            writer
+                .save("tenant-1", revision, &keyring("tenant-1"))
+                .await
+                .unwrap(),
+        );
+        match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            Ok(Ok(StoreEvent::Changed { keyring_id })) if keyring_id == "tenant-1" => break,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no notification after the listener reconnected"
+            ),
+        }
+    }
+}
