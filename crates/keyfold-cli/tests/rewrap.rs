@@ -328,14 +328,34 @@ async fn bad_job_specs_are_refused_before_anything_runs() {
         .assert()
         .code(2);
     write(
-        "pg.json",
-        serde_json::json!({"database": "postgres://u:pw@db/x", "keyring": TENANT,
+        "mysql.json",
+        serde_json::json!({"database": "mysql://u:pw@db/x", "keyring": TENANT,
         "tables": [{"name": "secrets", "id_column": "id", "ciphertext_column": "ciphertext"}]}),
     );
-    s.with_config()
+    let out = s
+        .with_config()
+        .args(["rewrap", "run", "--job", "mysql.json"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("pw@"));
+    // A PostgreSQL database that cannot be reached: an error naming it,
+    // never its password.
+    write(
+        "pg.json",
+        serde_json::json!({"database": "postgres://u:hunter2@127.0.0.1:1/x", "keyring": TENANT,
+        "tables": [{"name": "secrets", "id_column": "id", "ciphertext_column": "ciphertext"}]}),
+    );
+    let out = s
+        .with_config()
         .args(["rewrap", "run", "--job", "pg.json"])
         .assert()
-        .code(2);
+        .failure()
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("hunter2"), "{err}");
     s.with_config()
         .args(["rewrap", "status", "--job", "job.json"])
         .assert()
