@@ -405,3 +405,47 @@ async fn run_follows_the_intervals_until_stopped() {
     // A stopped task's `run` returns at once.
     m.run().await;
 }
+
+/// A seal by a permanent failure (the tenant revoked the grant) is probed
+/// every few minutes, so restoring the grant heals it without a restart;
+/// with the probe turned off it waits for a manual unseal.
+#[tokio::test(start_paused = true)]
+async fn a_permanent_seal_is_probed_slowly_and_heals_once_access_is_back() {
+    for probe in [true, false] {
+        let fleet = Fleet::new();
+        let rings = fleet.instances(1).await;
+        let ring = &rings[0];
+        ring.rotate(&admin()).await.unwrap();
+        let ctx = EncryptionContext::new().with("row", "1");
+        let ct = ring.encrypt(&ctx, b"value").await.unwrap();
+        ring.clear_cache();
+        fleet.wrapper.fail_with(Some(WrapErrorKind::AccessDenied));
+        assert!(matches!(
+            ring.decrypt(&ctx, &ct).await,
+            Err(Error::Sealed {
+                kind: WrapErrorKind::AccessDenied,
+                ..
+            })
+        ));
+        let m = Maintenance::builder()
+            .probe_permanent_seals(probe.then_some(Duration::from_secs(300)))
+            .build();
+        m.add(ring.clone());
+        let unwraps = fleet.wrapper.unwraps();
+        assert_eq!(m.run_task(Task::Unseal).await.still_sealed, ["tenant"]);
+        // Access restored; no probe before the interval.
+        fleet.wrapper.fail_with(None);
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert_eq!(m.run_task(Task::Unseal).await.still_sealed, ["tenant"]);
+        assert_eq!(fleet.wrapper.unwraps(), unwraps, "no probe yet");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let report = m.run_task(Task::Unseal).await;
+        if probe {
+            assert_eq!(report.unsealed, ["tenant"], "{report:?}");
+            assert_eq!(ring.decrypt(&ctx, &ct).await.unwrap(), b"value");
+        } else {
+            assert_eq!(report.still_sealed, ["tenant"], "{report:?}");
+            assert!(ring.sealed().is_some());
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | [`Task::Rotation`] | 1 hour | [`Keyring::rotate_if_policy_due`]: rotates when the policy stored with the keyring says so (`kms.rotate.scheduled`) |
 //! | [`Task::Destroy`] | 1 minute | destroys each version whose scheduled destroy ([`Keyring::schedule_destroy`]) is due, once the host's [`EvidenceSource`] hands over evidence |
-//! | [`Task::Unseal`] | 1 second | probes a keyring sealed by a transient KMS failure (on the keyring's own backoff, 1 s doubling to 60 s) and unseals it when a probe passes (`kms.unsealed`); an operator's seal is never touched |
+//! | [`Task::Unseal`] | 1 second | probes a keyring sealed by a transient KMS failure (on the keyring's own backoff, 1 s doubling to 60 s) and unseals it when a probe passes (`kms.unsealed`); one sealed by a permanent failure (access denied, key disabled) is probed every 5 minutes ([`MaintenanceBuilder::probe_permanent_seals`]), so restoring the tenant's grant heals it; an operator's seal is never touched |
 //! | [`Task::Sweep`] | 1 minute | [`Keyring::evict_expired`]: drops expired cached keys, also of keyrings nobody uses |
 //!
 //! ```
@@ -69,6 +69,8 @@ pub const DEFAULT_DESTROY_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_UNSEAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Default interval of [`Task::Sweep`].
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default of [`MaintenanceBuilder::probe_permanent_seals`].
+pub const DEFAULT_PERMANENT_SEAL_PROBE: Duration = Duration::from_secs(300);
 /// The actor the maintenance task's changes are audited as, by default.
 pub const MAINTENANCE_ACTOR: &str = "keyfold-maintenance";
 
@@ -183,6 +185,7 @@ pub struct MaintenanceBuilder {
     intervals: BTreeMap<Task, Duration>,
     evidence: Arc<dyn EvidenceSource>,
     actor: Actor,
+    permanent_probe: Option<Duration>,
 }
 
 impl MaintenanceBuilder {
@@ -210,6 +213,18 @@ impl MaintenanceBuilder {
         self
     }
 
+    /// How often [`Task::Unseal`] probes a keyring sealed by a permanent
+    /// KMS failure (access denied, key disabled, not found, misconfigured):
+    /// such a seal lasts until someone fixes the KMS side, and then until a
+    /// probe passes. Default [`DEFAULT_PERMANENT_SEAL_PROBE`] (5 minutes);
+    /// `None` leaves them to a manual [`Keyring::unseal`]. The first probe
+    /// comes one interval after the task first sees the seal.
+    #[must_use]
+    pub fn probe_permanent_seals(mut self, every: Option<Duration>) -> Self {
+        self.permanent_probe = every;
+        self
+    }
+
     /// The task, with no keyring yet ([`Maintenance::add`]).
     pub fn build(self) -> Maintenance {
         Maintenance {
@@ -217,6 +232,8 @@ impl MaintenanceBuilder {
             intervals: self.intervals,
             evidence: self.evidence,
             actor: self.actor,
+            permanent_probe: self.permanent_probe,
+            permanent_seen: Mutex::new(BTreeMap::new()),
             stop: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
     }
@@ -242,6 +259,10 @@ pub struct Maintenance {
     intervals: BTreeMap<Task, Duration>,
     evidence: Arc<dyn EvidenceSource>,
     actor: Actor,
+    permanent_probe: Option<Duration>,
+    /// Keyrings sealed by a permanent failure: when their last probe was
+    /// (or the seal was first seen).
+    permanent_seen: Mutex<BTreeMap<String, tokio::time::Instant>>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -268,6 +289,7 @@ impl Maintenance {
             ]),
             evidence: Arc::new(NoEvidence),
             actor: Actor::new(MAINTENANCE_ACTOR),
+            permanent_probe: Some(DEFAULT_PERMANENT_SEAL_PROBE),
         }
     }
 
@@ -326,7 +348,7 @@ impl Maintenance {
             match task {
                 Task::Rotation => self.rotate(&ring, &mut report).await,
                 Task::Destroy => self.destroy_due(&ring, &mut report).await,
-                Task::Unseal => unseal(&ring, &mut report).await,
+                Task::Unseal => self.unseal(&ring, &mut report).await,
                 Task::Sweep => report.evicted += ring.evict_expired(),
             }
         }
@@ -422,20 +444,46 @@ impl Maintenance {
             }
         }
     }
-}
 
-/// Probes a keyring sealed by a transient KMS failure when its backoff says
-/// so. An operator's seal, and a seal by a permanent failure (access
-/// denied, key disabled: a person must fix the KMS side first), are left
-/// for a manual [`Keyring::unseal`].
-async fn unseal(ring: &Keyring, report: &mut MaintenanceReport) {
-    if ring.sealed().is_none() {
-        return;
+    /// Probes a keyring sealed by a KMS failure: a transient one when its
+    /// own backoff says so, a permanent one every
+    /// [`probe_permanent_seals`](MaintenanceBuilder::probe_permanent_seals).
+    /// An operator's seal is never lifted ([`Keyring::unseal`] leaves it).
+    async fn unseal(&self, ring: &Keyring, report: &mut MaintenanceReport) {
+        let Some(info) = ring.sealed() else {
+            self.seen().remove(ring.id());
+            return;
+        };
+        if info.kind.is_transient() {
+            ring.auto_unseal_if_due().await;
+        } else if let Some(every) = self.permanent_probe {
+            let now = tokio::time::Instant::now();
+            let due = {
+                let mut seen = self.seen();
+                let due = seen
+                    .get(ring.id())
+                    .is_some_and(|last| now.saturating_duration_since(*last) >= every);
+                if due || !seen.contains_key(ring.id()) {
+                    seen.insert(ring.id().to_owned(), now);
+                }
+                due
+            };
+            if due {
+                // A failure keeps the seal; nothing more to report.
+                let _ = ring.unseal().await;
+            }
+        }
+        if ring.sealed().is_none() {
+            self.seen().remove(ring.id());
+            report.unsealed.push(ring.id().to_owned());
+        } else {
+            report.still_sealed.push(ring.id().to_owned());
+        }
     }
-    ring.auto_unseal_if_due().await;
-    if ring.sealed().is_none() {
-        report.unsealed.push(ring.id().to_owned());
-    } else {
-        report.still_sealed.push(ring.id().to_owned());
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, tokio::time::Instant>> {
+        self.permanent_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
