@@ -402,7 +402,7 @@ async fn bench(rows: i64, workers: &[usize], batch: usize) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| workers | rewrap rows/s | no-crypto UPDATEs rows/s | ratio | rows read per row rewrapped |"
+        "| workers (streams) | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped |"
     );
     println!("|---|---|---|---|---|");
     for &w in workers {
