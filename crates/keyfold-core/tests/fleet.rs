@@ -385,7 +385,10 @@ async fn destroy_is_refused_within_the_grace_period_with_allowed_at() {
             panic!("{kind:?}: {err:?}");
         };
         assert_eq!(rings[0].destroy_allowed_at(1), Some(allowed_at));
-        assert!(err.to_string().contains('T'), "RFC 3339 in {err}");
+        // Said in RFC 3339 (2026-12-03T08:00:00Z), not in raw seconds.
+        let when = allowed_at.to_string();
+        assert!(when.contains('T') && when.ends_with('Z'), "{when}");
+        assert!(err.to_string().contains(&when), "{err}");
 
         // Wait it out, gather evidence again, and let every replica try.
         eventually("the grace period ends", || async {
