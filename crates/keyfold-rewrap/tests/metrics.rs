@@ -40,7 +40,9 @@ async fn rows_and_batches_are_counted_by_outcome() {
             .iter()
             .filter(|(k, _, _, _)| {
                 k.key().name() == name
-                    && k.key().labels().any(|l| l.key() == "outcome" && l.value() == outcome)
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "outcome" && l.value() == outcome)
             })
             .map(|(_, _, _, v)| match v {
                 DebugValue::Counter(c) => *c,
