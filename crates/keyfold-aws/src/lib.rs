@@ -50,8 +50,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`keyfold:keyring`, `keyfold:version`), so a wrapped key moved to another
 /// keyring or version fails at the KMS. `Decrypt` names the configured key
 /// (`KeyId`) and the key ARN in its response is checked against the one the
-/// wrapped key records (and against the configured ARN when the config names
-/// a key ARN): a blob substituted from another key is refused with
+/// wrapped key records and against the config: the configured key ARN; for an
+/// alias ARN, its region and account; for `alias/NAME`, the config's region
+/// and the assumed role's account (an alias resolves in the caller's
+/// account). A blob substituted from another key is refused with
 /// [`WrapErrorKind::KeyMismatch`].
 ///
 /// Credentials come only from assuming the config's role (`role_arn`, with
