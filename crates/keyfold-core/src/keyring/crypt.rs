@@ -158,7 +158,16 @@ impl Keyring {
             round += 1;
             self.refresh_if_stale().await?;
             let picked_at = self.options.clock.monotonic();
-            let version = self.active_version().ok_or(Error::NoActiveVersion)?;
+            let version = match self.active_version() {
+                Some(v) => v,
+                // Another instance may have made the first rotation: look,
+                // at most once per AUTO_REFRESH_INTERVAL.
+                None if self.may_auto_refresh() => {
+                    self.refresh().await?;
+                    self.active_version().ok_or(Error::NoActiveVersion)?
+                }
+                None => return Err(Error::NoActiveVersion),
+            };
             let key = self.master_key(version).await?;
             // A cold unwrap can take long (KMS retries): if time passed and
             // the view aged past the max staleness meanwhile, another

@@ -287,11 +287,14 @@ impl Keyring {
             Transition::Enable => "enable",
             Transition::Destroy => "destroy",
         };
-        self.traced(
-            operation,
-            Some(version),
-            self.transition_untraced(version, transition, actor, destroy),
-        )
+        self.traced(operation, Some(version), async {
+            // Judge the change on a view no older than max staleness (or a
+            // notification): a stale replica would refuse a version it has
+            // not seen yet. Before the write lock, which a reload takes.
+            self.refresh_if_stale().await?;
+            self.transition_untraced(version, transition, actor, destroy)
+                .await
+        })
         .await
     }
 
