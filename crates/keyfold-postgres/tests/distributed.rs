@@ -108,6 +108,7 @@ async fn four_workers_read_each_row_once_and_the_evidence_destroys_the_old_versi
         status.rows_read as f64 / status.totals.rewrapped as f64,
         1.0
     );
+    assert!(status.rows_per_second > 0.0, "{status:?}");
     assert!(shards(&pool, &job).await.iter().all(|s| s.0 && s.1 == 1));
     assert_eq!(versions(&pool, "alpha").await, [(2, n as usize)].into());
     assert_eq!(versions(&pool, "beta").await, [(2, n as usize)].into());
