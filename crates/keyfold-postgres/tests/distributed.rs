@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keyfold_core::audit::Actor;
+use keyfold_core::audit::{Actor, AuditKind, RecordingSink};
 use keyfold_core::keyring::{DestroyAuthorization, Keyring};
 use keyfold_core::store::FileStore;
 use keyfold_core::time::Clock;
@@ -160,7 +160,10 @@ async fn no_evidence_until_every_shard_is_done() {
     let (ring, clock) = keyring().await;
     bigint_accounts(&pool, &ring, "alpha", &(1..=1000).collect::<Vec<_>>()).await;
     ring.rotate(&admin()).await.unwrap();
-    let coord = coordinator(&pool, clock).await;
+    let audit = Arc::new(RecordingSink::default());
+    let coord = coordinator(&pool, clock)
+        .await
+        .audit(audit.clone(), Actor::new("rewrap-operator"));
     let table = accounts_source(&pool, "alpha").await;
     let job = coord
         .create_job(&ring, std::slice::from_ref(&table), &job_options(4, 64))
@@ -198,6 +201,22 @@ async fn no_evidence_until_every_shard_is_done() {
     assert_eq!(done.totals.rewrapped, 1000);
     assert!(done.evidence(1).is_some());
     assert!(done.evidence(2).is_none(), "not older than the target");
+    // One started and one completed event for the job, with all shards' totals.
+    let events = audit.events();
+    assert_eq!(
+        audit.names(),
+        ["kms.rewrap.started", "kms.rewrap.completed"]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.keyring_id == "tenant" && e.actor.0 == "rewrap-operator")
+    );
+    assert!(matches!(
+        &events[1].kind,
+        AuditKind::RewrapCompleted { job_id, target_version: 2, rewrapped: 1000, skipped: 0, failed: 0 }
+            if *job_id == job
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

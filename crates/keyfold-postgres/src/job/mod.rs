@@ -38,6 +38,7 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyfold_core::audit::{Actor, AuditEvent, AuditKind, AuditSink, NoAudit};
 use keyfold_core::keyring::Keyring;
 use keyfold_core::time::{Clock, SystemClock, Timestamp};
 use keyfold_rewrap::{
@@ -254,6 +255,8 @@ pub struct RewrapCoordinator {
     pool: PgPool,
     prefix: TablePrefix,
     clock: Arc<dyn Clock>,
+    audit: Arc<dyn AuditSink>,
+    actor: Actor,
 }
 
 fn mode_name(mode: Mode) -> &'static str {
@@ -278,7 +281,29 @@ impl RewrapCoordinator {
             pool,
             prefix,
             clock: Arc::new(SystemClock),
+            audit: Arc::new(NoAudit),
+            actor: Actor::new("keyfold-postgres-rewrap"),
         }
+    }
+
+    /// Where `kms.rewrap.started` (when a job is created) and
+    /// `kms.rewrap.completed` (by the worker that finishes its last shard,
+    /// with the totals of all shards) go, and as whom.
+    #[must_use]
+    pub fn audit(mut self, sink: Arc<dyn AuditSink>, actor: Actor) -> Self {
+        self.audit = sink;
+        self.actor = actor;
+        self
+    }
+
+    /// Records an audit event about keyring `keyring_id`.
+    pub(crate) fn emit(&self, keyring_id: &str, kind: AuditKind) {
+        self.audit.record(AuditEvent {
+            keyring_id: keyring_id.to_owned(),
+            actor: self.actor.clone(),
+            at: self.clock.now(),
+            kind,
+        });
     }
 
     /// The clock that stamps a new job's start (the time its evidence is
@@ -412,6 +437,13 @@ impl RewrapCoordinator {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.emit(
+            keyring.id(),
+            AuditKind::RewrapStarted {
+                job_id: job_id.clone(),
+                target_version: target,
+            },
+        );
         Ok(job_id)
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::Shared;
+use keyfold_core::audit::AuditKind;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::retry::RetryPolicy;
 use keyfold_rewrap::{Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowSource, Shard};
@@ -502,14 +503,30 @@ impl RewrapWorker {
         if query.fetch_optional(&mut *tx).await?.is_none() {
             return Ok(false);
         }
-        sqlx::query(&format!(
+        let completed_job = sqlx::query(&format!(
             "UPDATE {jobs} SET completed_at = now() WHERE id = $1 AND completed_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM {shards} WHERE job_id = $1 AND NOT done)"
         ))
         .bind(&job.id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         tx.commit().await?;
+        if completed_job {
+            // This worker finished the last shard: one event for the job.
+            let totals = self.coordinator.status(&job.id).await?.totals;
+            self.coordinator.emit(
+                &job.keyring_id,
+                AuditKind::RewrapCompleted {
+                    job_id: job.id.clone(),
+                    target_version: job.target_version,
+                    rewrapped: totals.rewrapped,
+                    skipped: totals.skipped,
+                    failed: totals.failed.saturating_add(totals.unresolved),
+                },
+            );
+        }
         Ok(true)
     }
 
