@@ -27,7 +27,8 @@ pub struct WorkerReport {
     pub shards_lost: u64,
     /// Batches it ran.
     pub batches: u64,
-    /// Rows it fetched from the database.
+    /// Rows it fetched from the database (counted when its checkpoint saves
+    /// them).
     pub rows_read: u64,
     /// Its counters, summed over its batches.
     pub counters: Counters,
@@ -106,6 +107,7 @@ pub struct RewrapWorker {
     retry: RetryPolicy,
     max_shards: Option<u64>,
     lanes: usize,
+    checkpoint_interval: Duration,
 }
 
 impl std::fmt::Debug for RewrapWorker {
@@ -147,6 +149,7 @@ impl RewrapWorker {
             retry: RetryPolicy::default(),
             max_shards: None,
             lanes: 2,
+            checkpoint_interval: Duration::from_millis(500),
         }
     }
 
@@ -179,6 +182,16 @@ impl RewrapWorker {
     #[must_use]
     pub fn lanes(mut self, lanes: usize) -> Self {
         self.lanes = lanes.max(1);
+        self
+    }
+
+    /// How often a shard's checkpoint is saved (default 500 ms, and at
+    /// least three times per shard lease, since the save renews it; always
+    /// when the shard is done or the worker is cancelled). A worker killed
+    /// between saves costs the next owner a re-read of what it did since.
+    #[must_use]
+    pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.checkpoint_interval = interval;
         self
     }
 
@@ -385,9 +398,24 @@ impl RewrapWorker {
                 return Err(e.into());
             }
         };
+        // Save at least every third of the lease (it renews it), at most
+        // every `checkpoint_interval`, and always when the shard is done.
+        let save_every = self.checkpoint_interval.min(job.shard_lease / 3);
+        let mut last_save = std::time::Instant::now();
         let mut read_saved = 0u64;
+        let mut unsaved_batches = 0u64;
         loop {
             if state.stopped(cancel) {
+                if unsaved_batches > 0 {
+                    let delta = table.rows_read().saturating_sub(read_saved);
+                    let progress = (delta, unsaved_batches);
+                    if !self
+                        .save(job, &claimed, shard_job.checkpoint(), progress, false)
+                        .await?
+                    {
+                        return Ok(Flow::Lost);
+                    }
+                }
                 self.release(&claimed).await?;
                 return Ok(Flow::Cancelled);
             }
@@ -412,21 +440,37 @@ impl RewrapWorker {
                 }
             };
             let read = table.rows_read();
-            let delta = read.saturating_sub(read_saved);
-            read_saved = read;
             state.update(|report| {
-                report.rows_read = report.rows_read.saturating_add(delta);
                 if let Some(b) = &batch {
                     report.batches += 1;
                     add(&mut report.counters, &b.counters);
                 }
             });
+            if batch.is_some() {
+                unsaved_batches += 1;
+            }
+            if !completed && last_save.elapsed() < save_every {
+                continue;
+            }
+            let delta = read.saturating_sub(read_saved);
             if !self
-                .save(job, &claimed, shard_job.checkpoint(), delta, completed)
+                .save(
+                    job,
+                    &claimed,
+                    shard_job.checkpoint(),
+                    (delta, unsaved_batches),
+                    completed,
+                )
                 .await?
             {
                 return Ok(Flow::Lost);
             }
+            // Rows read count once saved: what a killed worker read after
+            // its last save is read again by the next owner, and counted there.
+            state.update(|report| report.rows_read = report.rows_read.saturating_add(delta));
+            read_saved = read;
+            unsaved_batches = 0;
+            last_save = std::time::Instant::now();
             if completed {
                 return Ok(Flow::Finished);
             }
@@ -443,7 +487,7 @@ impl RewrapWorker {
         job: &JobRow,
         claimed: &Claimed,
         checkpoint: &Checkpoint,
-        rows_read: u64,
+        (rows_read, batches): (u64, u64),
         done: bool,
     ) -> Result<bool, DistributedJobError> {
         let shards = self.coordinator.table("rewrap_shards");
@@ -463,7 +507,7 @@ impl RewrapWorker {
                  lease_until = CASE WHEN $5 THEN NULL \
                    ELSE now() + make_interval(secs => $4::float8 / 1000.0) END, \
                  done = $5, finished_at = CASE WHEN $5 THEN now() END, \
-                 batches = batches + 1, rows_read = rows_read + $6, \
+                 batches = batches + $14, rows_read = rows_read + $6, \
                  seen = $7, rewrapped = $8, skipped = $9, conflicts = $10, failed = $11, \
                  unresolved = $12, updated_at = now() \
                WHERE job_id = $1 AND shard = $2 AND epoch = $3 AND NOT done \
@@ -488,7 +532,8 @@ impl RewrapWorker {
             .bind(count(totals.conflicts))
             .bind(count(totals.failed))
             .bind(count(totals.unresolved))
-            .bind(&text);
+            .bind(&text)
+            .bind(count(batches));
         if !done {
             return Ok(query
                 .fetch_optional(self.coordinator.pool())
