@@ -17,15 +17,16 @@
 //!   readable with plain SQL, or with [`RewrapCoordinator::status`].
 //! - `<prefix>rewrap_checkpoints`: per shard, the
 //!   [`keyfold_rewrap::Checkpoint`] of the shard's
-//!   [`RewrapJob`](keyfold_rewrap::RewrapJob) after its
-//!   last batch, written in the same statement that renews the lease.
+//!   [`RewrapJob`](keyfold_rewrap::RewrapJob), saved every
+//!   [`checkpoint_interval`](RewrapWorker::checkpoint_interval) in the same
+//!   statement that renews the lease.
 //!
 //! A shard is worked by a [`RewrapJob`](keyfold_rewrap::RewrapJob) over the source restricted to the
 //! shard's range ([`PgTable::with_range`]: the bound is in the `WHERE`
 //! clause, so a worker never fetches another shard's rows, and each row is
 //! read once per pass whatever the number of workers). A worker that dies
 //! loses its lease; another resumes the shard from its checkpoint, and
-//! re-reads at most the batch that was running. Writes are compare-and-swap,
+//! re-reads what was done since the last save. Writes are compare-and-swap,
 //! so a stale worker racing the new owner loses nothing.
 //!
 //! [`RewrapCoordinator::completion`] answers only once every shard is done,
