@@ -225,7 +225,9 @@ pub struct JobStatus {
     pub rows_total: u64,
     /// Counters summed over the shards (as of each shard's last batch).
     pub totals: Counters,
-    /// Rows the workers fetched from the database, re-reads included.
+    /// Rows the workers fetched from the database, counted when a shard's
+    /// checkpoint is saved (conflict re-reads and resumed shards' re-reads
+    /// included; what a killed worker read after its last save is not).
     pub rows_read: u64,
     /// Rows seen per second since the first shard was claimed (until the
     /// job completed).
