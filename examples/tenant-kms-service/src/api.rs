@@ -659,7 +659,13 @@ async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> Api
     // Hold the job slot across the rotation: the background task then cannot
     // start a job of its own for the new version before this one.
     let mut job = admin.tenant.job.lock().await;
-    let rotation = keyring.rotate(&admin.actor()).await?;
+    // A conflict means another instance changed the keyring since this
+    // one's view: the keyring reloaded it, so the step-up already spent is
+    // not wasted on a retryable race.
+    let rotation = match keyring.rotate(&admin.actor()).await {
+        Err(CoreError::Conflict { .. }) => keyring.rotate(&admin.actor()).await?,
+        other => other?,
+    };
     app.shared
         .new_job(admin.id(), &mut job, &keyring, rotation.lease_id.clone());
     drop(job);
@@ -783,7 +789,12 @@ async fn version_op(
                 .destroy_allowed_at(version)
                 .unwrap_or_else(Timestamp::now),
         };
-        keyring.schedule_destroy(version, at, &actor).await?;
+        match keyring.schedule_destroy(version, at, &actor).await {
+            Err(CoreError::Conflict { .. }) => {
+                keyring.schedule_destroy(version, at, &actor).await?
+            }
+            other => other?,
+        }
         return Ok(Json(json!({
             "version": version,
             "state": keyring.version_state(version),
@@ -792,8 +803,14 @@ async fn version_op(
         })));
     }
     match action {
-        Action::Disable => keyring.disable(version, &actor).await?,
-        Action::Enable => keyring.enable(version, &actor).await?,
+        Action::Disable => match keyring.disable(version, &actor).await {
+            Err(CoreError::Conflict { .. }) => keyring.disable(version, &actor).await?,
+            other => other?,
+        },
+        Action::Enable => match keyring.enable(version, &actor).await {
+            Err(CoreError::Conflict { .. }) => keyring.enable(version, &actor).await?,
+            other => other?,
+        },
         _ => {
             if keyring.version_state(version).is_none() {
                 return Err(CoreError::UnknownVersion { version }.into());
@@ -885,9 +902,17 @@ async fn rotation_policy(
     let kms = admin.tenant.kms.read().await;
     let keyring = onboarded(&admin, &kms)?;
     require_step_up(&app, &admin, &headers, Action::RotationPolicy, admin.id())?;
-    keyring
+    match keyring
         .set_rotation_policy(Some(policy), &admin.actor())
-        .await?;
+        .await
+    {
+        Err(CoreError::Conflict { .. }) => {
+            keyring
+                .set_rotation_policy(Some(policy), &admin.actor())
+                .await?;
+        }
+        other => other?,
+    }
     Ok(Json(json!({
         "rotation_policy": { "enabled": enabled, "period_days": days },
         "note": "every instance's maintenance task evaluates the policy hourly and rotates when it is due (kms.rotate.scheduled)",

@@ -14,7 +14,7 @@ use keyfold::EncryptionContext;
 use keyfold::keyring::StoredKeyring;
 use keyfold::rewrap::{CasOutcome, Row, RowSource, SourceError};
 use keyfold::store::{self, KeyringStore, Revision, StoreError};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keyrings (
@@ -210,7 +210,10 @@ impl Db {
             .remove(tenant)
     }
 
-    /// The connection, locked.
+    /// The connection, locked. Write transactions are `IMMEDIATE`: a
+    /// deferred one that reads first and another instance's write in
+    /// between would fail its upgrade at once ("database is locked") instead
+    /// of waiting for the busy timeout.
     pub fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -298,7 +301,7 @@ impl Db {
         now: u64,
     ) -> rusqlite::Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: Option<(i64, Vec<u8>)> = tx
             .query_row(
                 "SELECT version, ciphertext FROM secrets WHERE tenant = ?1 AND name = ?2",
@@ -873,7 +876,9 @@ impl KeyringStore for Db {
             .get(keyring_id)
             .cloned();
         let mut conn = self.lock();
-        let tx = conn.transaction().map_err(backend)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         let written = match expected {
             None => tx.execute(
                 "INSERT INTO keyrings (id, revision, body) VALUES (?1, ?2, ?3)

@@ -413,11 +413,21 @@ impl Shared {
         self.db
             .set_pending(id, crate::db::PendingConfig { json: json.clone() });
         let moved = match slot.as_ref() {
-            Some(o) => o
+            // A conflict: another instance changed the keyring since this
+            // one's view (which the keyring has reloaded): once more.
+            Some(o) => match o
                 .keyring
                 .rewrap_master_keys(Arc::clone(&wrapper), actor)
                 .await
-                .map(|_| Arc::clone(&o.keyring)),
+            {
+                Err(keyfold::Error::Conflict { .. }) => {
+                    o.keyring
+                        .rewrap_master_keys(Arc::clone(&wrapper), actor)
+                        .await
+                }
+                other => other,
+            }
+            .map(|_| Arc::clone(&o.keyring)),
             None => self
                 .keyring_builder(id, Arc::clone(&wrapper))
                 .open_or_create()
@@ -446,7 +456,11 @@ impl Shared {
         // The job slot is held across the rotation, so the background task
         // cannot start a job of its own for the new version meanwhile.
         let mut job = tenant.job.lock().await;
-        let rotation = keyring.rotate(actor).await.map_err(OnboardError::Keyring)?;
+        let rotation = match keyring.rotate(actor).await {
+            Err(keyfold::Error::Conflict { .. }) => keyring.rotate(actor).await,
+            other => other,
+        }
+        .map_err(OnboardError::Keyring)?;
         drop(slot);
         self.new_job(id, &mut job, &keyring, rotation.lease_id.clone());
         Ok(OnboardResult {
