@@ -130,6 +130,9 @@ impl Keyring {
     /// [`Error::Sealed`], [`Error::Wrap`], [`Error::Conflict`], [`Error::Store`].
     pub async fn rotate(&self, actor: &Actor) -> Result<Rotation, Error> {
         self.traced("rotate", None, async {
+            // On a view no older than max staleness: a stale replica's
+            // rotation would only conflict.
+            self.refresh_if_stale().await?;
             let _guard = self.write.lock().await;
             self.rotate_locked(actor, false).await
         })
