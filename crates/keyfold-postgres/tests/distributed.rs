@@ -514,7 +514,9 @@ async fn four_worker_processes_killed_ten_times_lose_nothing() {
     let mut kills = 0;
     let mut none_before_done = 0;
     while kills < 10 {
-        tokio::time::sleep(Duration::from_millis(50 + rng.below(700))).await;
+        // Short enough that ten kills land before even a fast machine
+        // finishes 200,000 rows (a worker takes ~100 ms to start).
+        tokio::time::sleep(Duration::from_millis(20 + rng.below(230))).await;
         let victim = rng.below(4) as usize;
         if let Some(status) = workers[victim].try_wait().unwrap() {
             // It finished: the job is done before ten kills.
