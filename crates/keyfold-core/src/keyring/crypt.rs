@@ -90,58 +90,28 @@ impl Keyring {
         {
             self.auto_unseal_if_due().await;
         }
-        // Two rounds: a key that expires between the freshness check and
-        // the cold load makes the load refuse a stale view once (below).
-        for _ in 0..2 {
+        // At most two rounds: the first may trust a cached key on an
+        // expired view; if that key expires before the load runs, the second
+        // reloads the view and judges the version again.
+        let mut may_trust_cache = true;
+        loop {
             let dirty = self.dirty();
-            // Trusting a cached key on an expired view: if the key turns
-            // out to have expired too by the time the load runs, the load
-            // must not use that view.
-            let trusted_cache = !dirty && self.view_expired() && self.cache.is_fresh(version);
+            let trusted_cache =
+                may_trust_cache && !dirty && self.view_expired() && self.cache.is_fresh(version);
+            may_trust_cache = false;
             if dirty || self.view_expired() && !trusted_cache {
                 self.refresh_if_stale().await?;
             }
             let (v, wrapper) = self.known_version(version).await?;
-            let stale_view = std::sync::atomic::AtomicBool::new(false);
-            let result = match v.state {
+            match v.state {
                 s if s.can_decrypt() => {
-                    self.cache
-                        .get_or_load(
-                            v.version,
-                            || {
-                                self.check_unsealed()?;
-                                // A cold load judges the version on a view no
-                                // older than max staleness: refuse, reload
-                                // and judge again.
-                                if trusted_cache {
-                                    stale_view.store(true, std::sync::atomic::Ordering::SeqCst);
-                                    return Err(Error::NoActiveVersion);
-                                }
-                                Ok(())
-                            },
-                            || self.unwrap_version(&v, wrapper),
-                            |e| matches!(e, Error::Sealed { .. }),
-                            || {
-                                self.sealed()
-                                    .map_or_else(|| self.options.clock.now(), |s| s.since)
-                            },
-                        )
-                        .await
+                    if let Some(key) = self.load_cached(&v, wrapper, trusted_cache).await? {
+                        return Ok(key);
+                    }
                 }
-                KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
-                state => Err(Error::KeyState { version, state }),
-            };
-            if !stale_view.load(std::sync::atomic::Ordering::SeqCst) {
-                return result;
+                KeyState::Destroyed => return Err(Error::KeyDestroyed { version }),
+                state => return Err(Error::KeyState { version, state }),
             }
-        }
-        // Two reloads in a row went stale before the load (a max staleness
-        // of zero): the view just read is the freshest there is.
-        let (v, wrapper) = self.known_version(version).await?;
-        match v.state {
-            s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
-            KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
-            state => Err(Error::KeyState { version, state }),
         }
     }
 
@@ -308,15 +278,30 @@ impl Keyring {
         }
     }
 
+    /// `v`'s key from the cache, or unwrapped by the KMS. With
+    /// `cached_only`, a miss loads nothing and gives `None`: the caller
+    /// judged `v` on a view it trusted only because the key was cached.
     pub(super) async fn load_cached(
         &self,
         v: &StoredVersion,
         wrapper: Arc<dyn KeyWrapper>,
-    ) -> Result<Arc<MasterKey>, Error> {
-        self.cache
+        cached_only: bool,
+    ) -> Result<Option<Arc<MasterKey>>, Error> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let missed = AtomicBool::new(false);
+        let result = self
+            .cache
             .get_or_load(
                 v.version,
-                || self.check_unsealed(),
+                || {
+                    self.check_unsealed()?;
+                    if cached_only {
+                        missed.store(true, Ordering::SeqCst);
+                        // Never returned: `missed` turns it into `None`.
+                        return Err(Error::NoActiveVersion);
+                    }
+                    Ok(())
+                },
                 || self.unwrap_version(v, wrapper),
                 |e| matches!(e, Error::Sealed { .. }),
                 || {
@@ -324,7 +309,11 @@ impl Keyring {
                         .map_or_else(|| self.options.clock.now(), |s| s.since)
                 },
             )
-            .await
+            .await;
+        if missed.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        result.map(Some)
     }
 
     /// Drops cached keys whose TTL has passed (they are zeroized once no

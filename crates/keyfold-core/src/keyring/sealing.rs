@@ -82,7 +82,9 @@ impl Keyring {
             // version that may not decrypt is unwrapped without entering the
             // cache ("disable evicts").
             let key = if v.state.can_decrypt() {
-                self.load_cached(v, Arc::clone(&old)).await?
+                self.load_cached(v, Arc::clone(&old), false)
+                    .await?
+                    .ok_or(Error::NoActiveVersion)?
             } else {
                 self.check_unsealed()?;
                 Arc::new(self.unwrap_version(v, Arc::clone(&old)).await?)
@@ -120,12 +122,12 @@ impl Keyring {
     /// Retries the KMS after the keyring was sealed: unwraps the active
     /// version (or the newest one that may decrypt; with none, wraps and unwraps a probe
     /// key). On success the keyring is unsealed (`kms.unsealed`) and the key
-    /// cached; on failure it stays sealed.
+    /// cached; on failure it stays sealed. It never lifts an operator's seal
+    /// ([`seal`](Self::seal)): that takes [`unseal_as`](Self::unseal_as),
+    /// naming who lifts it.
     ///
     /// # Errors
     /// [`Error::Sealed`] or [`Error::Wrap`] when the KMS still fails.
-    /// It never lifts an operator's seal ([`seal`](Self::seal)): that takes
-    /// [`unseal_as`](Self::unseal_as), naming who lifts it.
     pub async fn unseal(&self) -> Result<(), Error> {
         self.traced(
             "unseal",
