@@ -32,7 +32,7 @@ use keyfold_core::{
 use zeroize::Zeroizing;
 
 pub use errors::classify_sdk_error;
-pub use operator::check_kms_endpoint;
+pub use operator::{check_kms_endpoint, check_sts_endpoint};
 
 /// Provider name recorded in every [`WrappedKey`] this crate makes.
 pub const PROVIDER: &str = "aws";
@@ -277,7 +277,9 @@ impl AwsKmsWrapperBuilder {
     }
 
     /// Sends STS `AssumeRole` to this endpoint instead of the regional STS
-    /// endpoint (a local emulator in tests, or an STS VPC endpoint).
+    /// endpoint (an STS VPC endpoint; a local emulator in tests). An
+    /// operator setting, checked at build by [`check_sts_endpoint`]
+    /// (loopback only with the test switch).
     /// [`kms_endpoint_url`](Self::kms_endpoint_url) applies to KMS only.
     #[must_use]
     pub fn sts_endpoint_url(mut self, url: impl Into<String>) -> Self {
@@ -373,6 +375,9 @@ impl AwsKmsWrapperBuilder {
         }
         if let Some(url) = &self.kms_endpoint_url {
             check_kms_endpoint(url, &config.region, self.allow_loopback).map_err(misconfigured)?;
+        }
+        if let Some(url) = &self.sts_endpoint_url {
+            check_sts_endpoint(url, &config.region, self.allow_loopback).map_err(misconfigured)?;
         }
         if let Some(allowed) = &self.allowed_accounts {
             operator::check_accounts(&config, allowed).map_err(misconfigured)?;

@@ -61,11 +61,69 @@ pub fn check_kms_endpoint(
     region: &str,
     allow_loopback: bool,
 ) -> Result<(), ConfigError> {
-    const FIELD: &str = "endpoint_url";
+    check_endpoint(Service::Kms, url, region, allow_loopback)
+}
+
+/// Checks an operator's STS endpoint override (where the base credentials'
+/// signed `AssumeRole` calls go) for keys in `region`, as
+/// [`check_kms_endpoint`] does for KMS: `https://` to
+/// `sts.amazonaws.com` (the global endpoint), `sts.REGION.amazonaws.com`,
+/// `sts-fips.REGION.amazonaws.com`, `sts[-fips].REGION.api.aws` or
+/// `vpce-ID.sts.REGION.vpce.amazonaws.com`; loopback only with
+/// `allow_loopback`.
+///
+/// ```
+/// use keyfold_aws::check_sts_endpoint;
+/// check_sts_endpoint("https://sts.eu-west-1.amazonaws.com", "eu-west-1", false)?;
+/// assert!(check_sts_endpoint("https://kms.eu-west-1.amazonaws.com", "eu-west-1", false).is_err());
+/// # Ok::<(), keyfold_core::config::ConfigError>(())
+/// ```
+///
+/// # Errors
+/// [`ConfigError::InvalidField`] (field `sts_endpoint_url`) saying what is
+/// accepted.
+pub fn check_sts_endpoint(
+    url: &str,
+    region: &str,
+    allow_loopback: bool,
+) -> Result<(), ConfigError> {
+    check_endpoint(Service::Sts, url, region, allow_loopback)
+}
+
+/// The AWS services whose endpoints the operator may override.
+#[derive(Clone, Copy)]
+enum Service {
+    Kms,
+    Sts,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Kms => "kms",
+            Service::Sts => "sts",
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Service::Kms => "endpoint_url",
+            Service::Sts => "sts_endpoint_url",
+        }
+    }
+}
+
+fn check_endpoint(
+    service: Service,
+    url: &str,
+    region: &str,
+    allow_loopback: bool,
+) -> Result<(), ConfigError> {
+    let field = service.field();
     let endpoint = Endpoint::parse(url).filter(|_| only_scheme_and_authority(url));
     let Some(endpoint) = endpoint else {
         return Err(invalid(
-            FIELD,
+            field,
             "must be https://HOST[:PORT] with a plain host, no user info and no path",
         ));
     };
@@ -74,25 +132,34 @@ pub fn check_kms_endpoint(
             Ok(())
         } else {
             Err(invalid(
-                FIELD,
+                field,
                 "a loopback endpoint is accepted only when the operator allows loopback endpoints for tests",
             ))
         };
     }
     if !endpoint.https {
-        return Err(invalid(FIELD, "must be https://"));
+        return Err(invalid(field, "must be https://"));
     }
     if endpoint.port.is_some_and(|p| p != 443) {
-        return Err(invalid(FIELD, "an AWS KMS endpoint listens on port 443"));
+        return Err(invalid(field, "an AWS endpoint listens on port 443"));
     }
-    if !is_kms_host(&endpoint.host.to_ascii_lowercase(), region) {
+    let host = endpoint.host.to_ascii_lowercase();
+    let global_sts = matches!(service, Service::Sts) && host == "sts.amazonaws.com";
+    if !global_sts && !is_service_host(service.name(), &host, region) {
+        let s = service.name();
         return Err(invalid(
-            FIELD,
+            field,
             format!(
-                "{:?} is not an AWS KMS host of region {region} (kms.{region}.amazonaws.com, \
-                 kms-fips.{region}.amazonaws.com, kms[-fips].{region}.api.aws, \
-                 vpce-ID.kms.{region}.vpce.amazonaws.com)",
-                endpoint.host
+                "{:?} is not an AWS {} host of region {region} ({s}.{region}.amazonaws.com, \
+                 {s}-fips.{region}.amazonaws.com, {s}[-fips].{region}.api.aws, \
+                 vpce-ID.{s}.{region}.vpce.amazonaws.com{})",
+                endpoint.host,
+                s.to_ascii_uppercase(),
+                if global_sts || matches!(service, Service::Sts) {
+                    ", sts.amazonaws.com"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -111,7 +178,14 @@ fn only_scheme_and_authority(url: &str) -> bool {
     }
 }
 
+#[cfg(test)]
 fn is_kms_host(host: &str, region: &str) -> bool {
+    is_service_host("kms", host, region)
+}
+
+/// `SERVICE[-fips].REGION.amazonaws.com[.cn]`, `SERVICE[-fips].REGION.api.aws`
+/// or `vpce-ID.SERVICE.REGION.vpce.amazonaws.com[.cn]`.
+fn is_service_host(service: &str, host: &str, region: &str) -> bool {
     let china = region.starts_with("cn-");
     let suffix = if china {
         "amazonaws.com.cn"
@@ -119,15 +193,15 @@ fn is_kms_host(host: &str, region: &str) -> bool {
         "amazonaws.com"
     };
     let regional = [
-        format!("kms.{region}.{suffix}"),
-        format!("kms-fips.{region}.{suffix}"),
-        format!("kms.{region}.api.aws"),
-        format!("kms-fips.{region}.api.aws"),
+        format!("{service}.{region}.{suffix}"),
+        format!("{service}-fips.{region}.{suffix}"),
+        format!("{service}.{region}.api.aws"),
+        format!("{service}-fips.{region}.api.aws"),
     ];
     if regional.iter().any(|h| h == host) {
         return true;
     }
-    let vpce = format!(".kms.{region}.vpce.{suffix}");
+    let vpce = format!(".{service}.{region}.vpce.{suffix}");
     host.strip_suffix(&vpce)
         .and_then(|label| label.strip_prefix("vpce-"))
         .is_some_and(|id| {

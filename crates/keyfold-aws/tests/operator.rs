@@ -264,3 +264,56 @@ fn the_factory_debug_shows_the_operator_settings() {
         "{shown}"
     );
 }
+
+/// The STS endpoint override receives the base credentials' signed
+/// `AssumeRole` calls: it is held to STS hosts as the KMS one is to KMS hosts.
+#[tokio::test]
+async fn the_factory_refuses_sts_endpoints_that_are_not_aws_sts_hosts() {
+    let config = ProviderConfig::Aws(tenant(KEY_ARN, ROLE));
+    for (url, _what) in HOSTILE_ENDPOINTS {
+        refused_sts(&config, url, true).await;
+    }
+    for url in [
+        // A KMS host is not an STS host.
+        "https://kms.eu-west-1.amazonaws.com",
+        "https://sts.eu-west-1.amazonaws.com.evil.example",
+        "https://vpce-.sts.eu-west-1.vpce.amazonaws.com",
+    ] {
+        refused_sts(&config, url, false).await;
+    }
+    for url in LOOPBACK {
+        refused_sts(&config, url, false).await;
+    }
+    for url in [
+        "https://sts.amazonaws.com",
+        "https://sts.eu-west-1.amazonaws.com",
+        "https://sts-fips.eu-west-1.amazonaws.com",
+        "https://sts.eu-west-1.api.aws",
+        "https://vpce-0a1b2c3d4e5f6a7b8-abcdefgh.sts.eu-west-1.vpce.amazonaws.com",
+    ] {
+        AwsWrapperFactory::new()
+            .sts_endpoint_url(url)
+            .build(&config)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+    for url in LOOPBACK {
+        AwsWrapperFactory::new()
+            .sts_endpoint_url(*url)
+            .allow_loopback_endpoints_for_tests(true)
+            .build(&config)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
+/// Builds with `url` as the STS endpoint and expects a refusal naming it.
+async fn refused_sts(config: &ProviderConfig, url: &str, allow_loopback: bool) {
+    let err = AwsWrapperFactory::new()
+        .sts_endpoint_url(url)
+        .allow_loopback_endpoints_for_tests(allow_loopback)
+        .build(config)
+        .await
+        .expect_err(&format!("STS endpoint {url} accepted"));
+    assert_eq!(field_of(config_error(&err)), "sts_endpoint_url", "{url}");
+}

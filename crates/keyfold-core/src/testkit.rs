@@ -25,8 +25,10 @@ use std::sync::Arc;
 
 mod counting;
 mod store;
+mod unwatched;
 pub use counting::CountingWrapper;
 pub use store::store_conformance;
+pub use unwatched::Unwatched;
 
 use crate::format::secret::SecretKey;
 use crate::wrap::error::WrapErrorKind;

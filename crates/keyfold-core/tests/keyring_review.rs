@@ -1,6 +1,7 @@
 //! Regression tests for the keyring security review: what the keyring
 //! refuses from its store, from its KMS and from stale evidence.
 
+use keyfold_core::testkit::Unwatched;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -481,25 +482,6 @@ async fn a_slow_unwrap_does_not_let_a_rewrap_land_on_a_retired_version() {
         ),
         "{err:?}"
     );
-}
-
-/// A store that forwards to another but pushes no change notifications.
-#[derive(Debug)]
-struct Unwatched(Arc<MemoryStore>);
-
-#[async_trait]
-impl KeyringStore for Unwatched {
-    async fn load(&self, id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
-        self.0.load(id).await
-    }
-    async fn save(
-        &self,
-        id: &str,
-        expected: Option<Revision>,
-        keyring: &StoredKeyring,
-    ) -> Result<Revision, StoreError> {
-        self.0.save(id, expected, keyring).await
-    }
 }
 
 #[tokio::test]

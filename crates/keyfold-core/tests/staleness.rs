@@ -3,37 +3,17 @@
 //! decrypts stops using a version disabled elsewhere within max staleness +
 //! cache TTL, and a wall clock stepped back does not freeze a view's age.
 
+use keyfold_core::testkit::Unwatched;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use keyfold_core::keyring::{KeyState, Keyring, StoredKeyring};
-use keyfold_core::store::{KeyringStore, MemoryStore, Revision, StoreError};
+use keyfold_core::keyring::{KeyState, Keyring};
+use keyfold_core::store::{KeyringStore, MemoryStore};
 use keyfold_core::time::{Clock, ManualClock, Timestamp};
 use keyfold_core::{Actor, EncryptionContext, Error, LocalKek, SecretKey};
 
 const STALENESS: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(60);
-
-/// Forwards to a shared store but pushes no change notifications: the
-/// max-staleness bound is all an instance has.
-#[derive(Debug)]
-struct Unwatched(Arc<MemoryStore>);
-
-#[async_trait]
-impl KeyringStore for Unwatched {
-    async fn load(&self, id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
-        self.0.load(id).await
-    }
-    async fn save(
-        &self,
-        id: &str,
-        expected: Option<Revision>,
-        keyring: &StoredKeyring,
-    ) -> Result<Revision, StoreError> {
-        self.0.save(id, expected, keyring).await
-    }
-}
 
 fn admin() -> Actor {
     Actor::new("admin@example.com")

@@ -234,6 +234,11 @@ impl AuditKind {
 
 /// Receives audit events. The host implements it (a log, a table, a queue).
 ///
+/// The counter an [`AuditSink`] increments for every event it failed to
+/// write (label `sink`: `postgres`, or the host's own name), so a dashboard
+/// sees what [`AuditSink::record`] cannot return (docs/OBSERVABILITY.md).
+pub const AUDIT_WRITE_FAILURES: &str = "keyfold_audit_write_failures_total";
+
 /// Called after the change is committed to the store, from the task that made
 /// it; keep it quick and non-blocking (hand the event to a channel if writing
 /// it is slow). It cannot veto a change.

@@ -62,7 +62,14 @@ impl KeyringBuilder {
     /// missed another's rotation or disable stops encrypting under the old
     /// version within this bound. [`Keyring::destroy`] accordingly refuses
     /// evidence gathered less than this long after the version's retirement.
-    /// Use the same value on every instance of a keyring.
+    ///
+    /// Max staleness, [`write_window`](Self::write_window) and
+    /// [`destroy_grace`](Self::destroy_grace) are also recorded with the
+    /// keyring as floors when this instance creates or changes it
+    /// ([`StoredKeyring::bound_floors`], never lowered), and every destroy
+    /// uses the larger of its own value and the floor, so the most cautious
+    /// instance's values hold for the whole fleet (docs/THREAT_MODEL.md,
+    /// "One set of bounds per keyring"). Views keep this instance's own value.
     pub fn max_staleness(mut self, max: Duration) -> Self {
         self.options.max_staleness = max;
         self
@@ -106,7 +113,12 @@ impl KeyringBuilder {
     /// [`Error::Store`] on store failure.
     pub async fn create(self) -> Result<Keyring, Error> {
         let as_of = self.options.clock.monotonic();
-        let stored = StoredKeyring::new(self.id.clone(), self.options.clock.now());
+        let mut stored = StoredKeyring::new(self.id.clone(), self.options.clock.now());
+        stored.raise_bound_floors(BoundFloors::from_settings(
+            self.options.max_staleness,
+            self.options.write_window,
+            self.options.destroy_grace,
+        ));
         stored
             .validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
@@ -153,7 +165,7 @@ impl KeyringBuilder {
     /// the clock's monotonic reading.
     fn build(self, revision: Revision, stored: StoredKeyring, as_of: Duration) -> Keyring {
         let changes = self.store.watch();
-        Keyring {
+        let ring = Keyring {
             cache: KeyCache::new(self.options.cache_ttl),
             id: self.id,
             wrapper: RwLock::new(self.wrapper),
@@ -164,12 +176,16 @@ impl KeyringBuilder {
             last_auto_refresh: Mutex::new(None),
             loaded_at: Mutex::new(as_of),
             changes: Mutex::new(changes),
-            operator_seal: Mutex::new(None),
-            operator_sealed: std::sync::atomic::AtomicBool::new(false),
+            local_seal: Mutex::new(None),
+            local_sealed: std::sync::atomic::AtomicBool::new(false),
+            operator_gauge: std::sync::atomic::AtomicBool::new(false),
             unseal_probe: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
             options: self.options,
-        }
+        };
+        // Opened on a keyring an operator sealed: counted as sealed here.
+        ring.update_operator_gauge();
+        ring
     }
 }
 

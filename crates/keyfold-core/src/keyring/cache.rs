@@ -231,23 +231,6 @@ impl KeyCache {
         state.failure = None;
     }
 
-    /// Whether `version`'s key is cached and within its TTL now (a slot
-    /// being loaded counts as not fresh).
-    pub(crate) fn is_fresh(&self, version: u32) -> bool {
-        let slot = {
-            let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            match slots.get(&version) {
-                Some(slot) => Arc::clone(slot),
-                None => return false,
-            }
-        };
-        let now = Instant::now();
-        slot.state
-            .try_lock()
-            .ok()
-            .is_some_and(|s| s.key.as_ref().is_some_and(|(_, exp)| now < *exp))
-    }
-
     /// Drops `version`'s key (it is zeroized once no caller holds it).
     pub(crate) fn evict(&self, version: u32) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);

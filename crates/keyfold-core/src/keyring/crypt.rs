@@ -71,17 +71,14 @@ impl Keyring {
     /// [`Error::UnknownVersion`], [`Error::KeyState`] (disabled),
     /// [`Error::KeyDestroyed`], [`Error::Sealed`], [`Error::Wrap`].
     pub async fn master_key(&self, version: u32) -> Result<Arc<MasterKey>, Error> {
-        // A cold load judges the version on a view no older than the max
-        // staleness (or newer than the last change notification); a cached
-        // key is used on the view it was loaded under, for at most its TTL.
-        // So no instance decrypts with a version disabled or destroyed
-        // elsewhere after max staleness + cache TTL (docs/THREAT_MODEL.md).
-        if self
-            .operator_sealed
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            self.check_unsealed()?;
-        }
+        // Every use judges the version, and the operator's seal, on a view
+        // no older than the max staleness (or newer than the last change
+        // notification), cached key or not; a cached key lives at most its
+        // TTL. So no instance decrypts with a version disabled or destroyed
+        // elsewhere, or on a keyring sealed elsewhere, after max staleness
+        // (docs/THREAT_MODEL.md, "Many instances, one store: the bounds").
+        // The seal is judged after the refresh only: a view holding a seal
+        // lifted elsewhere must be refreshed to see that.
         if self
             .sealed
             .lock()
@@ -90,28 +87,17 @@ impl Keyring {
         {
             self.auto_unseal_if_due().await;
         }
-        // At most two rounds: the first may trust a cached key on an
-        // expired view; if that key expires before the load runs, the second
-        // reloads the view and judges the version again.
-        let mut may_trust_cache = true;
-        loop {
-            let dirty = self.dirty();
-            let trusted_cache =
-                may_trust_cache && !dirty && self.view_expired() && self.cache.is_fresh(version);
-            may_trust_cache = false;
-            if dirty || self.view_expired() && !trusted_cache {
-                self.refresh_if_stale().await?;
-            }
-            let (v, wrapper) = self.known_version(version).await?;
-            match v.state {
-                s if s.can_decrypt() => {
-                    if let Some(key) = self.load_cached(&v, wrapper, trusted_cache).await? {
-                        return Ok(key);
-                    }
-                }
-                KeyState::Destroyed => return Err(Error::KeyDestroyed { version }),
-                state => return Err(Error::KeyState { version, state }),
-            }
+        if self.is_stale() {
+            self.refresh_if_stale().await?;
+        }
+        // The view may have just brought an operator's seal: no key then,
+        // cached or not.
+        self.check_operator_seal()?;
+        let (v, wrapper) = self.known_version(version).await?;
+        match v.state {
+            s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
+            KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
+            state => Err(Error::KeyState { version, state }),
         }
     }
 
@@ -278,30 +264,17 @@ impl Keyring {
         }
     }
 
-    /// `v`'s key from the cache, or unwrapped by the KMS. With
-    /// `cached_only`, a miss loads nothing and gives `None`: the caller
-    /// judged `v` on a view it trusted only because the key was cached.
+    /// `v`'s key from the cache, or unwrapped by the KMS (refused while
+    /// sealed).
     pub(super) async fn load_cached(
         &self,
         v: &StoredVersion,
         wrapper: Arc<dyn KeyWrapper>,
-        cached_only: bool,
-    ) -> Result<Option<Arc<MasterKey>>, Error> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let missed = AtomicBool::new(false);
-        let result = self
-            .cache
+    ) -> Result<Arc<MasterKey>, Error> {
+        self.cache
             .get_or_load(
                 v.version,
-                || {
-                    self.check_unsealed()?;
-                    if cached_only {
-                        missed.store(true, Ordering::SeqCst);
-                        // Never returned: `missed` turns it into `None`.
-                        return Err(Error::NoActiveVersion);
-                    }
-                    Ok(())
-                },
+                || self.check_unsealed(),
                 || self.unwrap_version(v, wrapper),
                 |e| matches!(e, Error::Sealed { .. }),
                 || {
@@ -309,11 +282,7 @@ impl Keyring {
                         .map_or_else(|| self.options.clock.now(), |s| s.since)
                 },
             )
-            .await;
-        if missed.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
-        result.map(Some)
+            .await
     }
 
     /// Drops cached keys whose TTL has passed (they are zeroized once no

@@ -1,6 +1,7 @@
 //! Destroying a version, and the evidence that authorizes it
 //! (docs/LIFECYCLE.md, "Destroy").
 
+use super::state::whole_secs;
 use super::*;
 
 /// The host's evidence that no record is left on a version, presented to
@@ -34,17 +35,13 @@ pub enum DestroyAuthorization {
 }
 
 /// What a destroy of `version` needs, given the keyring's settings: when
-/// the grace period ends, and after when evidence must be gathered.
+/// the grace period ends, and after when evidence must be gathered. Each
+/// bound is the larger of this instance's setting and the floor stored with
+/// the keyring ([`Keyring::destroy_rules`]).
 pub(super) struct DestroyRules {
     pub(super) max_staleness: Duration,
     pub(super) write_window: Duration,
     pub(super) grace: Duration,
-}
-
-/// Rounds up to whole seconds: stored timestamps are whole seconds
-/// (floored), so a bound must not lose its fraction.
-fn whole_secs(d: Duration) -> u64 {
-    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// How far ahead of this host's clock evidence may be dated: the clock skew
@@ -153,11 +150,17 @@ impl DestroyRules {
 }
 
 impl Keyring {
-    pub(super) fn destroy_rules(&self) -> DestroyRules {
+    /// The destroy rules on the view `stored`: for each bound the larger
+    /// of this instance's own setting and the fleet's floor stored with the
+    /// keyring, so the most cautious instance's settings hold whichever
+    /// instance destroys (docs/THREAT_MODEL.md, "One set of bounds per
+    /// keyring").
+    pub(super) fn destroy_rules(&self, stored: &StoredKeyring) -> DestroyRules {
+        let floors = stored.bound_floors.unwrap_or_default();
         DestroyRules {
-            max_staleness: self.options.max_staleness,
-            write_window: self.options.write_window,
-            grace: self.options.destroy_grace,
+            max_staleness: self.options.max_staleness.max(floors.max_staleness()),
+            write_window: self.options.write_window.max(floors.write_window()),
+            grace: self.options.destroy_grace.max(floors.destroy_grace()),
         }
     }
 
@@ -169,6 +172,10 @@ impl Keyring {
     /// - [`NoRecordsLeft`] evidence for this version gathered after it was
     ///   disabled and after max staleness + write window (+1 s) past its
     ///   retirement ([`destroy_allowed_at`](Self::destroy_allowed_at)).
+    ///
+    /// Each of the three bounds is the larger of this instance's setting
+    /// and the fleet's floor stored with the keyring
+    /// ([`bound_floors`](Self::bound_floors)).
     ///
     /// A forced destroy (an incident) needs a non-empty reason and is
     /// audited as forced.
@@ -197,7 +204,7 @@ impl Keyring {
         if v.state != KeyState::Disabled {
             return None;
         }
-        let rules = self.destroy_rules();
+        let rules = self.destroy_rules(&stored);
         Some(rules.grace_until(v)?.max(rules.evidence_after(v)?))
     }
 
@@ -228,7 +235,7 @@ impl Keyring {
                 allowed_at: None,
             });
         }
-        let rules = self.destroy_rules();
+        let rules = self.destroy_rules(&stored);
         if let (Some(disabled_at), Some(until), Some(after)) =
             (v.disabled_at, rules.grace_until(v), rules.evidence_after(v))
         {

@@ -46,10 +46,14 @@ impl Keyring {
         wrapper: Option<Arc<dyn KeyWrapper>>,
         as_of: Duration,
     ) {
-        let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
-        // An older revision than ours means ours is the newer state, seen
-        // by an operation whose own start set `loaded_at`.
-        if revision >= cur.0 {
+        let newly_sealed = {
+            let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
+            // An older revision than ours means ours is the newer state, seen
+            // by an operation whose own start set `loaded_at`.
+            if revision < cur.0 {
+                return;
+            }
+            let newly_sealed = cur.1.operator_seal.is_none() && stored.operator_seal.is_some();
             // Just read from or written to the store: fresh as of `as_of`.
             *self
                 .loaded_at
@@ -59,7 +63,15 @@ impl Keyring {
             if let Some(w) = wrapper {
                 *self.wrapper.write().unwrap_or_else(PoisonError::into_inner) = w;
             }
+            newly_sealed
+        };
+        // An operator sealed the keyring (here or elsewhere): no key stays
+        // in memory while it holds.
+        if newly_sealed {
+            self.cache.clear();
         }
+        self.forget_stored_local_seal(revision);
+        self.update_operator_gauge();
     }
 
     /// Commits `next` over `expected`. On a conflict, reloads the store's
@@ -67,9 +79,13 @@ impl Keyring {
     pub(super) async fn commit(
         &self,
         expected: Revision,
-        next: StoredKeyring,
+        mut next: StoredKeyring,
         new_wrapper: Option<Arc<dyn KeyWrapper>>,
     ) -> Result<Revision, Error> {
+        // Every change records this instance's bounds where the stored
+        // floors are lower (or absent); it never lowers them. Compared and
+        // swapped with the change itself.
+        next.raise_bound_floors(self.own_bound_floors());
         next.validate()
             .map_err(|e| Error::Store(StoreError::Invariant(e)))?;
         let as_of = self.options.clock.monotonic();
@@ -116,6 +132,43 @@ impl Keyring {
     pub async fn refresh(&self) -> Result<Revision, Error> {
         let _guard = self.write.lock().await;
         self.reload().await
+    }
+
+    /// Records this instance's max staleness, write window and destroy
+    /// grace as the keyring's stored floors where they are larger than the
+    /// stored ones (or none are stored): `Ok(true)` when it wrote, `Ok(false)`
+    /// when the floors already cover them. Every change (rotate, disable,
+    /// seal, ...) does this on the way; an instance that never changes the
+    /// keyring (a replica that only encrypts and decrypts) calls this once
+    /// at start-up so its settings count for every destroy in the fleet
+    /// (docs/THREAT_MODEL.md, "One set of bounds per keyring"). Never
+    /// lowers a stored value. A compare-and-swap commit, retried on a fresh
+    /// view when another change lands first.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when three attempts lost the race;
+    /// [`Error::Store`], [`Error::KeyringNotFound`].
+    pub async fn record_bound_floors(&self) -> Result<bool, Error> {
+        let _guard = self.write.lock().await;
+        let own = self.own_bound_floors();
+        let mut last = None;
+        for _ in 0..3 {
+            let (revision, stored) = self.snapshot();
+            if stored.bound_floors.is_some_and(|f| f.covers(&own)) {
+                return Ok(false);
+            }
+            // `commit` raises the floors.
+            match self.commit(revision, (*stored).clone(), None).await {
+                Ok(_) => return Ok(true),
+                // `commit` reloaded: judge again on the winner's state.
+                Err(e @ Error::Conflict { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Conflict {
+            expected: None,
+            found: None,
+        }))
     }
 
     /// Creates a new master key version, wraps it under the KMS key and makes
@@ -318,7 +371,7 @@ impl Keyring {
             return Err(Error::BelowMinDecryptionVersion { version, min });
         }
         if let (Some(authorization), Some(v)) = (destroy, stored.get(version)) {
-            self.destroy_rules()
+            self.destroy_rules(&stored)
                 .check(&self.id, v, authorization, now)?;
         }
         let changes = next.apply(version, transition, now)?;

@@ -9,8 +9,8 @@
 //!
 //! | task | default interval | what it does |
 //! |---|---|---|
-//! | [`Task::Rotation`] | 1 hour | [`Keyring::rotate_if_policy_due`]: rotates when the policy stored with the keyring says so (`kms.rotate.scheduled`) |
-//! | [`Task::Destroy`] | 1 minute | destroys each version whose scheduled destroy ([`Keyring::schedule_destroy`]) is due, once the host's [`EvidenceSource`] hands over evidence |
+//! | [`Task::Rotation`] | 1 hour | [`Keyring::rotate_if_policy_due`]: rotates when the policy stored with the keyring says so (`kms.rotate.scheduled`); waits while an operator's seal holds |
+//! | [`Task::Destroy`] | 1 minute | records this replica's destroy bounds as the keyring's floors when the stored ones do not cover them ([`Keyring::record_bound_floors`]); destroys each version whose scheduled destroy ([`Keyring::schedule_destroy`]) is due, once the host's [`EvidenceSource`] hands over evidence |
 //! | [`Task::Unseal`] | 1 second | probes a keyring sealed by a transient KMS failure (on the keyring's own backoff, 1 s doubling to 60 s) and unseals it when a probe passes (`kms.unsealed`); one sealed by a permanent failure (access denied, key disabled) is probed every 5 minutes ([`MaintenanceBuilder::probe_permanent_seals`]), so restoring the tenant's grant heals it; an operator's seal is never touched |
 //! | [`Task::Sweep`] | 1 minute | [`Keyring::evict_expired`]: drops expired cached keys, also of keyrings nobody uses |
 //!
@@ -410,6 +410,9 @@ impl Maintenance {
             // Another replica rotated first (rotate_if_due re-checks after
             // one conflict; a second means the store is busy: next pass).
             Err(Error::Conflict { .. }) => report.lost_races += 1,
+            // An operator's seal refuses rotations; no failure: the due
+            // rotation happens on the first pass after the unseal.
+            Err(Error::SealedByOperator { .. }) => {}
             Err(e) => report.fail(ring, Task::Rotation, None, e),
         }
     }
@@ -421,6 +424,18 @@ impl Maintenance {
         if let Err(e) = ring.refresh_if_stale().await {
             report.fail(ring, Task::Destroy, None, e);
             return;
+        }
+        // This replica's max staleness, write window and grace count for
+        // every destroy in the fleet once stored as floors; a replica that
+        // never changes the keyring records them here (a write only while
+        // the stored floors do not cover them).
+        let own = ring.own_bound_floors();
+        if !ring.bound_floors().is_some_and(|f| f.covers(&own)) {
+            match ring.record_bound_floors().await {
+                Ok(_) => {}
+                Err(Error::Conflict { .. }) => report.lost_races += 1,
+                Err(e) => report.fail(ring, Task::Destroy, None, e),
+            }
         }
         for (version, _at) in ring.due_destroys() {
             let Some(evidence) = self.evidence.evidence(ring.id(), version).await else {

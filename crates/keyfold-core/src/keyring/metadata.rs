@@ -66,8 +66,12 @@ pub struct KeyringMetadata {
     pub version_count: usize,
     /// Every version, ascending.
     pub versions: Vec<VersionMetadata>,
-    /// Set while sealed.
+    /// Set while sealed by a KMS failure (this process's).
     pub sealed: Option<SealInfo>,
+    /// An operator's seal in force here (stored with the keyring, or made
+    /// in this process and not stored yet): since when, why, by whom.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_seal: Option<OperatorSeal>,
     /// Provider of the current wrapper.
     pub wrap_provider: String,
     /// KMS key of the current wrapper.
@@ -109,6 +113,7 @@ impl Keyring {
                 })
                 .collect(),
             sealed: self.sealed(),
+            operator_seal: self.operator_seal_info(),
             wrap_provider: wrapper.provider().to_owned(),
             wrap_key_ref: wrapper.key_ref().to_owned(),
             cached_versions: self.cache.cached_versions(),

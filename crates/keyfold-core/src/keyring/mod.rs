@@ -73,10 +73,11 @@ use crypt::{check_key, key_check};
 pub use evidence::{DestroyAuthorization, NoRecordsLeft};
 pub use lifecycle::LeaseIssuer;
 pub use metadata::{KeyringMetadata, Rotation, SealInfo, VersionMetadata};
+pub use sealing::SealRequest;
 use sealing::seals;
 pub use state::{
-    InvariantViolation, KEY_CHECK_LEN, KeyState, SCHEMA_VERSION, StateChange, StoredKeyring,
-    StoredVersion, Transition,
+    BoundFloors, InvariantViolation, KEY_CHECK_LEN, KeyState, OperatorSeal, SCHEMA_VERSION,
+    StateChange, StoredKeyring, StoredVersion, Transition,
 };
 
 /// The label of a version's key check value (see [`StoredVersion::key_check`]).
@@ -138,11 +139,15 @@ pub struct Keyring {
     /// A notification said the stored keyring changed since the view was
     /// read: the next use reloads, whatever the view's age.
     dirty: std::sync::atomic::AtomicBool,
-    /// Set by [`Keyring::seal`] (an operator's incident seal): since when
-    /// and why; only a manual unseal clears it.
-    operator_seal: Mutex<Option<(Timestamp, String)>>,
-    /// `operator_seal.is_some()`, read on every key lookup.
-    operator_sealed: std::sync::atomic::AtomicBool,
+    /// This process's own operator seal ([`Keyring::seal`]) until the view
+    /// holds the stored one: in force from the call on, kept when storing
+    /// it failed (or it was never awaited), until [`Keyring::unseal_as`].
+    local_seal: Mutex<Option<sealing::LocalSeal>>,
+    /// `local_seal.is_some()`, read on every key lookup.
+    local_sealed: std::sync::atomic::AtomicBool,
+    /// Whether the `operator` gauge of [`SEALED_KEYRINGS`] counts this
+    /// keyring now.
+    operator_gauge: std::sync::atomic::AtomicBool,
     /// While sealed by a transient KMS failure: when (monotonic) the next
     /// automatic probe is due, and the delay after that one.
     unseal_probe: Mutex<Option<(Duration, Duration)>>,
@@ -158,13 +163,30 @@ impl fmt::Debug for Keyring {
             .field("active_version", &stored.active_version())
             .field("versions", &stored.versions.len())
             .field("sealed", &self.sealed())
+            .field("operator_sealed", &self.operator_seal_info().is_some())
             .field("cached_versions", &self.cache.cached_versions())
             .finish_non_exhaustive()
     }
 }
 
 /// Gauge: keyrings sealed in this process, by `cause` (`kms`, `operator`).
+/// A keyring handle counts while it exists: dropping a sealed one (a host
+/// that opens a keyring per request) takes it off again.
 pub const SEALED_KEYRINGS: &str = "keyfold_sealed_keyrings";
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        if self
+            .operator_gauge
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            metrics::gauge!(SEALED_KEYRINGS, "cause" => "operator").decrement(1.0);
+        }
+        if self.sealed().is_some() {
+            metrics::gauge!(SEALED_KEYRINGS, "cause" => "kms").decrement(1.0);
+        }
+    }
+}
 
 impl Keyring {
     /// Runs a keyring operation in a `keyfold.keyring` span with the
@@ -190,7 +212,11 @@ impl Keyring {
     }
 
     /// How old a view of the store may be when a version is chosen
-    /// ([`KeyringBuilder::max_staleness`]).
+    /// ([`KeyringBuilder::max_staleness`]): this instance's own setting.
+    /// Destroy checks use the larger of it and the stored floor
+    /// ([`bound_floors`](Self::bound_floors)); so do
+    /// [`write_window`](Self::write_window) and
+    /// [`destroy_grace`](Self::destroy_grace).
     pub fn max_staleness(&self) -> Duration {
         self.options.max_staleness
     }
@@ -204,6 +230,27 @@ impl Keyring {
     /// ([`KeyringBuilder::destroy_grace`]).
     pub fn destroy_grace(&self) -> Duration {
         self.options.destroy_grace
+    }
+
+    /// This instance's own settings as floors
+    /// ([`StoredKeyring::bound_floors`]).
+    pub(super) fn own_bound_floors(&self) -> BoundFloors {
+        BoundFloors::from_settings(
+            self.options.max_staleness,
+            self.options.write_window,
+            self.options.destroy_grace,
+        )
+    }
+
+    /// The fleet's destroy bounds stored with the keyring, as this
+    /// instance's view holds them: the largest settings of any instance
+    /// that created or changed it. Destroy checks use the larger of these
+    /// and this instance's own ([`max_staleness`](Self::max_staleness),
+    /// [`write_window`](Self::write_window), [`destroy_grace`](Self::destroy_grace));
+    /// `None` on a keyring stored before floors were stored and not changed
+    /// since (docs/THREAT_MODEL.md, "One set of bounds per keyring").
+    pub fn bound_floors(&self) -> Option<BoundFloors> {
+        self.snapshot().1.bound_floors
     }
 
     /// The keyring's id.

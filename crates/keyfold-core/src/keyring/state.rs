@@ -179,6 +179,118 @@ pub struct StoredKeyring {
     /// again ([`Keyring::set_min_decryption_version`](crate::keyring::Keyring::set_min_decryption_version)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_decryption_version: Option<u32>,
+    /// An operator's seal ([`Keyring::seal`](crate::keyring::Keyring::seal)),
+    /// in force on every instance whose view holds it, until an
+    /// [`unseal_as`](crate::keyring::Keyring::unseal_as) clears it
+    /// (docs/LIFECYCLE.md, "Sealing"). Absent from keyrings stored before
+    /// seals were stored, which load unsealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_seal: Option<OperatorSeal>,
+    /// The fleet's destroy bounds: the largest max staleness, write window
+    /// and destroy grace of any instance that created or changed the
+    /// keyring. Every destroy check uses the larger of its own setting and
+    /// this floor (docs/THREAT_MODEL.md, "One set of bounds per keyring").
+    /// Absent from keyrings stored before floors were stored; the next
+    /// change records them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_floors: Option<BoundFloors>,
+}
+
+/// The destroy bounds stored with a keyring ([`StoredKeyring::bound_floors`]),
+/// in whole seconds rounded up: raised by every instance whose own settings
+/// are larger, never lowered by one whose settings are smaller.
+///
+/// ```
+/// use std::time::Duration;
+/// use keyfold_core::keyring::BoundFloors;
+///
+/// let a = BoundFloors::from_settings(
+///     Duration::from_secs(5),
+///     Duration::from_millis(4_500),
+///     Duration::from_secs(30),
+/// );
+/// assert_eq!(a.write_window_secs, 5);
+/// let b = BoundFloors::from_settings(Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
+/// let both = a.max(b);
+/// assert_eq!(
+///     (both.max_staleness_secs, both.write_window_secs, both.destroy_grace_secs),
+///     (5, 60, 30)
+/// );
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundFloors {
+    /// The largest max staleness `S`, seconds.
+    pub max_staleness_secs: u64,
+    /// The largest write window `W`, seconds.
+    pub write_window_secs: u64,
+    /// The largest destroy grace `G`, seconds.
+    pub destroy_grace_secs: u64,
+}
+
+/// Rounds up to whole seconds: stored timestamps are whole seconds
+/// (floored), so a bound must not lose its fraction. Saturates.
+pub(crate) fn whole_secs(d: std::time::Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
+}
+
+impl BoundFloors {
+    /// An instance's settings as floors, each rounded up to whole seconds.
+    pub fn from_settings(
+        max_staleness: std::time::Duration,
+        write_window: std::time::Duration,
+        destroy_grace: std::time::Duration,
+    ) -> Self {
+        BoundFloors {
+            max_staleness_secs: whole_secs(max_staleness),
+            write_window_secs: whole_secs(write_window),
+            destroy_grace_secs: whole_secs(destroy_grace),
+        }
+    }
+
+    /// Each bound the larger of the two.
+    #[must_use]
+    pub fn max(self, other: BoundFloors) -> BoundFloors {
+        BoundFloors {
+            max_staleness_secs: self.max_staleness_secs.max(other.max_staleness_secs),
+            write_window_secs: self.write_window_secs.max(other.write_window_secs),
+            destroy_grace_secs: self.destroy_grace_secs.max(other.destroy_grace_secs),
+        }
+    }
+
+    /// True when every bound is at least `other`'s: recording `other`
+    /// would change nothing.
+    pub fn covers(&self, other: &BoundFloors) -> bool {
+        self.max(*other) == *self
+    }
+
+    /// The max staleness floor.
+    pub fn max_staleness(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.max_staleness_secs)
+    }
+
+    /// The write window floor.
+    pub fn write_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.write_window_secs)
+    }
+
+    /// The destroy grace floor.
+    pub fn destroy_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.destroy_grace_secs)
+    }
+}
+
+/// An operator's seal as stored with the keyring: since when, why and by
+/// whom (the post-breach cycle: seal, investigate, unseal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSeal {
+    /// When it was sealed (wall clock of the sealing host).
+    pub since: Timestamp,
+    /// The reason the operator gave.
+    pub reason: String,
+    /// Who sealed it, as the host named the actor.
+    pub actor: String,
 }
 
 /// A stored keyring breaks a lifecycle invariant.
@@ -197,6 +309,8 @@ impl StoredKeyring {
             versions: Vec::new(),
             rotation_policy: None,
             min_decryption_version: None,
+            operator_seal: None,
+            bound_floors: None,
         }
     }
 
@@ -221,6 +335,12 @@ impl StoredKeyring {
             .iter()
             .find(|v| v.state == KeyState::Active)
             .map(|v| v.version)
+    }
+
+    /// The stored floors raised to at least `own`: what an instance with
+    /// settings `own` records when it saves (never lowering a stored value).
+    pub fn raise_bound_floors(&mut self, own: BoundFloors) {
+        self.bound_floors = Some(self.bound_floors.map_or(own, |stored| stored.max(own)));
     }
 
     /// The highest version number created so far.
