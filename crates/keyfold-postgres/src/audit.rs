@@ -559,6 +559,8 @@ async fn write_queue(
             }
             if let Err(e) = result {
                 tracing::error!(error = %e, events = batch.len(), "audit events not written; kept for PgAuditSink::take_unwritten");
+                metrics::counter!(keyfold_core::audit::AUDIT_WRITE_FAILURES, "sink" => "postgres")
+                    .increment(batch.len() as u64);
                 let mut state = lock(&failed);
                 state.unwritten.extend(batch.drain(..));
                 state.last_error = Some(e.to_string());

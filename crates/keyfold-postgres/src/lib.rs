@@ -47,8 +47,8 @@ mod table;
 
 pub use audit::{ChainHead, ChainVerification, PgAuditError, PgAuditSink, Tamper};
 pub use job::{
-    DistributedJobError, DistributedJobOptions, JobStatus, RewrapCoordinator, RewrapWorker,
-    WorkerReport,
+    DistributedJobError, DistributedJobOptions, JobStatus, MAX_REPORTED_FAILURES,
+    RewrapCoordinator, RewrapWorker, WorkerReport,
 };
 pub use migrate::{InvalidPrefix, MigrateError, TablePrefix, migrate};
 pub use store::PgKeyringStore;

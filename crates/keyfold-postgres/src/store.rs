@@ -175,6 +175,122 @@ impl PgKeyringStore {
         .map_err(backend)
     }
 
+    /// [`KeyringStore::save`] inside the host's transaction `tx`: the
+    /// keyring commits (and its notification goes out) with the host's own
+    /// writes or not at all, e.g. a tenant's new KMS config stored with
+    /// the keyring re-wrapped under it. A conflict is reported as by
+    /// `save`; the host then rolls back.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: keyfold_postgres::PgKeyringStore, pool: sqlx::PgPool,
+    /// #   stored: keyfold_core::keyring::StoredKeyring, expected: Option<keyfold_core::Revision>)
+    /// #   -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("UPDATE tenant_kms SET config = $1 WHERE tenant = $2")
+    ///     .bind("{}")
+    ///     .bind("acme")
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// store.save_in(&mut tx, "acme", expected, &stored).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`KeyringStore::save`].
+    pub async fn save_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        self.save_with(&mut *tx, keyring_id, expected, keyring)
+            .await
+    }
+
+    /// [`KeyringStore::save`] through `executor`: the pool, or the host's
+    /// transaction.
+    async fn save_with<'c, E: sqlx::PgExecutor<'c>>(
+        &self,
+        executor: E,
+        keyring_id: &str,
+        expected: Option<Revision>,
+        keyring: &StoredKeyring,
+    ) -> Result<Revision, StoreError> {
+        check_id(keyring_id)?;
+        if keyring.keyring_id != keyring_id {
+            return Err(StoreError::Corrupt {
+                keyring_id: keyring_id.to_owned(),
+                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
+            });
+        }
+        if expected.is_some_and(|r| i64::try_from(r.0).is_err()) {
+            // No stored revision is that large.
+            return Err(StoreError::Conflict {
+                keyring_id: keyring_id.to_owned(),
+                expected,
+                found: self.current_revision(keyring_id).await?,
+            });
+        }
+        let next = Revision(expected.map_or(1, |r| r.0.saturating_add(1)));
+        let next_db = i64::try_from(next.0).map_err(|_| StoreError::Corrupt {
+            keyring_id: keyring_id.to_owned(),
+            reason: format!("revision {next} does not fit the table"),
+        })?;
+        // Validates the keyring (invariants, schema) before anything is sent.
+        let bytes = to_bytes(next, keyring)?;
+        let table = &self.inner.table;
+        // One statement: the write and its notification commit together.
+        let written: Option<i64> = match expected {
+            None => {
+                sqlx::query_scalar(&format!(
+                    "WITH w AS (
+                        INSERT INTO {table} (keyring_id, revision, keyring, updated_at)
+                        VALUES ($1, $2, $3, now())
+                        ON CONFLICT (keyring_id) DO NOTHING
+                        RETURNING keyring_id, revision
+                    )
+                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
+                ))
+                .bind(keyring_id)
+                .bind(next_db)
+                .bind(&bytes)
+                .bind(&self.inner.channel)
+                .fetch_optional(executor)
+                .await
+            }
+            Some(expected) => {
+                // Checked above.
+                let expected_db = i64::try_from(expected.0).unwrap_or(i64::MAX);
+                sqlx::query_scalar(&format!(
+                    "WITH w AS (
+                        UPDATE {table} SET revision = $2, keyring = $3, updated_at = now()
+                        WHERE keyring_id = $1 AND revision = $5
+                        RETURNING keyring_id, revision
+                    )
+                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
+                ))
+                .bind(keyring_id)
+                .bind(next_db)
+                .bind(&bytes)
+                .bind(&self.inner.channel)
+                .bind(expected_db)
+                .fetch_optional(executor)
+                .await
+            }
+        }
+        .map_err(backend)?;
+        match written {
+            Some(_) => Ok(next),
+            None => Err(StoreError::Conflict {
+                keyring_id: keyring_id.to_owned(),
+                expected,
+                found: self.current_revision(keyring_id).await?,
+            }),
+        }
+    }
+
     async fn current_revision(&self, keyring_id: &str) -> Result<Option<Revision>, StoreError> {
         let found: Option<i64> = sqlx::query_scalar(&format!(
             "SELECT revision FROM {} WHERE keyring_id = $1",
@@ -254,77 +370,8 @@ impl KeyringStore for PgKeyringStore {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
-        check_id(keyring_id)?;
-        if keyring.keyring_id != keyring_id {
-            return Err(StoreError::Corrupt {
-                keyring_id: keyring_id.to_owned(),
-                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
-            });
-        }
-        if expected.is_some_and(|r| i64::try_from(r.0).is_err()) {
-            // No stored revision is that large.
-            return Err(StoreError::Conflict {
-                keyring_id: keyring_id.to_owned(),
-                expected,
-                found: self.current_revision(keyring_id).await?,
-            });
-        }
-        let next = Revision(expected.map_or(1, |r| r.0.saturating_add(1)));
-        let next_db = i64::try_from(next.0).map_err(|_| StoreError::Corrupt {
-            keyring_id: keyring_id.to_owned(),
-            reason: format!("revision {next} does not fit the table"),
-        })?;
-        // Validates the keyring (invariants, schema) before anything is sent.
-        let bytes = to_bytes(next, keyring)?;
-        let table = &self.inner.table;
-        // One statement: the write and its notification commit together.
-        let written: Option<i64> = match expected {
-            None => {
-                sqlx::query_scalar(&format!(
-                    "WITH w AS (
-                        INSERT INTO {table} (keyring_id, revision, keyring, updated_at)
-                        VALUES ($1, $2, $3, now())
-                        ON CONFLICT (keyring_id) DO NOTHING
-                        RETURNING keyring_id, revision
-                    )
-                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
-                ))
-                .bind(keyring_id)
-                .bind(next_db)
-                .bind(&bytes)
-                .bind(&self.inner.channel)
-                .fetch_optional(&self.inner.pool)
-                .await
-            }
-            Some(expected) => {
-                // Checked above.
-                let expected_db = i64::try_from(expected.0).unwrap_or(i64::MAX);
-                sqlx::query_scalar(&format!(
-                    "WITH w AS (
-                        UPDATE {table} SET revision = $2, keyring = $3, updated_at = now()
-                        WHERE keyring_id = $1 AND revision = $5
-                        RETURNING keyring_id, revision
-                    )
-                    SELECT revision FROM w, LATERAL (SELECT pg_notify($4, w.keyring_id)) AS n"
-                ))
-                .bind(keyring_id)
-                .bind(next_db)
-                .bind(&bytes)
-                .bind(&self.inner.channel)
-                .bind(expected_db)
-                .fetch_optional(&self.inner.pool)
-                .await
-            }
-        }
-        .map_err(backend)?;
-        match written {
-            Some(_) => Ok(next),
-            None => Err(StoreError::Conflict {
-                keyring_id: keyring_id.to_owned(),
-                expected,
-                found: self.current_revision(keyring_id).await?,
-            }),
-        }
+        self.save_with(&self.inner.pool, keyring_id, expected, keyring)
+            .await
     }
 
     /// Starts (or joins) this store's listener. `None` outside a tokio

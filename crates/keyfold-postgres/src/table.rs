@@ -151,6 +151,7 @@ pub struct PgTableBuilder {
     ciphertext: Option<String>,
     context: Vec<ContextEntry>,
     name: Option<String>,
+    scope: Option<(String, String)>,
 }
 
 /// A checked context column: quoted, bytea or not.
@@ -176,6 +177,8 @@ struct Spec {
     ciphertext: String,
     columns: Vec<ContextColumn>,
     constants: Vec<(String, Vec<u8>)>,
+    /// `("tenant", "text", value)`: only rows whose column holds the value.
+    scope: Option<(String, String, String)>,
     /// `t."id"::text, t."ct", <context columns>`.
     select: String,
 }
@@ -306,6 +309,32 @@ impl PgTableBuilder {
         self
     }
 
+    /// Only the rows whose `column` equals `value`: one tenant's rows of a
+    /// table that holds every tenant's (`WHERE t.tenant = $n` in every
+    /// statement, the value always a bound parameter, cast to the column's
+    /// type). Index the table on `(column, id)` so a scoped page is an index
+    /// range. The id column stays unique on its own.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use keyfold_postgres::PgTable;
+    /// // CREATE TABLE secrets (id bigint PRIMARY KEY, tenant text NOT NULL,
+    /// //                       ciphertext bytea NOT NULL);
+    /// let acme = PgTable::builder("secrets")
+    ///     .id_column("id")
+    ///     .ciphertext_column("ciphertext")
+    ///     .context_column("tenant", "tenant")
+    ///     .scope("tenant", "acme")
+    ///     .build(&pool)
+    ///     .await?;
+    /// # let _ = acme; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn scope(mut self, column: impl Into<String>, value: impl Into<String>) -> Self {
+        self.scope = Some((column.into(), value.into()));
+        self
+    }
+
     /// The source's name in checkpoints and reports (default
     /// `schema.table`).
     #[must_use]
@@ -431,6 +460,14 @@ impl PgTableBuilder {
                 ContextEntry::Constant { key, value } => constants.push((key, value)),
             }
         }
+        let scope = match self.scope {
+            Some((name, value)) => {
+                let checked = check_ident("column", &name)?;
+                let (_, type_name, _) = column(&checked)?;
+                Some((quote_ident(&checked), quote_ident(&type_name), value))
+            }
+            None => None,
+        };
         let mut select = format!(
             "t.{}::text, t.{}",
             quote_ident(&id),
@@ -450,6 +487,7 @@ impl PgTableBuilder {
                 ciphertext: quote_ident(&ciphertext),
                 columns,
                 constants,
+                scope,
                 select,
             }),
             range: IdRange::ALL,
@@ -490,6 +528,7 @@ impl PgTable {
             ciphertext: None,
             context: Vec::new(),
             name: None,
+            scope: None,
         }
     }
 
@@ -542,8 +581,19 @@ impl PgTable {
         query.fetch_one(&self.pool).await
     }
 
-    /// Appends ` AND t.id >= $n` / ` AND t.id < $n` for the range's bounds.
+    /// Appends ` AND t.scope = $n` for the [scope](PgTableBuilder::scope),
+    /// if there is one.
+    fn push_scope<'a>(&'a self, sql: &mut String, binds: &mut Vec<&'a str>) {
+        if let Some((column, type_name, value)) = &self.spec.scope {
+            binds.push(value);
+            sql.push_str(&format!(" AND t.{column} = ${}::{type_name}", binds.len()));
+        }
+    }
+
+    /// Appends the scope, then ` AND t.id >= $n` / ` AND t.id < $n` for the
+    /// range's bounds.
     fn push_range<'a>(&'a self, sql: &mut String, binds: &mut Vec<&'a str>) {
+        self.push_scope(sql, binds);
         let s = &self.spec;
         for (op, bound) in [(">=", &self.range.start), ("<", &self.range.end)] {
             if let Some(b) = bound {
@@ -571,15 +621,20 @@ impl PgTable {
         let bounds: Option<Vec<Option<String>>> = if fractions.is_empty() {
             None
         } else {
-            sqlx::query_scalar(&format!(
+            let mut sql = format!(
                 "SELECT (percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY t.{id}))::text[] \
-                 FROM {table} AS t",
+                 FROM {table} AS t WHERE true",
                 id = self.spec.id,
                 table = self.spec.qualified
-            ))
-            .bind(&fractions)
-            .fetch_one(&self.pool)
-            .await?
+            );
+            // $1 is the fractions: the scope's value is $2.
+            let mut binds: Vec<&str> = vec![""];
+            self.push_scope(&mut sql, &mut binds);
+            let mut query = sqlx::query_scalar(&sql).bind(&fractions);
+            for b in binds.into_iter().skip(1) {
+                query = query.bind(b);
+            }
+            query.fetch_one(&self.pool).await?
         };
         let mut cuts: Vec<String> = Vec::new();
         for b in bounds.unwrap_or_default().into_iter().flatten() {
@@ -613,12 +668,13 @@ impl PgTable {
             context.insert(key.clone(), value);
         }
         for (k, c) in self.spec.columns.iter().enumerate() {
-            let value: Option<Vec<u8>> = if c.bytea {
+            // Borrowed from the row: the context copies it once.
+            let value: Option<&[u8]> = if c.bytea {
                 r.try_get(k + 2).map_err(decode)?
             } else {
-                r.try_get::<Option<String>, _>(k + 2)
+                r.try_get::<Option<&str>, _>(k + 2)
                     .map_err(decode)?
-                    .map(String::into_bytes)
+                    .map(str::as_bytes)
             };
             match (value, &c.on_null) {
                 (Some(v), _) => context.insert(c.key.clone(), v),
@@ -677,14 +733,20 @@ impl RowSource for PgTable {
 
     async fn get(&self, id: &str) -> Result<Option<Row>, SourceError> {
         let s = &self.spec;
-        let row = sqlx::query(&format!(
+        let mut sql = format!(
             "SELECT {} FROM {} AS t WHERE t.{} = $1::{} AND t.{} IS NOT NULL",
             s.select, s.qualified, s.id, s.id_cast, s.ciphertext
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| source_error(&s.name, &e))?;
+        );
+        let mut binds = vec![id];
+        self.push_scope(&mut sql, &mut binds);
+        let mut query = sqlx::query(&sql);
+        for b in binds {
+            query = query.bind(b);
+        }
+        let row = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| source_error(&s.name, &e))?;
         match row {
             Some(r) => {
                 self.rows_read.fetch_add(1, Ordering::Relaxed);
@@ -701,19 +763,24 @@ impl RowSource for PgTable {
         new: &[u8],
     ) -> Result<CasOutcome, SourceError> {
         let s = &self.spec;
-        let done = sqlx::query(&format!(
+        let mut sql = format!(
             "UPDATE {} AS t SET {ct} = $3 WHERE t.{} = $1::{} AND t.{ct} = $2",
             s.qualified,
             s.id,
             s.id_cast,
             ct = s.ciphertext
-        ))
-        .bind(id)
-        .bind(expected)
-        .bind(new)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| source_error(&s.name, &e))?;
+        );
+        // $1..$3 are bound below: the scope's value is $4.
+        let mut binds: Vec<&str> = vec!["", "", ""];
+        self.push_scope(&mut sql, &mut binds);
+        let mut query = sqlx::query(&sql).bind(id).bind(expected).bind(new);
+        for b in binds.into_iter().skip(3) {
+            query = query.bind(b);
+        }
+        let done = query
+            .execute(&self.pool)
+            .await
+            .map_err(|e| source_error(&s.name, &e))?;
         Ok(if done.rows_affected() == 1 {
             CasOutcome::Swapped
         } else {
@@ -722,8 +789,9 @@ impl RowSource for PgTable {
     }
 
     /// One statement for the whole batch:
-    /// `UPDATE t SET ct = w.new FROM unnest($1, $2, $3) AS w(id, expected, new)
-    /// WHERE t.id = w.id AND t.ct = w.expected RETURNING w.id`.
+    /// `UPDATE t SET ct = w.new FROM unnest($1, $2, $3) WITH ORDINALITY AS
+    /// w(id, expected, new, n) WHERE t.id = w.id AND t.ct = w.expected
+    /// RETURNING w.n` (the positions of the writes that swapped).
     async fn compare_and_swap_many(
         &self,
         writes: &[CasWrite<'_>],
@@ -743,32 +811,48 @@ impl RowSource for PgTable {
         let expected: Vec<&[u8]> = writes.iter().map(|w| w.expected).collect();
         let new: Vec<&[u8]> = writes.iter().map(|w| w.new).collect();
         let s = &self.spec;
-        let swapped: Vec<String> = sqlx::query_scalar(&format!(
+        let mut sql = format!(
             "UPDATE {} AS t SET {ct} = w.new \
-             FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS w(id, expected, new) \
-             WHERE t.{} = w.id::{} AND t.{ct} = w.expected RETURNING w.id",
+             FROM unnest($1::text[], $2::bytea[], $3::bytea[]) WITH ORDINALITY \
+               AS w(id, expected, new, n) \
+             WHERE t.{} = w.id::{} AND t.{ct} = w.expected",
             s.qualified,
             s.id,
             s.id_cast,
             ct = s.ciphertext
-        ))
-        .bind(&ids)
-        .bind(&expected)
-        .bind(&new)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| source_error(&s.name, &e))?;
-        let swapped: HashSet<String> = swapped.into_iter().collect();
-        Ok(ids
-            .iter()
-            .map(|id| {
-                if swapped.contains(*id) {
-                    CasOutcome::Swapped
-                } else {
-                    CasOutcome::Conflict
-                }
-            })
-            .collect())
+        );
+        // $1..$3 are the arrays: the scope's value is $4.
+        let mut binds: Vec<&str> = vec!["", "", ""];
+        self.push_scope(&mut sql, &mut binds);
+        sql.push_str(" RETURNING w.n");
+        let mut query = sqlx::query_scalar(&sql)
+            .bind(&ids)
+            .bind(&expected)
+            .bind(&new);
+        for b in binds.into_iter().skip(3) {
+            query = query.bind(b);
+        }
+        let swapped: Vec<i64> = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| source_error(&s.name, &e))?;
+        let mut out = vec![CasOutcome::Conflict; writes.len()];
+        for n in swapped {
+            // 1-based positions in the arrays sent.
+            let slot = usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| {
+                    SourceError::permanent(format!(
+                        "{}: the batched write answered position {n} for {} writes",
+                        s.name,
+                        writes.len()
+                    ))
+                })?;
+            *slot = CasOutcome::Swapped;
+        }
+        Ok(out)
     }
 }
 

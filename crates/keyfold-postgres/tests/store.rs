@@ -578,3 +578,66 @@ async fn a_silently_dead_listener_connection_is_found_by_the_heartbeat() {
         }
     }
 }
+
+/// `save_in` commits the keyring with the host's own writes, or not at all.
+#[tokio::test]
+async fn save_in_a_host_transaction_commits_or_rolls_back_with_it() {
+    let db = TestDb::new().await;
+    let (pool, store) = store_on(&db, "keyfold_").await;
+    sqlx::raw_sql("CREATE TABLE host_config (tenant text PRIMARY KEY, config text NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut watch = store.watch().expect("a watch inside a runtime");
+    listeners_ready(&db, 1).await;
+
+    // Rolled back: neither the host's row nor the keyring, and no event.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO host_config VALUES ('acme', 'first')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .save_in(&mut tx, "acme", None, &keyring("acme"))
+            .await
+            .unwrap(),
+        Revision(1)
+    );
+    tx.rollback().await.unwrap();
+    assert!(store.load("acme").await.unwrap().is_none());
+    let configs: i64 = sqlx::query_scalar("SELECT count(*) FROM host_config")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(configs, 0);
+
+    // Committed: both, and the event.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO host_config VALUES ('acme', 'second')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .save_in(&mut tx, "acme", None, &keyring("acme"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    expect_event(
+        &mut watch,
+        Duration::from_secs(5),
+        |e| matches!(e, StoreEvent::Changed { keyring_id } if keyring_id == "acme"),
+    )
+    .await;
+    assert_eq!(store.load("acme").await.unwrap().unwrap().0, Revision(1));
+
+    // A conflict inside the transaction is the same typed error as `save`'s.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(matches!(
+        store.save_in(&mut tx, "acme", None, &keyring("acme")).await,
+        Err(StoreError::Conflict {
+            found: Some(Revision(1)),
+            ..
+        })
+    ));
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use keyfold_core::{Suite, record};
+use keyfold_core::{Suite, format, record};
 use keyfold_postgres::{IdRange, OnNull, PgTable, TableError};
 use keyfold_rewrap::{
     CasOutcome, CasWrite, JobError, JobOptions, RewrapJob, Row, RowSource, SourceError,
@@ -159,6 +159,83 @@ async fn composite_context_columns_with_nulls_rewrap_every_row() {
         checked += 1;
     }
     assert_eq!(checked, 298);
+}
+
+#[tokio::test]
+async fn a_bytea_context_column_is_its_bytes_and_a_text_one_its_utf8() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let (ring, _clock) = keyring().await;
+    sqlx::raw_sql(
+        "CREATE TABLE salted (id bigint PRIMARY KEY, salt bytea, label text, secret bytea)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Bytes that are not UTF-8 in the bytea column, a non-ASCII label, and
+    // a NULL salt (left out of the context) on every fifth row.
+    let salt = |i: i64| (i % 5 != 0).then(|| vec![0xff, 0x00, (i % 251) as u8, 0xc3]);
+    let label = |i: i64| format!("étiquette-{i}");
+    let context = |i: i64| {
+        let mut ctx = keyfold_core::EncryptionContext::new()
+            .with("row", i.to_string())
+            .with("label", label(i));
+        if let Some(s) = salt(i) {
+            ctx.insert("salt", s);
+        }
+        ctx
+    };
+    for i in 1..=120i64 {
+        let ct = ring
+            .encrypt(&context(i), plaintext("salted", &i.to_string()).as_bytes())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO salted (id, salt, label, secret) VALUES ($1, $2, $3, $4)")
+            .bind(i)
+            .bind(salt(i))
+            .bind(label(i))
+            .bind(ct)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let table = PgTable::builder("salted")
+        .id_column("id")
+        .ciphertext_column("secret")
+        .context_column("id", "row")
+        .context_column_with("salt", "salt", OnNull::Omit)
+        .context_column("label", "label")
+        .build(&pool)
+        .await
+        .unwrap();
+    let row = table.get("7").await.unwrap().unwrap();
+    assert_eq!(row.context, context(7));
+    assert_eq!(row.context.get("salt"), Some(&[0xff, 0x00, 7, 0xc3][..]));
+    assert_eq!(row.context.get("label"), Some("étiquette-7".as_bytes()));
+    assert_eq!(table.get("10").await.unwrap().unwrap().context, context(10));
+
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), vec![Arc::new(table.clone()) as _])
+        .options(options(50))
+        .create()
+        .unwrap();
+    let totals = run_to_end(&mut job).await;
+    assert_eq!(
+        (totals.seen, totals.rewrapped, totals.failed),
+        (120, 120, 0)
+    );
+    for i in [1i64, 5, 64, 120] {
+        let (ct,): (Vec<u8>,) = sqlx::query_as("SELECT secret FROM salted WHERE id = $1")
+            .bind(i)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(format::inspect(&ct).unwrap().key_version, 2);
+        assert_eq!(
+            ring.decrypt(&context(i), &ct).await.unwrap(),
+            plaintext("salted", &i.to_string()).as_bytes()
+        );
+    }
 }
 
 #[tokio::test]
@@ -625,4 +702,108 @@ async fn split_ranges_hold_every_row_exactly_once() {
             }
         }
     }
+}
+
+/// A table holding every tenant's rows, scoped to one tenant: every read,
+/// count, split and write sees that tenant's rows only.
+#[tokio::test]
+async fn a_scoped_table_reads_splits_and_writes_one_tenants_rows_only() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    let (ring, _clock) = keyring().await;
+    let ids: Vec<i64> = (1..=400).collect();
+    bigint_accounts(&pool, &ring, "shared", &ids).await;
+    let t1: BTreeSet<String> = ids
+        .iter()
+        .filter(|&&i| tenant_of(i) == "t1")
+        .map(i64::to_string)
+        .collect();
+    let scoped = |tenant: &'static str| {
+        PgTable::builder("shared")
+            .id_column("id")
+            .ciphertext_column("secret")
+            .context_column("id", "row")
+            .context_column("tenant", "tenant")
+            .context_column_with("region", "region", OnNull::Omit)
+            .context_constant("table", "shared")
+            .scope("tenant", tenant)
+            .build(&pool)
+    };
+    let table = scoped("t1").await.unwrap();
+    assert_eq!(table.count_rows().await.unwrap(), t1.len() as i64);
+    let seen: BTreeSet<String> = ids_in(&table, 33).await.into_iter().collect();
+    assert_eq!(seen, t1);
+
+    // Shards of the scoped table: split among t1's ids, each read once.
+    let mut split_seen = BTreeSet::new();
+    for r in table.split(4).await.unwrap() {
+        for id in ids_in(&table.with_range(r), 16).await {
+            assert!(split_seen.insert(id.clone()), "{id} in two shards");
+        }
+    }
+    assert_eq!(split_seen, t1);
+
+    // Another tenant's row is not there, for a read or a write.
+    let other = ids
+        .iter()
+        .find(|&&i| tenant_of(i) == "t2")
+        .unwrap()
+        .to_string();
+    assert!(table.get(&other).await.unwrap().is_none());
+    let before: Vec<u8> = sqlx::query_scalar("SELECT secret FROM shared WHERE id = $1")
+        .bind(other.parse::<i64>().unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        table.compare_and_swap(&other, &before, b"x").await.unwrap(),
+        CasOutcome::Conflict
+    );
+    let writes = [CasWrite {
+        id: &other,
+        expected: &before,
+        new: b"y",
+    }];
+    assert_eq!(
+        table.compare_and_swap_many(&writes).await.unwrap(),
+        [CasOutcome::Conflict]
+    );
+
+    // A rewrap job over the scoped table moves t1's rows and nobody else's.
+    ring.rotate(&admin()).await.unwrap();
+    let target = ring.active_version().unwrap();
+    let sources: Vec<Arc<dyn RowSource>> = vec![Arc::new(table.clone())];
+    let mut job = RewrapJob::builder(ring.clone(), sources)
+        .options(options(50))
+        .create()
+        .unwrap();
+    let totals = run_to_end(&mut job).await;
+    assert_eq!(totals.rewrapped, t1.len() as u64);
+    for (id, tenant, _, ct) in rows(&pool, "shared").await {
+        let version = keyfold_core::format::inspect(&ct).unwrap().key_version;
+        assert_eq!(version == target, tenant == "t1", "row {id} of {tenant}");
+    }
+
+    // The scope column is checked like every other name.
+    assert!(matches!(
+        PgTable::builder("shared")
+            .id_column("id")
+            .ciphertext_column("secret")
+            .scope("tenant; DROP TABLE shared", "t1")
+            .build(&pool)
+            .await,
+        Err(TableError::InvalidIdentifier { .. })
+    ));
+    assert!(matches!(
+        PgTable::builder("shared")
+            .id_column("id")
+            .ciphertext_column("secret")
+            .scope("no_such_column", "t1")
+            .build(&pool)
+            .await,
+        Err(TableError::ColumnNotFound { .. })
+    ));
+    // A hostile value is a value, never SQL.
+    let hostile = scoped("t1' OR '1'='1").await.unwrap();
+    assert_eq!(hostile.count_rows().await.unwrap(), 0);
 }

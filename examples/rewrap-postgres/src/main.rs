@@ -3,11 +3,14 @@
 //! ```text
 //! eval "$(scripts/setup-postgres)"     # a throwaway cluster; prints KEYFOLD_PG_URL
 //! cargo run --release -p keyfold-rewrap-postgres -- demo  [--rows N] [--workers W]
-//! cargo run --release -p keyfold-rewrap-postgres -- bench [--rows N] [--workers 1,2,4] [--batch B]
+//! cargo run --release -p keyfold-rewrap-postgres -- bench [--rows N] [--workers 1,2,4] [--lanes L] [--batch B] [--repeat R]
+//! cargo run --release -p keyfold-rewrap-postgres -- profile [--rows N] [--batch B] [--passes P]
+//! cargo run --release -p keyfold-rewrap-postgres -- propagation [--rounds N]
+//!     [--max-staleness-ms MS] [--cache-ttl-ms MS] [--poll-us US] [--only notify|poll]
 //! scripts/setup-postgres stop
 //! ```
 //!
-//! Both work in a scratch database they create on the server of
+//! All work in a scratch database they create on the server of
 //! `KEYFOLD_PG_URL` and drop at the end.
 //!
 //! - `demo`: a table of encrypted rows (default 200,000) under version 1,
@@ -18,6 +21,15 @@
 //!   rewrap job's throughput beside the same batched reads and
 //!   compare-and-swap `UPDATE`s carrying no crypto (the database's limit),
 //!   and the rows read per row rewrapped. Figures in BENCHMARKS.md.
+//! - `profile`: where one stream's time goes per batch (src/profile.rs).
+//! - `propagation`: how long a disable on one instance takes to reach
+//!   another (src/propagation.rs), with `LISTEN`/`NOTIFY` and without
+//!   (defaults: 100 rounds each, max staleness 2 s, the cache's default
+//!   TTL of 5 minutes).
+//!   Figures in BENCHMARKS.md.
+
+mod profile;
+mod propagation;
 
 use std::collections::VecDeque;
 use std::error::Error;
@@ -39,7 +51,8 @@ use sqlx::{ConnectOptions, PgPool};
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const TABLE: &str = "accounts";
-/// Shards a worker works at once (`RewrapWorker::lanes`, default 2).
+/// Shards a worker works at once by default (`RewrapWorker::lanes`'s
+/// default).
 const LANES: usize = 2;
 
 fn context(id: &str, tenant: &str) -> EncryptionContext {
@@ -196,6 +209,7 @@ async fn rewrap(
     pool: &PgPool,
     ring: &Arc<Keyring>,
     workers: usize,
+    lanes: usize,
     batch: usize,
     progress: bool,
 ) -> Result<(Duration, JobStatus)> {
@@ -209,11 +223,12 @@ async fn rewrap(
     let mut tasks = Vec::new();
     let started = Instant::now();
     for w in 0..workers {
-        let wpool = scratch.pool(2).await?;
+        // One connection per lane, as a worker process would size its pool.
+        let wpool = scratch.pool(u32::try_from(lanes)?).await?;
         let worker = coordinator
             .worker(&job, ring.clone(), vec![source(&wpool).await?])
             .name(format!("worker-{w}"))
-            .lanes(LANES)
+            .lanes(lanes)
             .poll_interval(Duration::from_millis(50));
         tasks.push(tokio::spawn(async move { worker.run().await }));
     }
@@ -313,7 +328,8 @@ async fn baseline(
     Ok(elapsed)
 }
 
-/// Puts every row back on its v1 ciphertext.
+/// Puts every row back on its v1 ciphertext; then a checkpoint, so that
+/// the next timed run does not pay for flushing the reset's writes.
 async fn reset(pool: &PgPool) -> Result<()> {
     sqlx::raw_sql(&format!(
         "TRUNCATE {TABLE}; INSERT INTO {TABLE} SELECT * FROM {TABLE}_v1; \
@@ -324,6 +340,7 @@ async fn reset(pool: &PgPool) -> Result<()> {
     sqlx::raw_sql(&format!("VACUUM ANALYZE {TABLE}"))
         .execute(pool)
         .await?;
+    sqlx::raw_sql("CHECKPOINT").execute(pool).await?;
     Ok(())
 }
 
@@ -356,7 +373,7 @@ async fn demo(rows: i64, workers: usize) -> Result<()> {
         "rotated to v{}; a distributed job moves every row to it with {workers} workers:",
         v2.version
     );
-    let (elapsed, status) = rewrap(&scratch, &pool, &ring, workers, 1000, true).await?;
+    let (elapsed, status) = rewrap(&scratch, &pool, &ring, workers, LANES, 1000, true).await?;
     println!(
         "done in {:.1} s: {} rewrapped, {} skipped, {} failed; {} rows read for {} rows",
         elapsed.as_secs_f64(),
@@ -387,7 +404,13 @@ async fn demo(rows: i64, workers: usize) -> Result<()> {
     scratch.drop_now().await
 }
 
-async fn bench(rows: i64, workers: &[usize], batch: usize) -> Result<()> {
+async fn bench(
+    rows: i64,
+    workers: &[usize],
+    lanes: usize,
+    batch: usize,
+    repeat: usize,
+) -> Result<()> {
     let scratch = Scratch::create().await?;
     let pool = scratch.pool(4).await?;
     keyfold_postgres::migrate(&pool, &TablePrefix::default()).await?;
@@ -398,31 +421,37 @@ async fn bench(rows: i64, workers: &[usize], batch: usize) -> Result<()> {
         .await?;
     ring.rotate(&Actor::new("demo-admin")).await?;
     println!(
-        "{rows} rows, batches of {batch}, 16 shards; CPUs: {}",
+        "{rows} rows, batches of {batch}, 16 shards, {lanes} lanes per worker; CPUs: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| workers (streams) | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped |"
+        "| workers (streams) | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped | load average (1 min) before the pair |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
+    // Each worker count `repeat` times in a row, the baseline and the job
+    // alternating: B J B J.
     for &w in workers {
-        reset(&pool).await?;
-        // As many streams as the job has: each worker works two shards at
-        // once (RewrapWorker::lanes).
-        let limit = baseline(&scratch, &pool, w * LANES, batch).await?;
-        reset(&pool).await?;
-        let (elapsed, status) = rewrap(&scratch, &pool, &ring, w, batch, false).await?;
-        if status.totals.rewrapped != rows as u64 {
-            return Err(format!("rewrapped {} of {rows}", status.totals.rewrapped).into());
+        for _ in 0..repeat {
+            let load = propagation::load_average();
+            reset(&pool).await?;
+            // As many streams as the job has: each worker works `lanes`
+            // shards at once (RewrapWorker::lanes).
+            let limit = baseline(&scratch, &pool, w * lanes, batch).await?;
+            reset(&pool).await?;
+            let (elapsed, status) = rewrap(&scratch, &pool, &ring, w, lanes, batch, false).await?;
+            if status.totals.rewrapped != rows as u64 {
+                return Err(format!("rewrapped {} of {rows}", status.totals.rewrapped).into());
+            }
+            let job_rate = rows as f64 / elapsed.as_secs_f64();
+            let limit_rate = rows as f64 / limit.as_secs_f64();
+            println!(
+                "| {w} ({}) | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} | {} |",
+                w * lanes,
+                job_rate / limit_rate,
+                status.rows_read as f64 / status.totals.rewrapped as f64,
+                load.split_whitespace().next().unwrap_or("?")
+            );
         }
-        let job_rate = rows as f64 / elapsed.as_secs_f64();
-        let limit_rate = rows as f64 / limit.as_secs_f64();
-        println!(
-            "| {w} ({}) | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} |",
-            w * LANES,
-            job_rate / limit_rate,
-            status.rows_read as f64 / status.totals.rewrapped as f64
-        );
     }
     pool.close().await;
     scratch.drop_now().await
@@ -462,8 +491,41 @@ async fn main() -> Result<()> {
                     .collect::<std::result::Result<_, _>>()?,
                 None => vec![1, 2, 4],
             };
-            bench(rows, &workers, batch).await
+            let lanes = arg(&args, "--lanes")?.unwrap_or(LANES);
+            let repeat = arg(&args, "--repeat")?.unwrap_or(1);
+            bench(rows, &workers, lanes, batch, repeat).await
         }
-        Some(other) => Err(format!("unknown command {other:?}: use demo or bench").into()),
+        Some("profile") => {
+            profile::profile(
+                arg(&args, "--rows")?.unwrap_or(200_000),
+                arg(&args, "--batch")?.unwrap_or(1000),
+                arg(&args, "--passes")?.unwrap_or(2),
+            )
+            .await
+        }
+        Some("propagation") => {
+            let only = match arg::<String>(&args, "--only")?.as_deref() {
+                None => None,
+                Some("notify") => Some(true),
+                Some("poll") => Some(false),
+                Some(other) => {
+                    return Err(format!("--only {other:?}: use notify or poll").into());
+                }
+            };
+            propagation::propagation(propagation::Options {
+                rounds: arg(&args, "--rounds")?.unwrap_or(100),
+                max_staleness: Duration::from_millis(
+                    arg(&args, "--max-staleness-ms")?.unwrap_or(2000),
+                ),
+                cache_ttl: Duration::from_millis(arg(&args, "--cache-ttl-ms")?.unwrap_or(300_000)),
+                poll: Duration::from_micros(arg(&args, "--poll-us")?.unwrap_or(100)),
+                only,
+            })
+            .await
+        }
+        Some(other) => Err(format!(
+            "unknown command {other:?}: use demo, bench, profile or propagation"
+        )
+        .into()),
     }
 }

@@ -50,7 +50,7 @@ use sqlx::{PgPool, Row as _};
 use crate::migrate::{MigrateError, Migration, TablePrefix, apply};
 use crate::table::{IdRange, PgTable};
 
-pub use worker::{RewrapWorker, WorkerReport};
+pub use worker::{MAX_REPORTED_FAILURES, RewrapWorker, WorkerReport};
 
 /// The job tables' schema steps.
 pub(crate) const MIGRATIONS: &[Migration] = &[Migration {

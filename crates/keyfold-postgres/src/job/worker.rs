@@ -11,7 +11,9 @@ use futures::future::Shared;
 use keyfold_core::audit::AuditKind;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::retry::RetryPolicy;
-use keyfold_rewrap::{Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowSource, Shard};
+use keyfold_rewrap::{
+    Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowFailure, RowSource, Shard,
+};
 use sqlx::Row as _;
 
 use super::{DistributedJobError, JobRow, RewrapCoordinator};
@@ -32,7 +34,14 @@ pub struct WorkerReport {
     pub rows_read: u64,
     /// Its counters, summed over its batches.
     pub counters: Counters,
+    /// The rows that failed in its batches, with why (the first
+    /// [`MAX_REPORTED_FAILURES`]; the counters count them all), for the
+    /// host to name and retry.
+    pub failures: Vec<RowFailure>,
 }
+
+/// The most failed rows a [`WorkerReport`] lists.
+pub const MAX_REPORTED_FAILURES: usize = 1000;
 
 /// A shard this worker holds.
 #[derive(Debug)]
@@ -444,6 +453,10 @@ impl RewrapWorker {
                 if let Some(b) = &batch {
                     report.batches += 1;
                     add(&mut report.counters, &b.counters);
+                    let room = MAX_REPORTED_FAILURES.saturating_sub(report.failures.len());
+                    report
+                        .failures
+                        .extend(b.failures.iter().take(room).cloned());
                 }
             });
             if batch.is_some() {
