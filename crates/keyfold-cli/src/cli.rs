@@ -211,8 +211,29 @@ Examples:
     /// Disables every version below N in one audited change (records on
     /// them stop decrypting). Asks first.
     MinDecryptionVersion(VersionArgs),
-    /// Retries the KMS as the operator: unwraps the active version and
-    /// reports whether the keyring can be used (audited when it was sealed).
+    /// Seals the keyring for the whole fleet (an incident, the post-breach
+    /// cycle): the seal is stored with the keyring, and every instance
+    /// refuses to encrypt and decrypt once its view holds it, until
+    /// `keyring unseal`. Needs no KMS. Asks first.
+    #[command(after_help = "\
+Examples:
+  keyfold --config ops.json keyring seal acme --reason \"INC-42: API token leaked\"
+  keyfold --config ops.json --json keyring seal acme --reason \"INC-42\" --yes
+
+Every instance over the store refuses at its next use with store change
+notifications (PostgreSQL, a file store's poller), within its max staleness
+without. A keyring already sealed keeps its first seal (exit code 0).")]
+    Seal {
+        /// The keyring (tenant) id.
+        keyring: String,
+        /// Why, for the audit trail and every refusal (required, not blank).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Lifts an operator's seal for the whole fleet (audited), or, when the
+    /// keyring has none, retries the KMS as the operator: unwraps the active
+    /// version and reports whether the keyring can be used.
+    #[command(after_help = "Example:\n  keyfold --config ops.json keyring unseal acme")]
     Unseal {
         /// The keyring (tenant) id.
         keyring: String,

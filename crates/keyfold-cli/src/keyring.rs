@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyfold_core::RotationPolicy;
-use keyfold_core::keyring::{DestroyAuthorization, KeyringMetadata, NoRecordsLeft};
+use keyfold_core::keyring::{DestroyAuthorization, KeyringMetadata, NoRecordsLeft, OperatorSeal};
 use keyfold_core::time::Timestamp;
 use keyfold_core::{
     KeyWrapper, SecretKey, WrapContext, WrapError, WrapErrorKind, WrapOperation, WrappedKey,
@@ -66,6 +66,17 @@ fn show_text(m: &KeyringMetadata) -> String {
         or_dash(m.min_decryption_version),
         m.version_count,
     );
+    if let Some(s) = &m.operator_seal {
+        let _ = writeln!(
+            t,
+            "SEALED BY AN OPERATOR since {} by {}: {}\n  \
+             nothing is encrypted or decrypted until `keyfold keyring unseal {}`",
+            rfc3339(s.since),
+            s.actor,
+            s.reason,
+            m.keyring_id
+        );
+    }
     if let Some(s) = &m.sealed {
         let _ = writeln!(t, "SEALED since {} ({:?})", rfc3339(s.since), s.kind);
     }
@@ -99,6 +110,30 @@ fn show_text(m: &KeyringMetadata) -> String {
     t
 }
 
+/// An operator's seal as the CLI prints it in `--json` (time in RFC 3339).
+fn seal_json(s: &OperatorSeal) -> serde_json::Value {
+    json!({"since": rfc3339(s.since), "reason": s.reason, "actor": s.actor})
+}
+
+/// The configured KMS wrapper, or [`NoKms`] when the config has none (for
+/// commands that need no KMS call).
+async fn wrapper_if_configured(g: &Globals) -> Result<Arc<dyn KeyWrapper>, CliError> {
+    if g.config.has_kms() {
+        g.wrapper().await
+    } else {
+        Ok(Arc::new(NoKms))
+    }
+}
+
+/// Which KMS wrapper a change needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kms {
+    /// The configured one; a missing `kms` section is a usage error.
+    Required,
+    /// The configured one if any (the change makes no KMS call).
+    IfConfigured,
+}
+
 async fn change(
     g: &Globals,
     id: &str,
@@ -109,11 +144,28 @@ async fn change(
         &keyfold_core::audit::Actor,
     ) -> Result<(String, serde_json::Value), CliError>,
 ) -> Result<(), CliError> {
+    change_with(g, id, create, Kms::Required, confirmation, act).await
+}
+
+async fn change_with(
+    g: &Globals,
+    id: &str,
+    create: bool,
+    kms: Kms,
+    confirmation: Option<String>,
+    act: impl AsyncFnOnce(
+        &keyfold_core::Keyring,
+        &keyfold_core::audit::Actor,
+    ) -> Result<(String, serde_json::Value), CliError>,
+) -> Result<(), CliError> {
     // Everything that can fail without a change fails first: the actor, the
     // audit log, the KMS config, the store.
     let actor = g.actor()?;
     let audit = g.audit()?;
-    let wrapper = g.wrapper().await?;
+    let wrapper = match kms {
+        Kms::Required => g.wrapper().await?,
+        Kms::IfConfigured => wrapper_if_configured(g).await?,
+    };
     let ring = g.keyring(id, wrapper, Arc::clone(&audit), create).await?;
     if let Some(what) = confirmation {
         confirm(g.yes, &what, id)?;
@@ -136,11 +188,7 @@ fn version_change(verb: &'static str) -> impl Fn(&VersionArgs) -> (String, serde
 pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError> {
     match cmd {
         KeyringCommand::Show { keyring } => {
-            let wrapper: Arc<dyn KeyWrapper> = if g.config.has_kms() {
-                g.wrapper().await?
-            } else {
-                Arc::new(NoKms)
-            };
+            let wrapper = wrapper_if_configured(g).await?;
             let store = g.store(false).await?;
             let ring = keyfold_core::Keyring::builder(keyring.as_str(), wrapper, store)
                 .open()
@@ -159,6 +207,12 @@ pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError
                 );
             }
             if let Some(o) = json.as_object_mut() {
+                o.insert(
+                    "operator_seal".into(),
+                    m.operator_seal
+                        .as_ref()
+                        .map_or(serde_json::Value::Null, seal_json),
+                );
                 o.insert(
                     "rotation_policy".into(),
                     policy.map_or(
@@ -289,19 +343,99 @@ pub(crate) async fn run(cmd: KeyringCommand, g: &Globals) -> Result<(), CliError
             })
             .await
         }
+        KeyringCommand::Seal { keyring, reason } => {
+            let reason = reason
+                .filter(|r| !r.trim().is_empty())
+                .ok_or_else(|| {
+                    CliError::usage(
+                        "seal needs --reason TEXT (not blank): it is audited and shown by every refusal",
+                    )
+                })?;
+            let what = format!(
+                "Seal keyring {keyring}: every instance stops encrypting and decrypting its \
+                 records until `keyfold keyring unseal {keyring}`"
+            );
+            change_with(
+                g,
+                &keyring,
+                false,
+                Kms::IfConfigured,
+                Some(what),
+                async |ring, actor| {
+                    // A seal already in force stays as it is (its time
+                    // and reason); so does one stored meanwhile by another
+                    // operator, which the library hands back.
+                    let (seal, already) = match ring.operator_seal_info() {
+                        Some(existing) => (existing, true),
+                        None => {
+                            let seal = ring.seal(reason.as_str(), actor).await?;
+                            let theirs = seal.reason != reason || seal.actor != actor.0;
+                            (seal, theirs)
+                        }
+                    };
+                    let text = if already {
+                        format!(
+                            "keyring {} was already sealed since {} by {}: {}; that seal stays\n",
+                            ring.id(),
+                            rfc3339(seal.since),
+                            seal.actor,
+                            seal.reason
+                        )
+                    } else {
+                        format!(
+                            "keyring {} sealed at {} by {}: {}\n\
+                             every instance refuses to encrypt and decrypt once it sees the seal \
+                             (at its next use with store notifications, within its max staleness \
+                             without) until `keyfold keyring unseal {}`\n",
+                            ring.id(),
+                            rfc3339(seal.since),
+                            seal.actor,
+                            seal.reason,
+                            ring.id()
+                        )
+                    };
+                    Ok((
+                        text,
+                        json!({"keyring": ring.id(), "sealed": true, "already_sealed": already,
+                               "operator_seal": seal_json(&seal)}),
+                    ))
+                },
+            )
+            .await
+        }
         KeyringCommand::Unseal { keyring } => {
-            change(g, &keyring, false, None, async |ring, actor| {
-                ring.unseal_as(actor).await?;
-                Ok((
-                    format!(
-                        "keyring {}: the KMS answered ({} {}); the keyring is usable\n",
-                        ring.id(),
-                        ring.wrapper().provider(),
-                        ring.wrapper().key_ref()
-                    ),
-                    json!({"keyring": ring.id(), "sealed": false}),
-                ))
-            })
+            change_with(
+                g,
+                &keyring,
+                false,
+                Kms::IfConfigured,
+                None,
+                async |ring, actor| {
+                    let lifted = ring.operator_seal_info();
+                    ring.unseal_as(actor).await?;
+                    let text = match &lifted {
+                        Some(s) => format!(
+                            "keyring {}: the operator's seal (since {} by {}: {}) is lifted; \
+                             every instance works again once it sees the change\n",
+                            ring.id(),
+                            rfc3339(s.since),
+                            s.actor,
+                            s.reason
+                        ),
+                        None => format!(
+                            "keyring {}: the KMS answered ({} {}); the keyring is usable\n",
+                            ring.id(),
+                            ring.wrapper().provider(),
+                            ring.wrapper().key_ref()
+                        ),
+                    };
+                    Ok((
+                        text,
+                        json!({"keyring": ring.id(), "sealed": false,
+                               "lifted": lifted.as_ref().map(seal_json)}),
+                    ))
+                },
+            )
             .await
         }
         KeyringCommand::ScheduleDestroy { target: a, at } => {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Setup, json_of};
+use common::{Setup, eventually, json_of};
 use sqlx::ConnectOptions;
 
 fn server_url() -> String {
@@ -92,6 +92,87 @@ async fn keyring_lifecycle_on_a_postgres_store() {
             "kms.version.state_changed",
             "kms.version.state_changed",
             "kms.rotation_policy.set"
+        ]
+    );
+}
+
+/// The operator's seal on a `postgres://` store: stored with the keyring
+/// (the fleet's shared store), so the next command (another process)
+/// refuses a rotation until the unseal.
+#[tokio::test]
+async fn seal_and_unseal_on_a_postgres_store() {
+    let s = Setup::new();
+    let url = fresh_database().await;
+    let pg = |args: &[&str]| {
+        let mut cmd = s.with_config();
+        cmd.args(["--store", &url]).args(args);
+        cmd
+    };
+    pg(&["keyring", "create", "acme"]).assert().success();
+    // A service instance on the same database (LISTEN/NOTIFY), with the
+    // key in its cache.
+    let kek = keyfold_core::LocalKek::from_file("test-kek", s.path("kek.hex")).unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let store =
+        keyfold_postgres::PgKeyringStore::new(pool, keyfold_postgres::TablePrefix::default());
+    let service = keyfold_core::Keyring::builder(
+        "acme",
+        std::sync::Arc::new(kek),
+        std::sync::Arc::new(store),
+    )
+    .max_staleness(std::time::Duration::from_secs(2))
+    .open()
+    .await
+    .unwrap();
+    let row = context("t", "1");
+    let record = service.encrypt(&row, b"row one").await.unwrap();
+
+    pg(&["keyring", "seal", "acme", "--reason", "INC-9", "--yes"])
+        .assert()
+        .success();
+    eventually("the service instance refuses", || async {
+        matches!(
+            service.decrypt(&row, &record).await,
+            Err(keyfold_core::Error::SealedByOperator { .. })
+        )
+    })
+    .await;
+    let out = pg(&["--json", "keyring", "rotate", "acme"])
+        .assert()
+        .code(6)
+        .get_output()
+        .clone();
+    assert_eq!(json_of(&out)["error"]["code"], "sealed_by_operator");
+    let out = pg(&["--json", "keyring", "show", "acme"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let shown = json_of(&out);
+    assert_eq!(shown["operator_seal"]["reason"], "INC-9");
+    assert_eq!(shown["operator_seal"]["actor"], "ops@example.com");
+    pg(&["keyring", "unseal", "acme"]).assert().success();
+    eventually("the service instance decrypts again", || async {
+        service.decrypt(&row, &record).await.is_ok()
+    })
+    .await;
+    pg(&["keyring", "rotate", "acme"]).assert().success();
+    let out = pg(&["--json", "keyring", "show", "acme"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let shown = json_of(&out);
+    assert_eq!(shown["operator_seal"], serde_json::Value::Null);
+    assert_eq!(shown["active_version"], 2);
+    assert_eq!(
+        s.audit_names(),
+        [
+            "kms.rotate",
+            "kms.sealed.manual",
+            "kms.unsealed",
+            "kms.rotate",
+            "kms.version.state_changed"
         ]
     );
 }

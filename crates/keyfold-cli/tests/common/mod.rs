@@ -101,3 +101,21 @@ pub(crate) fn json_of(output: &std::process::Output) -> serde_json::Value {
         )
     })
 }
+
+/// Polls `check` until it is true, failing after 20 s: far beyond what a
+/// change takes to reach an instance (a file store polls every 200 ms,
+/// PostgreSQL notifies), so a timeout is a bug, not a slow machine.
+pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within 20 s: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
