@@ -282,8 +282,29 @@ pub fn router(app: App) -> Router {
                 "this endpoint does not take this method (see the service README)",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            audit_written,
+        ))
         .layer(axum::middleware::from_fn(crate::error::request_context))
         .with_state(app)
+}
+
+/// Answers only once the request's audit entries are written: on
+/// PostgreSQL they are queued to a writer task, and an answer sent before
+/// they reach the table could outlive them in a crash.
+async fn audit_written(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    if let Err(e) = app.shared.db.flush_audit().await {
+        // The change itself is committed: the answer stays true; the
+        // operator hears of the lost entries (and the metric counts them).
+        crate::error::operator_log(format_args!("{e}"));
+    }
+    response
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
@@ -309,7 +330,7 @@ async fn keyring(admin: &Admin) -> ApiResult<Arc<Keyring>> {
 }
 
 /// Uses the request's step-up token for `action` on `target`.
-fn require_step_up(
+async fn require_step_up(
     app: &App,
     admin: &Admin,
     headers: &HeaderMap,
@@ -324,6 +345,7 @@ fn require_step_up(
         action,
         target,
     )
+    .await
     .map_err(|e| step_up_error(e, action, target))
 }
 
@@ -402,6 +424,7 @@ async fn step_up(
         action,
         &target,
     )
+    .await
     .map_err(|e| step_up_error(e, action, &target))?;
     Ok(Json(json!({
         "step_up_token": token.expose(),
@@ -596,7 +619,7 @@ async fn onboard(
     let value: Value = parse_json(body)?;
     let config = tenant_config(&app, &admin.tenant.config.id, value)?;
     let (provider, key_ref) = (config.provider(), config.kms_key_ref().to_owned());
-    require_step_up(&app, &admin, &headers, Action::Onboard, &key_ref)?;
+    require_step_up(&app, &admin, &headers, Action::Onboard, &key_ref).await?;
     let first = admin.tenant.kms.read().await.is_none();
     let done = app
         .shared
@@ -655,7 +678,7 @@ async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> Api
     // Held across the rotation: onboarding cannot replace the config meanwhile.
     let kms = admin.tenant.kms.read().await;
     let keyring = onboarded(&admin, &kms)?;
-    require_step_up(&app, &admin, &headers, Action::Rotate, admin.id())?;
+    require_step_up(&app, &admin, &headers, Action::Rotate, admin.id()).await?;
     // Hold the job slot across the rotation: the background task then cannot
     // start a job of its own for the new version before this one.
     let mut job = admin.tenant.job.lock().await;
@@ -667,7 +690,8 @@ async fn rotate(State(app): State<App>, admin: Admin, headers: HeaderMap) -> Api
         other => other?,
     };
     app.shared
-        .new_job(admin.id(), &mut job, &keyring, rotation.lease_id.clone());
+        .new_job(admin.id(), &mut job, &keyring, rotation.lease_id.clone())
+        .await;
     drop(job);
     drop(kms);
     Ok(Json(json!({
@@ -777,7 +801,7 @@ async fn version_op(
     })?;
     let kms = admin.tenant.kms.read().await;
     let keyring = onboarded(&admin, &kms)?;
-    require_step_up(&app, &admin, &headers, action, &version.to_string())?;
+    require_step_up(&app, &admin, &headers, action, &version.to_string()).await?;
     let actor = admin.actor();
     if let Some(at) = schedule_at {
         if keyring.version_state(version).is_none() {
@@ -819,7 +843,8 @@ async fn version_op(
             let remaining = app
                 .shared
                 .db
-                .all_ciphertexts(admin.id())?
+                .all_ciphertexts(admin.id())
+                .await?
                 .iter()
                 .filter(|ct| keyfold::format::inspect(ct).is_ok_and(|i| i.key_version == version))
                 .count();
@@ -901,7 +926,7 @@ async fn rotation_policy(
     let policy = keyfold::RotationPolicy::new(enabled, days).map_err(|_| bad_period())?;
     let kms = admin.tenant.kms.read().await;
     let keyring = onboarded(&admin, &kms)?;
-    require_step_up(&app, &admin, &headers, Action::RotationPolicy, admin.id())?;
+    require_step_up(&app, &admin, &headers, Action::RotationPolicy, admin.id()).await?;
     match keyring
         .set_rotation_policy(Some(policy), &admin.actor())
         .await
@@ -920,8 +945,8 @@ async fn rotation_policy(
 }
 
 /// `POST /admin/tenant-kms/seal` `{"reason": "..."}`: stops every use of the
-/// tenant's keys until an unseal (the post-breach cycle). No step-up: it
-/// only ever protects.
+/// tenant's keys, on every instance, until an unseal (the post-breach
+/// cycle). No step-up: it only ever protects.
 async fn seal(admin: Admin, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let value: Value = parse_json(body)?;
     let reason = value
@@ -936,7 +961,9 @@ async fn seal(admin: Admin, body: Result<Bytes, BytesRejection>) -> ApiResult {
             .field("reason")
         })?;
     let keyring = keyring(&admin).await?;
-    keyring.seal(reason, &admin.actor());
+    // Stored with the keyring: every instance refuses within the store's
+    // notification (max staleness without one).
+    keyring.seal(reason, &admin.actor()).await?;
     Ok(Json(json!({
         "sealed": true,
         "reason": reason,
@@ -949,20 +976,27 @@ async fn seal(admin: Admin, body: Result<Bytes, BytesRejection>) -> ApiResult {
 async fn unseal(State(app): State<App>, admin: Admin, headers: HeaderMap) -> ApiResult {
     let kms = admin.tenant.kms.read().await;
     let keyring = onboarded(&admin, &kms)?;
-    require_step_up(&app, &admin, &headers, Action::Unseal, admin.id())?;
+    require_step_up(&app, &admin, &headers, Action::Unseal, admin.id()).await?;
     keyring.unseal_as(&admin.actor()).await?;
     Ok(Json(json!({ "sealed": false })))
 }
 
 async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
-    let Some(row) = app.shared.db.job(admin.id())? else {
+    let Some(row) = app.shared.db.job(admin.id()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no_rewrap_job",
             "no rewrap job has run for this tenant",
         ));
     };
+    #[cfg(feature = "postgres")]
+    if let Some(reference) = crate::distributed::JobRef::of(&row) {
+        return distributed_status(&app, row, reference).await;
+    }
     let cp: Checkpoint = serde_json::from_str(&row.checkpoint).map_err(ApiError::internal)?;
+    let Some(db) = app.shared.db.sqlite() else {
+        return Err(ApiError::internal("a SQLite job row in another database"));
+    };
     let mut remaining = 0;
     for s in cp.sources.iter().filter(|s| !s.exhausted) {
         let table = if s.name == SECRETS {
@@ -970,7 +1004,7 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
         } else {
             SECRET_VERSIONS
         };
-        remaining += SecretTable::new(app.shared.db.clone(), admin.id(), table)
+        remaining += SecretTable::new(db.clone(), admin.id(), table)
             .count_after(s.cursor.as_deref())
             .await
             .unwrap_or(0);
@@ -978,7 +1012,8 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
     let failures: Vec<Value> = app
         .shared
         .db
-        .row_failures(admin.id())?
+        .row_failures(admin.id())
+        .await?
         .into_iter()
         .filter(|f| f.job_id == row.job_id)
         .map(|f| {
@@ -1032,8 +1067,92 @@ async fn rewrap_status(State(app): State<App>, admin: Admin) -> ApiResult {
     Ok(Json(body))
 }
 
+/// The rewrap status of a distributed job (PostgreSQL): read from the
+/// job's tables, shared by every instance.
+#[cfg(feature = "postgres")]
+async fn distributed_status(
+    app: &App,
+    row: crate::db::JobRow,
+    reference: crate::distributed::JobRef,
+) -> ApiResult {
+    let Some(pg) = app.shared.db.postgres() else {
+        return Err(ApiError::internal(
+            "a distributed job row without PostgreSQL",
+        ));
+    };
+    let status = pg
+        .coordinator()
+        .status(&row.job_id)
+        .await
+        .map_err(ApiError::internal)?;
+    // Finished in its tables but not yet recorded by the worker that ran
+    // the last shard (which names the failed rows first): still running.
+    let word = match crate::distributed::status_word(&status) {
+        "completed" | "incomplete" if row.status == "running" => "running",
+        word => word,
+    };
+    let failures: Vec<Value> = app
+        .shared
+        .db
+        .row_failures(&status.keyring_id)
+        .await?
+        .into_iter()
+        .filter(|f| f.job_id == row.job_id)
+        .map(|f| json!({ "source": f.source, "row_id": f.row_id, "reason": f.error }))
+        .collect();
+    let mut reasons: Vec<String> = status.failed.iter().cloned().collect();
+    reasons.extend(failures.iter().map(|f| {
+        format!(
+            "{} row {}: {}",
+            f["source"].as_str().unwrap_or_default(),
+            f["row_id"].as_str().unwrap_or_default(),
+            f["reason"].as_str().unwrap_or_default()
+        )
+    }));
+    if status.totals.failed > 0 {
+        reasons.push(format!(
+            "{} rows could not be moved (failed to decrypt or re-wrap)",
+            status.totals.failed
+        ));
+    }
+    if status.totals.unresolved > 0 {
+        reasons.push(format!(
+            "{} rows kept changing under the job (conflicts it gave up on)",
+            status.totals.unresolved
+        ));
+    }
+    let next = match word {
+        "incomplete" => Some(
+            "a new pass over the rows starts after the retry backoff (rows moved already are skipped); rewrite or fix the secrets that keep failing, and destroy only once none is left",
+        ),
+        "failed" => Some("the job stopped; a rotation starts a new one"),
+        _ => None,
+    };
+    let mut body = json!({
+        "job_id": row.job_id,
+        "status": word,
+        "error": status.failed,
+        "reasons": reasons,
+        "failures": failures,
+        "next": next,
+        "target_version": reference.target_version,
+        "completed": status.completed,
+        "distributed": {
+            "shards": status.shards,
+            "shards_done": status.shards_done,
+            "shards_leased": status.shards_leased,
+            "rows_read": status.rows_read,
+            "rows_per_second": status.rows_per_second,
+        },
+        "totals": status.totals,
+        "estimated_remaining": status.rows_total.saturating_sub(status.totals.seen),
+    });
+    crate::time::rfc3339_fields(&mut body);
+    Ok(Json(body))
+}
+
 async fn audit(State(app): State<App>, admin: Admin) -> ApiResult {
-    let events = app.shared.db.audit(admin.id())?;
+    let events = app.shared.db.audit(admin.id()).await?;
     let mut body = json!({ "events": events });
     crate::time::rfc3339_fields(&mut body);
     Ok(Json(body))
@@ -1091,8 +1210,8 @@ async fn put_secret(
     let db = &app.shared.db;
     let tenant = admin.id();
     for _ in 0..5 {
-        let current = db.current_secret(tenant, &name)?;
-        let version = db.next_secret_version(tenant, &name)?;
+        let current = db.current_secret(tenant, &name).await?;
+        let version = db.next_secret_version(tenant, &name).await?;
         let pending = keyring
             .encrypt_for_write(
                 &secret_context(tenant, &name, version),
@@ -1118,13 +1237,16 @@ async fn put_secret(
             version,
             ciphertext,
         };
-        if db.replace_secret(
-            tenant,
-            current.as_ref(),
-            &new,
-            history.as_ref(),
-            Timestamp::now().as_secs(),
-        )? {
+        if db
+            .replace_secret(
+                tenant,
+                current.as_ref(),
+                &new,
+                history.as_ref(),
+                Timestamp::now().as_secs(),
+            )
+            .await?
+        {
             return Ok((
                 StatusCode::CREATED,
                 Json(json!({
@@ -1147,7 +1269,7 @@ async fn get_secret(State(app): State<App>, admin: Admin, Path(name): Path<Strin
     let keyring = keyring(&admin).await?;
     let db = &app.shared.db;
     let tenant = admin.id();
-    let row = db.current_secret(tenant, &name)?.ok_or_else(|| {
+    let row = db.current_secret(tenant, &name).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "secret_not_found",
@@ -1164,7 +1286,7 @@ async fn get_secret(State(app): State<App>, admin: Admin, Path(name): Path<Strin
     let mut on = key_version(&row.ciphertext);
     if let Some(new) = &read.upgraded {
         // Lazy rewrap: write back only if nobody changed the row meanwhile.
-        if db.cas_secret(tenant, &name, &row.ciphertext, new)? {
+        if db.cas_secret(tenant, &name, &row.ciphertext, new).await? {
             on = key_version(new);
         }
     }
@@ -1185,7 +1307,7 @@ async fn rollback_secret(
     let keyring = keyring(&admin).await?;
     let db = &app.shared.db;
     let tenant = admin.id();
-    let current = db.current_secret(tenant, &name)?.ok_or_else(|| {
+    let current = db.current_secret(tenant, &name).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "secret_not_found",
@@ -1193,7 +1315,8 @@ async fn rollback_secret(
         )
     })?;
     let previous = db
-        .previous_secret(tenant, &name, current.version)?
+        .previous_secret(tenant, &name, current.version)
+        .await?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
@@ -1203,13 +1326,16 @@ async fn rollback_secret(
         })?;
     let restored = upgraded(&keyring, tenant, previous).await;
     let history = upgraded(&keyring, tenant, current.clone()).await;
-    if !db.replace_secret(
-        tenant,
-        Some(&current),
-        &restored,
-        Some(&history),
-        Timestamp::now().as_secs(),
-    )? {
+    if !db
+        .replace_secret(
+            tenant,
+            Some(&current),
+            &restored,
+            Some(&history),
+            Timestamp::now().as_secs(),
+        )
+        .await?
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",

@@ -17,8 +17,13 @@ use crate::stepup::StepUpConfig;
 pub struct ServiceConfig {
     /// Where to listen (loopback by default; port 0 picks a free one).
     pub listen: SocketAddr,
-    /// The SQLite file.
-    pub database: PathBuf,
+    /// Where to serve `/metrics` (Prometheus text format), for the
+    /// operator's scraper only: its own listener, never the tenants' port,
+    /// and no bearer token (bind it to a private address). `None`: no
+    /// metrics page.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The database: a SQLite file (the default) or a PostgreSQL URL.
+    pub database: Database,
     /// Local KEKs tenants may onboard with `{"provider": "local", "kms_key_ref": ID}`:
     /// id → the KEK's source. The service owns them; a request never names a file.
     pub local_keks: BTreeMap<String, KekSource>,
@@ -48,6 +53,61 @@ pub struct ServiceConfig {
     /// defaults (rotation policy hourly, scheduled destroys every minute,
     /// unseal probes every second, cache sweeps every minute). For tests.
     pub maintenance_interval: Option<Duration>,
+}
+
+/// The service's database.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Database {
+    /// A SQLite file: one instance (or several on one machine).
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://` or `postgresql://`): a fleet of
+    /// instances on one database. The URL may hold a password: `Debug`
+    /// never shows it.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL (any case), or else a
+    /// SQLite path.
+    ///
+    /// # Errors
+    /// Another URL (`scheme://…`): it is neither, and taking it for a file
+    /// name would print it, password and all.
+    pub fn parse(text: &str) -> Result<Database, String> {
+        let scheme = text
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => Ok(Database::Postgres(text.to_owned())),
+            Some(other) => Err(format!(
+                "database: a {other}:// URL is not supported (a SQLite path or a postgres:// URL)"
+            )),
+            None => Ok(Database::Sqlite(PathBuf::from(text))),
+        }
+    }
+
+    /// What to show in logs: the path, or the URL without its user info
+    /// and query (which may carry a password).
+    pub fn redacted(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(url) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                let rest = rest.split_once('?').map_or(rest, |(path, _)| path);
+                format!("{scheme}://{rest}")
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Database::Postgres(_) => f.debug_tuple("Postgres").field(&self.redacted()).finish(),
+        }
+    }
 }
 
 /// Where a local KEK comes from (hex or base64, 32 bytes).
@@ -95,6 +155,13 @@ pub struct RewrapConfig {
     /// The first retry of a row that failed comes this long after; each
     /// later one twice as long (at most an hour). Default 5 s.
     pub retry_base: Duration,
+    /// PostgreSQL: shards per secret table of a new distributed job
+    /// (default 16; more shards than instances balances the work).
+    pub shards_per_source: u32,
+    /// PostgreSQL: how long an instance holds a shard without finishing a
+    /// batch before another instance takes it over (default 30 s): the
+    /// longest a killed instance's share of a job waits.
+    pub shard_lease: Duration,
 }
 
 impl Default for RewrapConfig {
@@ -104,6 +171,8 @@ impl Default for RewrapConfig {
             interval: Duration::from_secs(5),
             max_batches: None,
             retry_base: Duration::from_secs(5),
+            shards_per_source: 16,
+            shard_lease: Duration::from_secs(30),
         }
     }
 }
@@ -114,7 +183,10 @@ impl Default for RewrapConfig {
 struct FileConfig {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
-    database: PathBuf,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
+    /// A SQLite path (relative to the file) or a `postgres://` URL.
+    database: String,
     #[serde(default)]
     local_keks: BTreeMap<String, KekSource>,
     tenants: Vec<FileTenant>,
@@ -150,6 +222,11 @@ struct FileTenant {
 struct FileRewrap {
     batch_size: Option<usize>,
     interval_secs: Option<u64>,
+    /// Overrides `interval_secs` (tests, demos).
+    interval_ms: Option<u64>,
+    max_batches: Option<u64>,
+    shards_per_source: Option<u32>,
+    shard_lease_secs: Option<u64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -226,7 +303,11 @@ impl ServiceConfig {
         }
         let config = ServiceConfig {
             listen: file.listen,
-            database: base.join(file.database),
+            metrics_listen: file.metrics_listen,
+            database: match Database::parse(&file.database)? {
+                Database::Sqlite(path) => Database::Sqlite(base.join(path)),
+                postgres => postgres,
+            },
             local_keks: file
                 .local_keks
                 .into_iter()
@@ -238,9 +319,14 @@ impl ServiceConfig {
             tenants,
             rewrap: RewrapConfig {
                 batch_size: file.rewrap.batch_size.unwrap_or(100),
-                interval: Duration::from_secs(file.rewrap.interval_secs.unwrap_or(5)),
-                max_batches: None,
+                interval: match file.rewrap.interval_ms {
+                    Some(ms) => Duration::from_millis(ms),
+                    None => Duration::from_secs(file.rewrap.interval_secs.unwrap_or(5)),
+                },
+                max_batches: file.rewrap.max_batches,
                 retry_base: Duration::from_secs(5),
+                shards_per_source: file.rewrap.shards_per_source.unwrap_or(16),
+                shard_lease: Duration::from_secs(file.rewrap.shard_lease_secs.unwrap_or(30)),
             },
             step_up: StepUpConfig {
                 token_ttl: Duration::from_secs(file.step_up_ttl_secs),
@@ -295,7 +381,8 @@ impl ServiceConfig {
         };
         let config = ServiceConfig {
             listen,
-            database: dir.join("service.sqlite3"),
+            metrics_listen: None,
+            database: Database::Sqlite(dir.join("service.sqlite3")),
             local_keks: BTreeMap::from([("dev-kek".to_owned(), KekSource::File(kek))]),
             tenants: vec![
                 TenantConfig {
@@ -349,6 +436,12 @@ impl ServiceConfig {
         }
         if self.rewrap.batch_size == 0 {
             return Err("rewrap batch_size must be at least 1".into());
+        }
+        if !(1..=65_536).contains(&self.rewrap.shards_per_source) {
+            return Err("rewrap shards_per_source: 1..=65536".into());
+        }
+        if self.rewrap.shard_lease.is_zero() {
+            return Err("rewrap shard_lease_secs must be at least 1".into());
         }
         if self.step_up.token_ttl > Duration::from_secs(3600) {
             return Err("step_up_ttl_secs: at most 3600 (a step-up token lives minutes)".into());
@@ -416,12 +509,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_postgres_url_is_a_fleet_database_and_never_shows_its_password() {
+        let db = Database::parse(
+            "postgres://app:hunter2-secret@db.internal:5432/app?sslmode=verify-full&password=x2",
+        )
+        .unwrap();
+        assert!(matches!(db, Database::Postgres(_)));
+        for shown in [format!("{db:?}"), db.redacted()] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!shown.contains("x2"), "{shown}");
+            assert!(shown.contains("db.internal:5432/app"), "{shown}");
+        }
+        assert!(matches!(
+            Database::parse("POSTGRESQL://db/app"),
+            Ok(Database::Postgres(_))
+        ));
+        assert_eq!(
+            Database::parse("data/service.sqlite3"),
+            Ok(Database::Sqlite("data/service.sqlite3".into()))
+        );
+        let refused = Database::parse("postgress://app:hunter2-secret@db/app").unwrap_err();
+        assert!(!refused.contains("hunter2"), "{refused}");
+    }
+
+    #[test]
     fn the_example_config_parses() {
         let text = include_str!("../config.example.json");
         let env = |var: &str| Some(format!("{var}-value-0123456789"));
         let c = ServiceConfig::from_json(text, Path::new("/srv/kms"), env).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.database, Path::new("/srv/kms/tenant-kms.sqlite3"));
+        assert_eq!(
+            c.database,
+            Database::Sqlite("/srv/kms/tenant-kms.sqlite3".into())
+        );
         assert_eq!(
             c.local_keks.get("dev-kek"),
             Some(&KekSource::File("/srv/kms/kek.hex".into()))

@@ -3,17 +3,22 @@
 //! copies. See the repository README, "Run the example service".
 //!
 //! - [`config`]: the JSON config, or a development setup on the local KEK;
-//! - [`db`]: SQLite (keyring store, secrets, rewrap checkpoints, audit log);
+//! - [`db`]: SQLite, or PostgreSQL for a fleet (keyring store, secrets,
+//!   rewrap jobs, audit log);
 //! - [`tenants`]: onboarding with a live probe, the rewrap job per tenant;
 //! - [`api`]: the HTTP API (axum), bearer tokens;
 //! - [`stepup`]: the second factor (TOTP) and step-up tokens;
-//! - [`error`]: the one JSON error shape, request ids, the operator log.
+//! - [`error`]: the one JSON error shape, request ids, the operator log;
+//! - `/metrics` on the operator's listener (`metrics_listen`).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
 pub mod db;
+#[cfg(feature = "postgres")]
+mod distributed;
 pub mod error;
+mod metrics;
 pub mod stepup;
 pub mod tenants;
 pub mod time;
@@ -35,12 +40,15 @@ use crate::tenants::{DbAudit, Providers, Shared, Tenant};
 pub struct RunningService {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when `metrics_listen` asked for it.
+    pub metrics_addr: Option<SocketAddr>,
     /// Second factors enrolled by this start (tenants seen for the first
     /// time): hand each to its tenant admin once; they are never shown again.
     pub enrolments: Vec<Enrolment>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     worker: JoinHandle<()>,
+    db: Db,
 }
 
 impl RunningService {
@@ -66,6 +74,11 @@ impl RunningService {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let _ = self.shutdown.send(true);
         let _ = self.worker.await;
+        // Background work's audit entries (maintenance, rewrap) queued on
+        // PostgreSQL are written before the service says it stopped.
+        if let Err(e) = self.db.flush_audit().await {
+            crate::error::operator_log(format_args!("{e}"));
+        }
         served
     }
 
@@ -87,10 +100,12 @@ pub async fn start(
 ) -> Result<RunningService, Box<dyn std::error::Error + Send + Sync>> {
     config.validate()?;
     let db = Db::open(&config.database)
-        .map_err(|e| format!("cannot open {}: {e}", config.database.display()))?;
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", config.database.redacted()))?;
     let mut enrolments = Vec::new();
     for t in &config.tenants {
         if let Some(e) = stepup::enrol(&db, &t.id, &t.admin, &config.step_up)
+            .await
             .map_err(|e| format!("tenant {}: cannot enrol a second factor: {e}", t.id))?
         {
             enrolments.push(e);
@@ -106,6 +121,7 @@ pub async fn start(
         }
     }
     let maintenance = Arc::new(maintenance.build());
+    let (shutdown, stop_server) = watch::channel(false);
     let shared = Arc::new(Shared {
         audit: Arc::new(DbAudit::new(db.clone())),
         db,
@@ -115,6 +131,7 @@ pub async fn start(
         destroy_grace: config.destroy_grace,
         write_window: config.write_window,
         maintenance: Arc::clone(&maintenance),
+        shutdown: shutdown.subscribe(),
     });
     let mut tenants = Vec::new();
     for t in &config.tenants {
@@ -122,6 +139,8 @@ pub async fn start(
             config: t.clone(),
             kms: tokio::sync::RwLock::new(None),
             job: tokio::sync::Mutex::new(None),
+            #[cfg(feature = "postgres")]
+            worker: tokio::sync::Mutex::new(None),
         });
         if let Some(onboarded) = shared
             .reopen(&t.id)
@@ -140,9 +159,14 @@ pub async fn start(
         tenants: Arc::clone(&tenants),
         step_up: config.step_up.clone(),
     };
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(metrics::serve(at, shutdown.subscribe()).await?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(|(addr, _)| *addr);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let (shutdown, mut stop_server) = watch::channel(false);
+    let mut stop_server = stop_server;
     let server = tokio::spawn(async move {
         axum::serve(
             listener,
@@ -153,6 +177,7 @@ pub async fn start(
         })
         .await
     });
+    let db = shared.db.clone();
     let rewrap = tokio::spawn(rewrap_worker(shared, tenants, shutdown.subscribe()));
     // keyfold's maintenance task (rotation policy, scheduled destroys,
     // unseal probes, cache sweeps), stopped with the service.
@@ -169,13 +194,18 @@ pub async fn start(
     let worker = tokio::spawn(async move {
         let _ = rewrap.await;
         let _ = maintenance_task.await;
+        if let Some((_, server)) = metrics {
+            let _ = server.await;
+        }
     });
     Ok(RunningService {
         addr,
+        metrics_addr,
         enrolments,
         shutdown,
         server,
         worker,
+        db,
     })
 }
 

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tenant_kms_service::config::ServiceConfig;
+use tenant_kms_service::config::{Database, ServiceConfig};
 use tenant_kms_service::tenants::Providers;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -13,39 +13,56 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn config() -> Result<(ServiceConfig, Option<PathBuf>), BoxError> {
     let mut args = std::env::args().skip(1);
     let mut file = std::env::var_os("TENANT_KMS_CONFIG").map(PathBuf::from);
+    let mut database = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" => file = Some(args.next().ok_or("--config needs a file")?.into()),
+            "--database" => {
+                let db = args
+                    .next()
+                    .ok_or("--database needs a SQLite path or a postgres:// URL")?;
+                database = Some(Database::parse(&db)?);
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: tenant-kms-service [--config FILE]\n\
+                    "usage: tenant-kms-service [--config FILE] [--database PATH|postgres://…]\n\
                      Without a config file: a development setup in $TENANT_KMS_DATA \
                      (default ./tenant-kms-data) on the local KEK, listening on \
-                     $TENANT_KMS_LISTEN (default 127.0.0.1:8080)."
+                     $TENANT_KMS_LISTEN (default 127.0.0.1:8080), /metrics on \
+                     $TENANT_KMS_METRICS_LISTEN (default: none).\n\
+                     --database overrides the config's: a SQLite file, or a PostgreSQL \
+                     URL shared by every instance of a fleet."
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),
         }
     }
-    match file {
-        Some(f) => Ok((ServiceConfig::from_file(&f)?, None)),
+    let (mut config, tokens) = match file {
+        Some(f) => (ServiceConfig::from_file(&f)?, None),
         None => {
             let dir = std::env::var_os("TENANT_KMS_DATA")
                 .map_or_else(|| PathBuf::from("tenant-kms-data"), PathBuf::from);
             let listen: SocketAddr = std::env::var("TENANT_KMS_LISTEN")
                 .unwrap_or_else(|_| "127.0.0.1:8080".into())
                 .parse()?;
-            let config = ServiceConfig::dev(&dir, listen)?;
+            let mut config = ServiceConfig::dev(&dir, listen)?;
+            if let Ok(at) = std::env::var("TENANT_KMS_METRICS_LISTEN") {
+                config.metrics_listen = Some(at.parse()?);
+            }
             eprintln!(
                 "development setup in {}: local KEK `dev-kek`, tenants acme and globex; \
                  their admin tokens: `source {}`",
                 dir.display(),
                 dir.join("dev-tokens.env").display()
             );
-            Ok((config, Some(dir.join("dev-tokens.env"))))
+            (config, Some(dir.join("dev-tokens.env")))
         }
+    };
+    if let Some(db) = database {
+        config.database = db;
     }
+    Ok((config, tokens))
 }
 
 /// Development setup only: keeps the demo tenants' TOTP secrets next to
@@ -123,6 +140,9 @@ async fn main() -> Result<(), BoxError> {
         remember_dev_secrets(&file, &service.enrolments)?;
     }
     eprintln!("tenant-kms-service listening on http://{}", service.addr);
+    if let Some(at) = service.metrics_addr {
+        eprintln!("metrics on http://{at}/metrics");
+    }
     let stopper = service.stopper();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {

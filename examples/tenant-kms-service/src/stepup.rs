@@ -203,13 +203,18 @@ fn percent_encode(s: &str) -> String {
 ///
 /// # Errors
 /// The RNG or the database failed.
-pub fn enrol(
+pub async fn enrol(
     db: &Db,
     tenant: &str,
     admin: &str,
     config: &StepUpConfig,
 ) -> Result<Option<Enrolment>, String> {
-    if db.factor(tenant).map_err(|e| e.to_string())?.is_some() {
+    if db
+        .factor(tenant)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
         return Ok(None);
     }
     let mut secret = zeroize::Zeroizing::new([0u8; 20]);
@@ -222,6 +227,7 @@ pub fn enrol(
             secret.as_ref(),
             u64::try_from(now).unwrap_or(0),
         )
+        .await
         .map_err(|e| e.to_string())?
     {
         return Ok(None); // another instance enrolled it first
@@ -342,7 +348,7 @@ fn audit(db: &Db, who: &Requester<'_>, event: &str, detail: Value) {
 /// # Errors
 /// [`StepUpError`]; every failure is audited, wrong and reused codes count
 /// towards the rate limit.
-pub fn issue(
+pub async fn issue(
     db: &Db,
     config: &StepUpConfig,
     who: &Requester<'_>,
@@ -361,10 +367,23 @@ pub fn issue(
         );
         e
     };
-    let (failures, oldest) = db
-        .step_up_failures(who.tenant, now.saturating_sub(window))
+    // The attempt is counted before its code is checked (and uncounted if
+    // it succeeds or is refused for the limit), so concurrent guesses, on
+    // one instance or many, see each other and never exceed the limit.
+    db.record_step_up_failure(who.tenant, now)
+        .await
         .map_err(internal)?;
-    if failures >= config.max_failures {
+    let (attempts, oldest) = db
+        .step_up_failures(who.tenant, now.saturating_sub(window))
+        .await
+        .map_err(internal)?;
+    let uncount = || async {
+        if let Err(e) = db.release_step_up_attempt(who.tenant, now).await {
+            crate::error::operator_log(format_args!("cannot uncount a step-up attempt: {e}"));
+        }
+    };
+    if attempts > config.max_failures {
+        uncount().await;
         let until = oldest.unwrap_or(now).saturating_add(window);
         let secs = u64::try_from((until - now + 999) / 1000)
             .unwrap_or(1)
@@ -375,23 +394,29 @@ pub fn issue(
     }
     let factor = db
         .factor(who.tenant)
+        .await
         .map_err(internal)?
         .ok_or_else(|| fail(StepUpError::NoFactor))?;
     let totp = totp(&factor.secret, config.totp_step).map_err(StepUpError::Internal)?;
-    let counted = |e: StepUpError| {
-        if let Err(db_err) = db.record_step_up_failure(who.tenant, now) {
-            crate::error::operator_log(format_args!("cannot record a step-up failure: {db_err}"));
-        }
-        fail(e)
-    };
     let secs = u64::try_from(now / 1000).unwrap_or(0);
     let well_formed = code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit());
-    let Some(step) = well_formed.then(|| totp.check(code, secs)).flatten() else {
-        return Err(counted(StepUpError::WrongCode));
+    let refused = match well_formed.then(|| totp.check(code, secs)).flatten() {
+        None => Some(StepUpError::WrongCode),
+        Some(step)
+            if !db
+                .use_factor_step(who.tenant, step)
+                .await
+                .map_err(internal)? =>
+        {
+            Some(StepUpError::CodeReused)
+        }
+        Some(_) => None,
     };
-    if !db.use_factor_step(who.tenant, step).map_err(internal)? {
-        return Err(counted(StepUpError::CodeReused));
+    if let Some(e) = refused {
+        // Wrong and reused codes stay counted towards the rate limit.
+        return Err(fail(e));
     }
+    uncount().await;
     let mut raw = zeroize::Zeroizing::new([0u8; 32]);
     keyfold::rng::fill(raw.as_mut()).map_err(internal)?;
     let token = Token::new(hex::encode(raw.as_ref()));
@@ -403,6 +428,7 @@ pub fn issue(
         expires_at_ms: now.saturating_add(ttl),
     };
     db.insert_grant(&token.hash(), &grant, now)
+        .await
         .map_err(internal)?;
     audit(
         db,
@@ -423,7 +449,7 @@ pub fn issue(
 ///
 /// # Errors
 /// [`StepUpError`], audited.
-pub fn consume(
+pub async fn consume(
     db: &Db,
     who: &Requester<'_>,
     presented: Option<&str>,
@@ -449,7 +475,7 @@ pub fn consume(
     };
     let token = Token::new(presented);
     let id = Some(token.id());
-    let Some(grant) = db.take_grant(&token.hash()).map_err(internal)? else {
+    let Some(grant) = db.take_grant(&token.hash()).await.map_err(internal)? else {
         return Err(refuse(StepUpError::Unknown, id));
     };
     if grant.tenant != who.tenant {

@@ -59,6 +59,14 @@ impl AuditSink for DbAudit {
     }
 }
 
+/// The rewrap lease of the rotation to `version` of keyring `tenant`:
+/// `lease-TENANT-vN`. Version numbers are never reused, so each rotation's
+/// lease is unique, and every instance can name it (a distributed job takes
+/// it as its id whichever instance creates the job). Not a secret.
+pub fn lease_id(tenant: &str, version: u32) -> String {
+    format!("lease-{tenant}-v{version}")
+}
+
 /// Issues rewrap leases on rotation, recorded in `rewrap_leases`.
 #[derive(Debug)]
 struct DbLeases {
@@ -72,9 +80,10 @@ impl LeaseIssuer for DbLeases {
         keyring_id: &str,
         version: u32,
     ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-        let id = format!("lease-{}", crate::config::random_hex(16)?);
+        let id = lease_id(keyring_id, version);
         self.db
-            .insert_lease(&id, keyring_id, version, Timestamp::now().as_secs())?;
+            .insert_lease(&id, keyring_id, version, Timestamp::now().as_secs())
+            .await?;
         Ok(id)
     }
 }
@@ -198,7 +207,7 @@ impl keyfold::EvidenceSource for DbEvidence {
         version: u32,
     ) -> Option<keyfold::keyring::NoRecordsLeft> {
         let checked_at = Timestamp::now();
-        let all = match self.db.all_ciphertexts(keyring_id) {
+        let all = match self.db.all_ciphertexts(keyring_id).await {
             Ok(all) => all,
             Err(e) => {
                 crate::error::operator_log(format_args!(
@@ -246,8 +255,11 @@ pub struct Tenant {
     pub config: TenantConfig,
     /// Set once onboarded. Onboarding and rotation take it for writing.
     pub kms: tokio::sync::RwLock<Option<Onboarded>>,
-    /// The running rewrap job, if any.
+    /// The running rewrap job, if any (SQLite).
     pub job: tokio::sync::Mutex<Option<RewrapJob>>,
+    /// This instance's worker on the tenant's distributed job (PostgreSQL).
+    #[cfg(feature = "postgres")]
+    pub(crate) worker: tokio::sync::Mutex<Option<crate::distributed::JobWorker>>,
 }
 
 /// What onboarding produced.
@@ -294,6 +306,9 @@ pub struct Shared {
     /// The maintenance task (rotation policy, scheduled destroys, unseal
     /// probes, cache sweeps) over every onboarded tenant's keyring.
     pub maintenance: Arc<keyfold::Maintenance>,
+    /// Becomes `true` when the service stops (background work ends between
+    /// batches).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -317,7 +332,12 @@ impl Shared {
     /// # Errors
     /// When the stored config cannot be built into a wrapper or the keyring is missing.
     pub async fn reopen(&self, tenant: &str) -> Result<Option<Onboarded>, String> {
-        let Some(json) = self.db.tenant_config(tenant).map_err(|e| e.to_string())? else {
+        let Some(json) = self
+            .db
+            .tenant_config(tenant)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
         let config: ProviderConfig = serde_json::from_str(&json).map_err(|e| e.to_string())?;
@@ -441,6 +461,7 @@ impl Shared {
             // move): nothing else changed, store the config alone.
             self.db
                 .set_tenant_config(id, &json, Timestamp::now().as_secs())
+                .await
                 .map_err(|e| OnboardError::Db(e.to_string()))?;
         }
         emit(AuditKind::ConfigUpdated {
@@ -462,7 +483,8 @@ impl Shared {
         }
         .map_err(OnboardError::Keyring)?;
         drop(slot);
-        self.new_job(id, &mut job, &keyring, rotation.lease_id.clone());
+        self.new_job(id, &mut job, &keyring, rotation.lease_id.clone())
+            .await;
         Ok(OnboardResult {
             keyring,
             version: rotation.version,
@@ -477,7 +499,7 @@ impl Shared {
     /// per request; nothing happens when the config is the one in use.
     pub async fn sync_config(&self, tenant: &Tenant) {
         let id = tenant.config.id.as_str();
-        let stored = match self.db.tenant_config(id) {
+        let stored = match self.db.tenant_config(id).await {
             Ok(Some(json)) => json,
             Ok(None) => return,
             Err(e) => {
@@ -521,10 +543,15 @@ impl Shared {
             .map(|o| Arc::clone(&o.keyring))
     }
 
+    /// The SQLite job's sources (on PostgreSQL the distributed job has
+    /// its own, see `distributed`).
     fn sources(&self, tenant: &str) -> Vec<Arc<dyn RowSource>> {
+        let Some(db) = self.db.sqlite() else {
+            return Vec::new();
+        };
         vec![
-            Arc::new(SecretTable::new(self.db.clone(), tenant, SECRETS)),
-            Arc::new(SecretTable::new(self.db.clone(), tenant, SECRET_VERSIONS)),
+            Arc::new(SecretTable::new(db.clone(), tenant, SECRETS)),
+            Arc::new(SecretTable::new(db.clone(), tenant, SECRET_VERSIONS)),
         ]
     }
 
@@ -544,13 +571,21 @@ impl Shared {
     /// Replaces the job in `slot` (the tenant's, locked) with a new one
     /// targeting the active version (id: the rotation's lease id when there
     /// is one). Hold the slot across the rotation that calls for it.
-    pub fn new_job(
+    ///
+    /// On PostgreSQL: creates the distributed job every instance works on
+    /// (`slot` stays empty).
+    pub async fn new_job(
         &self,
         tenant: &str,
         slot: &mut Option<RewrapJob>,
         keyring: &Arc<Keyring>,
         lease: Option<String>,
     ) {
+        #[cfg(feature = "postgres")]
+        if self.db.postgres().is_some() {
+            self.distributed_job(tenant, keyring, lease, true).await;
+            return;
+        }
         let mut builder = self.job_builder(tenant, keyring);
         if let Some(lease) = lease {
             builder = builder.job_id(lease);
@@ -562,10 +597,11 @@ impl Shared {
                 if let Err(e) = self
                     .db
                     .clear_row_failures_except(tenant, &job.checkpoint().job_id)
+                    .await
                 {
                     crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
                 }
-                self.persist(tenant, &job, None);
+                self.persist(tenant, &job, None).await;
                 *slot = Some(job);
             }
             Err(e) => eprintln!("tenant {tenant}: cannot create a rewrap job: {e}"),
@@ -574,8 +610,12 @@ impl Shared {
 
     /// Resumes the tenant's stored job at startup, if it is unfinished.
     pub async fn resume_job(&self, tenant: &Tenant, keyring: &Arc<Keyring>) {
+        if self.db.sqlite().is_none() {
+            // The distributed job lives in its tables: `drive` joins it.
+            return;
+        }
         let id = tenant.config.id.as_str();
-        let Ok(Some(row)) = self.db.job(id) else {
+        let Ok(Some(row)) = self.db.job(id).await else {
             return;
         };
         if row.status != "running" {
@@ -594,24 +634,29 @@ impl Shared {
         }
     }
 
-    fn persist_running(&self, tenant: &str, job: &RewrapJob, error: String) {
+    async fn persist_running(&self, tenant: &str, job: &RewrapJob, error: String) {
         let row = JobRow {
             job_id: job.checkpoint().job_id.clone(),
             status: "running".to_owned(),
             error: Some(error),
             checkpoint: serde_json::to_string(job.checkpoint()).unwrap_or_default(),
         };
-        if let Err(e) = self.db.save_job(tenant, &row, Timestamp::now().as_secs()) {
+        if let Err(e) = self
+            .db
+            .save_job(tenant, &row, Timestamp::now().as_secs())
+            .await
+        {
             eprintln!("tenant {tenant}: cannot persist the rewrap checkpoint: {e}");
         }
     }
 
-    fn persist(&self, tenant: &str, job: &RewrapJob, error: Option<String>) {
+    async fn persist(&self, tenant: &str, job: &RewrapJob, error: Option<String>) {
         let cp = job.checkpoint();
         let rows_left = cp.completed
             && self
                 .db
                 .row_failures(tenant)
+                .await
                 .is_ok_and(|f| f.iter().any(|f| f.job_id == cp.job_id));
         let status = match (&error, cp.completed) {
             (Some(_), _) => "failed",
@@ -625,12 +670,16 @@ impl Shared {
             error,
             checkpoint: serde_json::to_string(cp).unwrap_or_default(),
         };
-        if let Err(e) = self.db.save_job(tenant, &row, Timestamp::now().as_secs()) {
+        if let Err(e) = self
+            .db
+            .save_job(tenant, &row, Timestamp::now().as_secs())
+            .await
+        {
             eprintln!("tenant {tenant}: cannot persist the rewrap checkpoint: {e}");
         }
     }
 
-    fn record_failure(
+    async fn record_failure(
         &self,
         tenant: &str,
         job_id: &str,
@@ -652,7 +701,7 @@ impl Shared {
             attempts,
             next_retry_at_ms: crate::stepup::unix_ms().saturating_add(delay),
         };
-        if let Err(e) = self.db.record_row_failure(tenant, &row) {
+        if let Err(e) = self.db.record_row_failure(tenant, &row).await {
             crate::error::operator_log(format_args!(
                 "tenant {tenant}: cannot record a failed rewrap row: {e}"
             ));
@@ -664,7 +713,7 @@ impl Shared {
     /// target; the job's status becomes `completed` once none is left.
     /// Returns whether any row was tried.
     async fn retry_failures(&self, tenant: &str, keyring: &Arc<Keyring>) -> bool {
-        let Ok(Some(job)) = self.db.job(tenant) else {
+        let Ok(Some(job)) = self.db.job(tenant).await else {
             return false;
         };
         if job.status != "incomplete" {
@@ -674,7 +723,7 @@ impl Shared {
             return false;
         };
         let now = crate::stepup::unix_ms();
-        let failures = self.db.row_failures(tenant).unwrap_or_default();
+        let failures = self.db.row_failures(tenant).await.unwrap_or_default();
         let mut tried = false;
         for f in failures.iter().filter(|f| f.job_id == job.job_id) {
             if f.next_retry_at_ms > now {
@@ -686,7 +735,10 @@ impl Shared {
             } else {
                 SECRET_VERSIONS
             };
-            let source = SecretTable::new(self.db.clone(), tenant, table);
+            let Some(db) = self.db.sqlite() else {
+                return false;
+            };
+            let source = SecretTable::new(db.clone(), tenant, table);
             let outcome = match source.get(&f.row_id).await {
                 Err(e) => Err(e.to_string()),
                 Ok(None) => Ok(()), // gone: nothing left to move
@@ -708,7 +760,11 @@ impl Shared {
             };
             match outcome {
                 Ok(()) => {
-                    if let Err(e) = self.db.resolve_row_failure(tenant, &f.source, &f.row_id) {
+                    if let Err(e) = self
+                        .db
+                        .resolve_row_failure(tenant, &f.source, &f.row_id)
+                        .await
+                    {
                         crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
                     }
                 }
@@ -717,15 +773,22 @@ impl Shared {
                         "tenant {tenant}: retry {} of {} row {} failed: {e}",
                         f.attempts, f.source, f.row_id
                     ));
-                    self.record_failure(tenant, &f.job_id, &f.source, &f.row_id, &e, f.attempts);
+                    self.record_failure(tenant, &f.job_id, &f.source, &f.row_id, &e, f.attempts)
+                        .await;
                 }
             }
         }
         let left = self
             .db
             .row_failures(tenant)
+            .await
             .is_ok_and(|all| all.iter().any(|f| f.job_id == job.job_id));
-        if !left && let Err(e) = self.db.set_job_status(tenant, &job.job_id, "completed") {
+        if !left
+            && let Err(e) = self
+                .db
+                .set_job_status(tenant, &job.job_id, "completed")
+                .await
+        {
             crate::error::operator_log(format_args!("tenant {tenant}: {e}"));
         }
         tried
@@ -746,6 +809,10 @@ impl Shared {
         else {
             return false;
         };
+        #[cfg(feature = "postgres")]
+        if self.db.postgres().is_some() {
+            return self.drive_distributed(tenant, &keyring).await;
+        }
         let id = tenant.config.id.as_str();
         let mut slot = tenant.job.lock().await;
         let active = keyring.active_version();
@@ -756,7 +823,7 @@ impl Shared {
             // lease expired...) is replaced.
             None => {
                 active.is_some()
-                    && self.db.job(id).ok().flatten().is_none_or(|r| {
+                    && self.db.job(id).await.ok().flatten().is_none_or(|r| {
                         r.status == "failed"
                             || serde_json::from_str::<Checkpoint>(&r.checkpoint)
                                 .map_or(true, |cp| Some(cp.target_version) != active)
@@ -764,7 +831,7 @@ impl Shared {
             }
         };
         if needs_new {
-            self.new_job(id, &mut slot, &keyring, None);
+            self.new_job(id, &mut slot, &keyring, None).await;
         }
         let Some(job) = slot.as_mut() else {
             drop(slot);
@@ -778,9 +845,10 @@ impl Shared {
                         "tenant {id}: rewrap job {job_id}: {} row {} failed: {}",
                         f.source, f.row_id, f.error
                     ));
-                    self.record_failure(id, &job_id, &f.source, &f.row_id, &f.error, 0);
+                    self.record_failure(id, &job_id, &f.source, &f.row_id, &f.error, 0)
+                        .await;
                 }
-                self.persist(id, job, None);
+                self.persist(id, job, None).await;
                 if report.completed {
                     *slot = None;
                 }
@@ -800,12 +868,12 @@ impl Shared {
                         | JobError::CheckpointMismatch(_)
                 );
                 if terminal {
-                    self.persist(id, job, Some(e.to_string()));
+                    self.persist(id, job, Some(e.to_string())).await;
                     *slot = None;
                 } else {
                     // Sealed keyring, a store failure: the checkpoint is
                     // intact; retry on the next tick.
-                    self.persist_running(id, job, e.to_string());
+                    self.persist_running(id, job, e.to_string()).await;
                 }
                 true
             }

@@ -587,14 +587,18 @@ async fn the_database_and_its_wal_files_are_owner_only() {
     let dir = TempDir::new("perms");
     let cfg = config(&dir, 10, None);
     // A database file left world-readable by an earlier version is fixed.
-    std::fs::write(&cfg.database, b"").unwrap();
-    std::fs::set_permissions(&cfg.database, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(common::sqlite_path(&cfg), b"").unwrap();
+    std::fs::set_permissions(
+        common::sqlite_path(&cfg),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
     svc.onboard_local(ACME).await;
     svc.put_secret(ACME, "s", "v").await;
     let mut checked = 0;
     for suffix in ["", "-wal", "-shm"] {
-        let mut path = cfg.database.as_os_str().to_owned();
+        let mut path = common::sqlite_path(&cfg).into_os_string();
         path.push(suffix);
         let mode = std::fs::metadata(&path)
             .unwrap_or_else(|e| panic!("{path:?}: {e}"))
@@ -611,66 +615,20 @@ async fn the_database_and_its_wal_files_are_owner_only() {
 async fn onboarding_stores_the_config_and_the_keyring_in_one_transaction() {
     let dir = TempDir::new("atomic");
     let cfg = config(&dir, 10, None);
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
-    svc.put_secret(ACME, "s", "before").await;
-
     // The config write fails inside the transaction (as a crash there would
-    // cut it short): the re-wrapped keyring is not stored either.
-    let db = tenant_kms_service::db::Db::open(&cfg.database).unwrap();
-    db.lock()
-        .execute_batch(
+    // cut it short).
+    let db = common::sqlite_db(&cfg);
+    common::check_onboarding_is_one_transaction(&cfg, |fail| {
+        let sql = if fail {
             "CREATE TRIGGER fail_config BEFORE UPDATE ON tenant_kms
-             BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
-        )
-        .unwrap();
-    let (s, v) = svc
-        .onboard(
-            ACME,
-            json!({ "provider": "local", "kms_key_ref": "dev-kek-2" }),
-        )
-        .await;
-    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
-    assert_eq!(v["error"], "internal");
-    let text = v.to_string();
-    assert!(
-        !text.contains("disk on fire") && !text.contains("tenant_kms"),
-        "internal detail leaked: {v}"
-    );
-    assert!(
-        v["request_id"].as_str().is_some_and(|r| !r.is_empty()),
-        "{v}"
-    );
-    let meta = svc.get("/admin/tenant-kms", ACME).await.1;
-    assert_eq!(meta["kms_key_ref"], "dev-kek");
-    for k in meta["keys"].as_array().unwrap() {
-        assert_eq!(k["wrap_key_ref"], "dev-kek", "{meta}");
-    }
-    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
-    svc.stop().await;
-
-    // After a restart the stored config and keyring still agree.
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
-    db.lock()
-        .execute_batch("DROP TRIGGER fail_config;")
-        .unwrap();
-    let (s, v) = svc
-        .onboard(
-            ACME,
-            json!({ "provider": "local", "kms_key_ref": "dev-kek-2" }),
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    svc.stop().await;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    let meta = svc.get("/admin/tenant-kms", ACME).await.1;
-    assert_eq!(meta["kms_key_ref"], "dev-kek-2");
-    for k in meta["keys"].as_array().unwrap() {
-        assert_eq!(k["wrap_key_ref"], "dev-kek-2", "{meta}");
-    }
-    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
-    svc.stop().await;
+             BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
+        } else {
+            "DROP TRIGGER fail_config;"
+        };
+        db.lock().execute_batch(sql).unwrap();
+        std::future::ready(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -761,7 +761,7 @@ async fn failed_rows_make_the_job_incomplete_with_reasons_and_are_retried() {
         svc.put_secret(ACME, &format!("a{i}"), "v").await;
     }
     // A row whose record is bound to another name: it cannot be moved.
-    let db = tenant_kms_service::db::Db::open(&cfg.database).unwrap();
+    let db = common::sqlite_db(&cfg);
     db.lock()
         .execute_batch(
             "INSERT INTO secrets (tenant, name, version, ciphertext, created_at)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tenant_kms_service::config::{KekSource, RewrapConfig, ServiceConfig, TenantConfig};
+use tenant_kms_service::config::{Database, KekSource, RewrapConfig, ServiceConfig, TenantConfig};
 use tenant_kms_service::stepup::StepUpConfig;
 use tenant_kms_service::tenants::Providers;
 use tenant_kms_service::{RunningService, start};
@@ -88,7 +88,7 @@ pub fn unix_secs() -> u64 {
 
 /// Authenticators by (database, bearer token): a restarted service on the
 /// same database enrols nothing new, and the admins keep theirs.
-static AUTHENTICATORS: Mutex<Option<HashMap<(PathBuf, String), Authenticator>>> = Mutex::new(None);
+static AUTHENTICATORS: Mutex<Option<HashMap<(Database, String), Authenticator>>> = Mutex::new(None);
 
 /// A temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -125,7 +125,8 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
     }
     ServiceConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database: dir.0.join("service.sqlite3"),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        database: Database::Sqlite(dir.0.join("service.sqlite3")),
         local_keks: BTreeMap::from([
             ("dev-kek".to_owned(), KekSource::File(kek)),
             (
@@ -154,6 +155,7 @@ pub fn config(dir: &TempDir, batch_size: usize, max_batches: Option<u64>) -> Ser
             interval: Duration::from_millis(20),
             max_batches,
             retry_base: Duration::from_millis(50),
+            ..RewrapConfig::default()
         },
         step_up: StepUpConfig {
             totp_step: Duration::from_secs(TOTP_STEP_SECS),
@@ -180,7 +182,7 @@ pub struct Service {
     pub running: Option<RunningService>,
     pub base: String,
     pub http: reqwest::Client,
-    pub database: PathBuf,
+    pub database: Database,
 }
 
 impl Service {
@@ -227,6 +229,16 @@ impl Service {
                 .unwrap(),
             database,
         }
+    }
+
+    /// Where the service serves `/metrics`.
+    pub fn metrics_url(&self) -> String {
+        let at = self
+            .running
+            .as_ref()
+            .and_then(|r| r.metrics_addr)
+            .expect("the tests' config asks for metrics");
+        format!("http://{at}/metrics")
     }
 
     /// A fresh TOTP code of the admin with bearer `token`.
@@ -492,4 +504,113 @@ pub fn names(events: &[Value]) -> Vec<&str> {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect()
+}
+
+/// The SQLite file of a test `config`.
+pub fn sqlite_path(config: &ServiceConfig) -> PathBuf {
+    match &config.database {
+        Database::Sqlite(path) => path.clone(),
+        other => panic!("not a SQLite config: {other:?}"),
+    }
+}
+
+/// The SQLite database of a test `config`, opened beside the service.
+pub fn sqlite_db(config: &ServiceConfig) -> tenant_kms_service::db::SqliteDb {
+    tenant_kms_service::db::SqliteDb::open(&sqlite_path(config)).unwrap()
+}
+
+/// A fresh database on the PostgreSQL server of `KEYFOLD_PG_URL` (which
+/// scripts/test-all starts), as a URL; panics saying what to do when the
+/// variable is unset (tests never skip).
+#[cfg(feature = "postgres")]
+pub async fn postgres_database(hint: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let server = std::env::var("KEYFOLD_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "KEYFOLD_PG_URL is not set: this test needs a PostgreSQL server. Start a throwaway \
+             one with `eval \"$(scripts/setup-postgres)\"` from the repository root \
+             (scripts/test-all does)."
+        )
+    });
+    let name = format!(
+        "tks_{hint}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = sqlx::PgPool::connect(&server)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to KEYFOLD_PG_URL ({e}): is the server up?"));
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::query(&sql).execute(&admin).await.unwrap();
+    }
+    admin.close().await;
+    let (base, _) = server.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// The test config of `config`, on a fresh PostgreSQL database.
+#[cfg(feature = "postgres")]
+pub async fn postgres_config(
+    dir: &TempDir,
+    batch_size: usize,
+    max_batches: Option<u64>,
+) -> ServiceConfig {
+    let mut c = config(dir, batch_size, max_batches);
+    c.database = Database::Postgres(postgres_database("svc").await);
+    c
+}
+
+/// Onboarding stores the config and the re-wrapped keyring in one
+/// transaction, on the database of `cfg`: with the config write failing
+/// (`fault(true)` makes it fail, `fault(false)` mends it) a move to
+/// `dev-kek-2` changes nothing, not even after a restart, and without the
+/// fault it goes through and survives a restart.
+pub async fn check_onboarding_is_one_transaction<F, Fut>(cfg: &ServiceConfig, fault: F)
+where
+    F: Fn(bool) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let move_to_kek_2 = json!({ "provider": "local", "kms_key_ref": "dev-kek-2" });
+    let svc = Service::start(cfg.clone(), local_providers(cfg)).await;
+    svc.onboard_local(ACME).await;
+    svc.put_secret(ACME, "s", "before").await;
+
+    fault(true).await;
+    let (s, v) = svc.onboard(ACME, move_to_kek_2.clone()).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"], "internal");
+    let text = v.to_string();
+    assert!(
+        !text.contains("disk on fire") && !text.contains("tenant_kms"),
+        "internal detail leaked: {v}"
+    );
+    assert!(
+        v["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+    let keys_under = |meta: &Value, key: &str| {
+        assert_eq!(meta["kms_key_ref"], key, "{meta}");
+        for k in meta["keys"].as_array().unwrap() {
+            assert_eq!(k["wrap_key_ref"], key, "{meta}");
+        }
+    };
+    keys_under(&svc.get("/admin/tenant-kms", ACME).await.1, "dev-kek");
+    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
+    svc.stop().await;
+
+    // After a restart the stored config and keyring still agree.
+    let svc = Service::start(cfg.clone(), local_providers(cfg)).await;
+    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
+    fault(false).await;
+    let (s, v) = svc.onboard(ACME, move_to_kek_2).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    svc.stop().await;
+    let svc = Service::start(cfg.clone(), local_providers(cfg)).await;
+    keys_under(&svc.get("/admin/tenant-kms", ACME).await.1, "dev-kek-2");
+    assert_eq!(svc.get_secret(ACME, "s").await["value"], "before");
+    svc.stop().await;
 }

@@ -1,20 +1,24 @@
-//! SQLite: the keyring store, tenant KMS configs, the two secret tables (the
-//! rewrap job's sources), rewrap checkpoints and the append-only audit log.
+//! SQLite, the embedded default: the keyring store, tenant KMS configs, the
+//! two secret tables (the rewrap job's sources), rewrap checkpoints and the
+//! append-only audit log.
 //!
 //! `rusqlite` is synchronous: every call is short and made under one mutex
 //! (an example's simplicity; a production service would use a pool or an
 //! async driver). Never hold the lock across an `.await`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use keyfold::EncryptionContext;
 use keyfold::keyring::StoredKeyring;
 use keyfold::rewrap::{CasOutcome, Row, RowSource, SourceError};
-use keyfold::store::{self, KeyringStore, Revision, StoreError};
+use keyfold::store::{self, Revision, StoreError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    AuditRow, Factor, Grant, JobRow, PendingConfig, RowFailureRow, SECRET_VERSIONS, SECRETS,
+    SecretRow, secret_context,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keyrings (
@@ -56,99 +60,16 @@ CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 ";
 
-/// The table of current secret values (one row per name).
-pub const SECRETS: &str = "secrets";
-/// The table of earlier secret versions, kept for rollback.
-pub const SECRET_VERSIONS: &str = "secret_versions";
-
-/// The shared database handle.
+/// The SQLite database, shared by the service's tasks.
 #[derive(Clone)]
-pub struct Db {
+pub struct SqliteDb {
     conn: Arc<Mutex<Connection>>,
-    /// Tenant configs waiting to be stored with their keyring (onboarding).
-    pending: Arc<Mutex<HashMap<String, PendingConfig>>>,
 }
 
-/// A tenant config to store in the same transaction as the keyring save
-/// that moves every master key under it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingConfig {
-    /// The config, JSON.
-    pub json: String,
-}
-
-/// A tenant admin's TOTP factor.
-pub struct Factor {
-    /// The shared secret.
-    pub secret: Vec<u8>,
-    /// The last TOTP time step accepted (-1: none yet).
-    pub last_step: i64,
-}
-
-impl std::fmt::Debug for Factor {
+impl std::fmt::Debug for SqliteDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Factor")
-            .field("secret", &"******")
-            .field("last_step", &self.last_step)
-            .finish()
+        f.write_str("SqliteDb")
     }
-}
-
-/// A step-up grant, as stored (the token itself is kept only as a hash).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    /// Tenant.
-    pub tenant: String,
-    /// Action it allows.
-    pub action: String,
-    /// Target it allows the action on.
-    pub target: String,
-    /// Expiry, Unix milliseconds.
-    pub expires_at_ms: i64,
-}
-
-impl std::fmt::Debug for Db {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Db")
-    }
-}
-
-/// A stored secret value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretRow {
-    /// Secret name.
-    pub name: String,
-    /// Secret version (1, 2, ...).
-    pub version: u32,
-    /// The keyfold record.
-    pub ciphertext: Vec<u8>,
-}
-
-/// One audit log entry.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AuditRow {
-    /// Sequence number (append order).
-    pub seq: i64,
-    /// Unix seconds.
-    pub at: u64,
-    /// Event name (`kms.rotate`, ...).
-    pub event: String,
-    /// Who.
-    pub actor: String,
-    /// The client's address, for events caused by a request.
-    pub client_ip: Option<String>,
-    /// The event's fields.
-    pub detail: serde_json::Value,
-}
-
-/// The encryption context of a secret version: both tables use it, so a
-/// version can move between them without being re-encrypted.
-pub fn secret_context(tenant: &str, name: &str, version: u32) -> EncryptionContext {
-    EncryptionContext::new()
-        .with("tenant", tenant)
-        .with("kind", "secret")
-        .with("name", name)
-        .with("version", version.to_string())
 }
 
 fn row_key(name: &str, version: u32) -> String {
@@ -160,7 +81,7 @@ fn to_u32(v: i64) -> rusqlite::Result<u32> {
     u32::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, v))
 }
 
-impl Db {
+impl SqliteDb {
     /// Opens (or creates) the database file and its schema.
     ///
     /// # Errors
@@ -169,7 +90,7 @@ impl Db {
     /// so, and so are its `-wal` and `-shm` files (SQLite gives them the
     /// database file's mode): it holds tenant configs, TOTP secrets and the
     /// wrapped master keys.
-    pub fn open(path: &Path) -> rusqlite::Result<Db> {
+    pub fn open(path: &Path) -> rusqlite::Result<SqliteDb> {
         let io = |e: std::io::Error| {
             rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
@@ -186,28 +107,9 @@ impl Db {
             side.push(suffix);
             owner_only(Path::new(&side), false).map_err(io)?;
         }
-        Ok(Db {
+        Ok(SqliteDb {
             conn: Arc::new(Mutex::new(conn)),
-            pending: Arc::new(Mutex::new(HashMap::new())),
         })
-    }
-
-    /// Stores `config` with the next save of keyring `tenant` (one
-    /// transaction), until
-    /// [`take_pending`](Self::take_pending).
-    pub fn set_pending(&self, tenant: &str, config: PendingConfig) {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(tenant.to_owned(), config);
-    }
-
-    /// Removes the pending config of `tenant`; `Some` if no save stored it.
-    pub fn take_pending(&self, tenant: &str) -> Option<PendingConfig> {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(tenant)
     }
 
     /// The connection, locked. Write transactions are `IMMEDIATE`: a
@@ -429,7 +331,8 @@ impl Db {
         now: u64,
     ) -> rusqlite::Result<()> {
         self.lock().execute(
-            "INSERT INTO rewrap_leases (lease_id, tenant, version, issued_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO rewrap_leases (lease_id, tenant, version, issued_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (lease_id) DO NOTHING",
             params![lease_id, tenant, i64::from(version), now as i64],
         )?;
         Ok(())
@@ -476,6 +379,26 @@ impl Db {
             ],
         )?;
         Ok(())
+    }
+
+    /// Replaces the tenant's job row if it still names `job_id`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn update_job(&self, tenant: &str, job_id: &str, job: &JobRow) -> rusqlite::Result<bool> {
+        let n = self.lock().execute(
+            "UPDATE rewrap_jobs SET job_id = ?3, status = ?4, error = ?5, checkpoint = ?6
+             WHERE tenant = ?1 AND job_id = ?2",
+            params![
+                tenant,
+                job_id,
+                job.job_id,
+                job.status,
+                job.error,
+                job.checkpoint
+            ],
+        )?;
+        Ok(n == 1)
     }
 
     // ----- rewrap row failures -----------------------------------------------
@@ -630,6 +553,19 @@ impl Db {
     pub fn record_step_up_failure(&self, tenant: &str, at_ms: i64) -> rusqlite::Result<()> {
         self.lock().execute(
             "INSERT INTO step_up_failures (tenant, at_ms) VALUES (?1, ?2)",
+            params![tenant, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes one attempt of `tenant` recorded at `at_ms`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn release_step_up_attempt(&self, tenant: &str, at_ms: i64) -> rusqlite::Result<()> {
+        self.lock().execute(
+            "DELETE FROM step_up_failures WHERE rowid = (
+                 SELECT rowid FROM step_up_failures WHERE tenant = ?1 AND at_ms = ?2 LIMIT 1)",
             params![tenant, at_ms],
         )?;
         Ok(())
@@ -792,46 +728,18 @@ fn owner_only(path: &Path, create: bool) -> std::io::Result<()> {
     }
 }
 
-/// A row a rewrap job could not move, retried with backoff.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowFailureRow {
-    /// The job it failed in.
-    pub job_id: String,
-    /// The source (table).
-    pub source: String,
-    /// The row id.
-    pub row_id: String,
-    /// Why it failed last.
-    pub error: String,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// When it is retried next, Unix milliseconds.
-    pub next_retry_at_ms: i64,
-}
-
-/// A stored rewrap job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRow {
-    /// The job id (the rotation's lease id when there was one).
-    pub job_id: String,
-    /// `running`, `completed`, `incomplete` (finished with rows left, being
-    /// retried) or `failed` (stopped; `error` says why).
-    pub status: String,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// The checkpoint, JSON.
-    pub checkpoint: String,
-}
-
 // ----- the keyring store -------------------------------------------------
 
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(Box::new(e))
 }
 
-#[async_trait]
-impl KeyringStore for Db {
-    async fn load(
+impl SqliteDb {
+    /// [`KeyringStore::load`](keyfold::store::KeyringStore::load).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn load_keyring(
         &self,
         keyring_id: &str,
     ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
@@ -847,34 +755,20 @@ impl KeyringStore for Db {
         body.map(|b| store::from_bytes(keyring_id, &b)).transpose()
     }
 
-    async fn save(
+    /// [`KeyringStore::save`](keyfold::store::KeyringStore::save), storing
+    /// `pending` (a tenant config) in the same transaction when given.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn save_keyring(
         &self,
         keyring_id: &str,
         expected: Option<Revision>,
         keyring: &StoredKeyring,
+        pending: Option<&PendingConfig>,
     ) -> Result<Revision, StoreError> {
-        if keyring.keyring_id != keyring_id {
-            return Err(StoreError::Corrupt {
-                keyring_id: keyring_id.to_owned(),
-                reason: format!(
-                    "refusing to store keyring {} under this id",
-                    keyring.keyring_id
-                ),
-            });
-        }
         let next = Revision(expected.map_or(1, |r| r.0 + 1));
         let body = store::to_bytes(next, keyring)?;
-        // A pending tenant config is stored with the next save of its
-        // keyring (onboarding's re-wrap under the new key, or the first
-        // keyring), in the same transaction. Onboarding holds the tenant's
-        // slot for writing meanwhile, so no other change of this keyring in
-        // this process comes between.
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(keyring_id)
-            .cloned();
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -892,7 +786,7 @@ impl KeyringStore for Db {
         }
         .map_err(backend)?;
         if written == 1 {
-            if let Some(p) = &pending {
+            if let Some(p) = pending {
                 tx.execute(
                     "INSERT INTO tenant_kms (tenant, config, updated_at) VALUES (?1, ?2, ?3)
                      ON CONFLICT (tenant) DO UPDATE SET config = ?2, updated_at = ?3",
@@ -905,12 +799,6 @@ impl KeyringStore for Db {
                 .map_err(backend)?;
             }
             tx.commit().map_err(backend)?;
-            if pending.is_some() {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(keyring_id);
-            }
             return Ok(next);
         }
         let found: Option<i64> = tx
@@ -949,14 +837,14 @@ fn source_err(e: rusqlite::Error) -> SourceError {
 /// One of the tenant's two secret tables as a rewrap source.
 #[derive(Debug, Clone)]
 pub struct SecretTable {
-    db: Db,
+    db: SqliteDb,
     tenant: String,
     table: &'static str,
 }
 
 impl SecretTable {
     /// The tenant's rows of `table` ([`SECRETS`] or [`SECRET_VERSIONS`]).
-    pub fn new(db: Db, tenant: &str, table: &'static str) -> Self {
+    pub fn new(db: SqliteDb, tenant: &str, table: &'static str) -> Self {
         SecretTable {
             db,
             tenant: tenant.to_owned(),
@@ -1080,22 +968,14 @@ mod tests {
 
     use super::*;
 
-    fn temp_db(name: &str) -> (Db, PathBuf) {
+    fn temp_db(name: &str) -> (SqliteDb, PathBuf) {
         let dir = std::env::temp_dir().join(format!("tenant-kms-db-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        (Db::open(&dir.join("db.sqlite3")).unwrap(), dir)
+        (SqliteDb::open(&dir.join("db.sqlite3")).unwrap(), dir)
     }
 
     use std::path::PathBuf;
-
-    #[tokio::test]
-    async fn the_sqlite_keyring_store_passes_the_store_conformance_suite() {
-        let (db, dir) = temp_db("conformance");
-        keyfold::testkit::store_conformance(&db, "tenant").await;
-        drop(db);
-        let _ = std::fs::remove_dir_all(dir);
-    }
 
     #[test]
     fn the_audit_log_is_append_only() {
