@@ -41,7 +41,9 @@ mod raw {
     use aes_gcm::aead::consts::{U12, U16};
     use aes_gcm::aead::inout::InOutBuf;
     use aes_gcm::aead::{AeadInOut, KeyInit};
-    use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    use aws_lc_rs::aead::{
+        AES_256_GCM, AES_256_GCM_SIV, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
+    };
 
     pub(crate) enum Raw {
         AwsLc(LessSafeKey),
@@ -55,6 +57,9 @@ mod raw {
             match (suite, backend) {
                 ("aes-256-gcm", "aws-lc") => Raw::AwsLc(LessSafeKey::new(
                     UnboundKey::new(&AES_256_GCM, &key).unwrap(),
+                )),
+                ("aes-256-gcm-siv", "aws-lc") => Raw::AwsLc(LessSafeKey::new(
+                    UnboundKey::new(&AES_256_GCM_SIV, &key).unwrap(),
                 )),
                 ("chacha20-poly1305", "aws-lc") => Raw::AwsLc(LessSafeKey::new(
                     UnboundKey::new(&CHACHA20_POLY1305, &key).unwrap(),
@@ -427,5 +432,117 @@ fn rewrap(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, seal_open, rewrap);
+/// What the rewrap job spends on one row besides the database, with the
+/// rewrap-postgres bench's row shape (a 31-byte secret, a three-entry
+/// context): the old version's key from the keyring (a cache hit), then the
+/// rewrap and the verifying open; and the limit, the two wrap AEAD calls a
+/// header rewrap cannot do without (open under the old key, seal under the
+/// new), on a fixed key.
+fn job_row(c: &mut Criterion) {
+    use keyfold_core::LocalKek;
+    use keyfold_core::audit::Actor;
+    use keyfold_core::keyring::Keyring;
+    use keyfold_core::store::MemoryStore;
+    use std::sync::Arc;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let kek = Arc::new(LocalKek::from_bytes(
+        "bench",
+        SecretKey::generate().unwrap(),
+    ));
+    let ring = rt.block_on(async {
+        let ring = Keyring::builder("tenant", kek, Arc::new(MemoryStore::new()))
+            .create()
+            .await
+            .unwrap();
+        ring.rotate(&Actor::new("bench")).await.unwrap();
+        ring.rotate(&Actor::new("bench")).await.unwrap();
+        ring
+    });
+    let (v1, v2) = rt.block_on(async {
+        (
+            ring.master_key(1).await.unwrap(),
+            ring.master_key(2).await.unwrap(),
+        )
+    });
+    let context = EncryptionContext::new()
+        .with("row", "123456")
+        .with("tenant", "tenant-6")
+        .with("table", "accounts");
+    let ct = record::encrypt(
+        &v1,
+        Suite::Aes256Gcm,
+        &context,
+        b"secret number 123456 of the job",
+    )
+    .unwrap();
+
+    let mut group = c.benchmark_group("job-row");
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("master_key (cache hit)", |b| {
+        b.iter(|| rt.block_on(ring.master_key(black_box(1))).unwrap())
+    });
+    group.bench_function("rewrap + verifying decrypt", |b| {
+        b.iter(|| {
+            let new = record::rewrap(black_box(&ct), &v1, &v2, &context).unwrap();
+            drop(record::decrypt(&v2, &context, &new).unwrap());
+            new
+        })
+    });
+    group.bench_function("rewrap_verified", |b| {
+        b.iter(|| record::rewrap_verified(black_box(&ct), &v1, &v2, &context).unwrap())
+    });
+    let limit = raw::Raw::new("aes-256-gcm-siv", "aws-lc");
+    let mut wrapped = [3u8; 32];
+    group.bench_function("limit: wrap open + seal (raw GCM-SIV)", |b| {
+        b.iter(|| {
+            let tag = limit.seal(1, black_box(&mut wrapped));
+            let mut out = [0u8; 32];
+            limit.open(1, &wrapped, &tag, &mut out);
+            out
+        })
+    });
+    let siv = {
+        use aes_gcm_siv::aead::KeyInit;
+        aes_gcm_siv::Aes256GcmSiv::new(&[7u8; 32].into())
+    };
+    group.bench_function("limit: wrap open + seal (raw GCM-SIV, RustCrypto)", |b| {
+        use aes_gcm_siv::aead::AeadInOut;
+        let nonce = [1u8; 12];
+        b.iter(|| {
+            let tag = siv
+                .encrypt_inout_detached((&nonce).into(), b"aad", black_box(&mut wrapped[..]).into())
+                .unwrap();
+            let mut out = [0u8; 32];
+            let buf = aes_gcm_siv::aead::inout::InOutBuf::new(&wrapped[..], &mut out[..]).unwrap();
+            siv.decrypt_inout_detached((&nonce).into(), b"aad", buf, &tag)
+                .unwrap();
+            out
+        })
+    });
+    // The verifying open's payload part: a single-use key set up and a
+    // 31-byte payload opened, on each backend.
+    let payload = [5u8; 31];
+    for backend in ["aws-lc", "rustcrypto"] {
+        let sealer = raw::Raw::new("aes-256-gcm", backend);
+        let mut ct = payload;
+        let tag = sealer.seal(0, &mut ct);
+        group.bench_function(format!("payload key setup + open 31 B ({backend})"), |b| {
+            b.iter(|| {
+                let fresh = raw::Raw::new("aes-256-gcm", black_box(backend));
+                let mut out = [0u8; 31];
+                fresh.open(0, &ct, &tag, &mut out);
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, seal_open, rewrap, job_row);
 criterion_main!(benches);

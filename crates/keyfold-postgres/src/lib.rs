@@ -50,6 +50,9 @@ pub use job::{
     DistributedJobError, DistributedJobOptions, JobStatus, MAX_REPORTED_FAILURES,
     RewrapCoordinator, RewrapWorker, WorkerReport,
 };
+/// What [`RewrapWorker::verify`] takes, re-exported so a worker can be set
+/// up without naming `keyfold-rewrap`.
+pub use keyfold_rewrap::Verify;
 pub use migrate::{InvalidPrefix, MigrateError, TablePrefix, migrate};
 pub use store::PgKeyringStore;
 pub use table::{IdRange, OnNull, PgTable, PgTableBuilder, TableError};

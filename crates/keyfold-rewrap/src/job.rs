@@ -95,6 +95,41 @@ pub struct JobOptions {
     pub retry: RetryPolicy,
     /// The shard this job covers (default: all rows).
     pub shard: Shard,
+    /// How a moved row is proven readable before it is written back
+    /// (default [`Verify::Decrypt`]).
+    pub verify: Verify,
+}
+
+/// How the job proves each moved row readable under the target before it
+/// writes it back. Either way no row that decrypted before the job is
+/// written in a form that does not (docs/LIFECYCLE.md, "How the job
+/// verifies a row").
+///
+/// ```
+/// use keyfold_rewrap::{JobOptions, Verify};
+/// // Rows that are one big record each: prove them by their headers, so a
+/// // row costs the same whatever its size.
+/// let options = JobOptions { verify: Verify::Header, ..JobOptions::default() };
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Verify {
+    /// Decrypt every whole record or stream under the target (plaintext
+    /// zeroized and dropped): a row whose payload was already damaged is
+    /// reported as failed and left as it was, so the job doubles as a
+    /// scrub. Costs one payload decryption per row, so it grows with the
+    /// row's size. Header-only rows are checked by their header.
+    #[default]
+    Decrypt,
+    /// Check only the new header under the target: its wrap opens and the
+    /// data key it gives matches the header's commitment. A rewrap copies
+    /// the payload and its tag byte for byte, under the same data key and
+    /// the same associated data, so the row decrypts after the job exactly
+    /// when it did before; a row whose payload was already damaged is moved
+    /// (still unreadable) instead of reported. A row costs the same whatever
+    /// its size. Re-encryption (which writes a new payload) always decrypts.
+    Header,
 }
 
 impl Default for JobOptions {
@@ -105,6 +140,7 @@ impl Default for JobOptions {
             lease: DEFAULT_LEASE,
             retry: RetryPolicy::default(),
             shard: Shard::ALL,
+            verify: Verify::default(),
         }
     }
 }
@@ -934,10 +970,11 @@ impl RewrapJob {
         RowOutcome::Unresolved
     }
 
-    /// Moves one row to the target and verifies the result before it is
-    /// written: a whole record or stream must decrypt; a header-only row
-    /// (its payload stored elsewhere) must open under the target with its
-    /// commitment intact.
+    /// Moves one row to the target and proves the result readable before
+    /// it is written ([`Verify`]): a header-only row (its payload stored
+    /// elsewhere) always by its header; a whole record or stream by
+    /// decrypting it under the target, or by its header with
+    /// [`Verify::Header`].
     async fn move_record(
         &self,
         row: &Row,
@@ -951,9 +988,17 @@ impl RewrapJob {
         }
         let from = self.keyring.master_key(info.key_version).await?;
         let ctx = &row.context;
+        let decrypt_back = !header_only
+            && (self.options.verify == Verify::Decrypt || self.checkpoint.mode == Mode::Reencrypt);
         let new = match (info.kind, self.checkpoint.mode) {
-            (HeaderKind::Record, Mode::Rewrap) if !header_only => {
-                record::rewrap(&row.ciphertext, &from, target_key, ctx)?
+            // The common case: rewrap and decrypt back in one pass.
+            (HeaderKind::Record, Mode::Rewrap) if decrypt_back => {
+                return Ok(record::rewrap_verified(
+                    &row.ciphertext,
+                    &from,
+                    target_key,
+                    ctx,
+                )?);
             }
             (HeaderKind::Record, Mode::Reencrypt) => {
                 record::reencrypt(&row.ciphertext, &from, target_key, ctx)?
@@ -963,7 +1008,8 @@ impl RewrapJob {
                 stream::reencrypt(&from, target_key, ctx, &row.ciphertext[..], &mut out)?;
                 out
             }
-            // Header-only rewrap: the header alone, or a whole stream.
+            // Header rewrap: a header alone, a whole stream, or a whole
+            // record verified by its header.
             _ => {
                 let mut new = row.ciphertext.clone();
                 record::rewrap_header_in_place(&mut new, &from, target_key, ctx)?;
@@ -971,17 +1017,14 @@ impl RewrapJob {
             }
         };
         // Never write what we cannot read back.
-        if header_only {
+        if !decrypt_back {
             record::check_header(&new, target_key, ctx)?;
+        } else if info.kind == HeaderKind::Stream {
+            stream::decrypt(target_key, ctx, &new[..], std::io::sink())?;
         } else {
-            match info.kind {
-                HeaderKind::Stream => {
-                    stream::decrypt(target_key, ctx, &new[..], std::io::sink())?;
-                }
-                _ => drop(zeroize::Zeroizing::new(record::decrypt(
-                    target_key, ctx, &new,
-                )?)),
-            }
+            drop(zeroize::Zeroizing::new(record::decrypt(
+                target_key, ctx, &new,
+            )?));
         }
         Ok(new)
     }

@@ -12,7 +12,7 @@ use keyfold_core::keyring::DestroyAuthorization;
 use keyfold_core::time::{ManualClock, Timestamp};
 use keyfold_core::{Suite, format, record};
 use keyfold_rewrap::{
-    Checkpoint, JobError, JobOptions, JobProgress, Mode, RewrapJob, RowSource, Shard,
+    Checkpoint, JobError, JobOptions, JobProgress, Mode, RewrapJob, RowSource, Shard, Verify,
     decrypt_and_upgrade,
 };
 use support::*;
@@ -133,6 +133,113 @@ async fn rows_already_on_the_target_or_newer_are_skipped() {
         (r.totals.rewrapped, r.totals.skipped, r.totals.seen),
         (40, 10, 50)
     );
+}
+
+/// The job writes back only records proven to decrypt under the target: a
+/// whole record whose payload was damaged (which a bare header rewrap would
+/// move, since it never reads the payload) or that was copied from another
+/// row (its context no longer matches) is reported and left as it was.
+#[tokio::test(start_paused = true)]
+async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 10).await;
+    {
+        let mut rows = a.rows.lock().unwrap();
+        let damaged = rows.get_mut("000003").unwrap();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let copied = rows["000005"].clone();
+        rows.insert("000006".into(), copied);
+    }
+    let before = a.snapshot();
+    // The damage is in the payload: a header rewrap alone would succeed.
+    let v1 = ring.master_key(1).await.unwrap();
+    ring.rotate(&admin()).await.unwrap();
+    let v2 = ring.master_key(2).await.unwrap();
+    assert!(record::rewrap(&before["000003"], &v1, &v2, &ctx("a", "000003")).is_ok());
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(
+        (r.totals.rewrapped, r.totals.failed),
+        (8, 2),
+        "{:?}",
+        r.failures
+    );
+    let failed: Vec<&str> = r.failures.iter().map(|f| f.row_id.as_str()).collect();
+    assert_eq!(failed, ["000003", "000006"]);
+    let after = a.snapshot();
+    for id in ["000003", "000006"] {
+        assert_eq!(after[id], before[id], "{id} was written");
+    }
+    for (id, ct) in &after {
+        if id != "000003" && id != "000006" {
+            assert_eq!(format::inspect(ct).unwrap().key_version, 2, "{id}");
+            let pt = ring.decrypt(&ctx("a", id), ct).await.unwrap();
+            assert_eq!(pt, plaintext("a", id).as_bytes(), "{id}");
+        }
+    }
+}
+
+/// `Verify::Header` proves rows by their new header: a row copied from
+/// another row (its context no longer matches) is still refused, every
+/// readable row lands on the target and decrypts, and a row whose payload
+/// was already damaged is moved as it is: unreadable before, unreadable
+/// after, its payload bytes unchanged.
+#[tokio::test(start_paused = true)]
+async fn header_verification_refuses_a_wrong_context_and_moves_a_damaged_payload_as_it_is() {
+    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+    let a = Table::new("a");
+    a.fill(&ring, 10).await;
+    {
+        let mut rows = a.rows.lock().unwrap();
+        let damaged = rows.get_mut("000003").unwrap();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let copied = rows["000005"].clone();
+        rows.insert("000006".into(), copied);
+    }
+    let before = a.snapshot();
+    ring.rotate(&admin()).await.unwrap();
+    let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
+        .options(JobOptions {
+            verify: Verify::Header,
+            ..JobOptions::default()
+        })
+        .create()
+        .unwrap();
+    let r = job.next_batch().await.unwrap().unwrap();
+    assert_eq!(
+        (r.totals.rewrapped, r.totals.failed),
+        (9, 1),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(r.failures[0].row_id, "000006");
+    let after = a.snapshot();
+    assert_eq!(after["000006"], before["000006"]);
+    let header_len = format::inspect_header(&before["000003"])
+        .unwrap()
+        .header_len;
+    assert_eq!(
+        after["000003"][header_len..],
+        before["000003"][header_len..]
+    );
+    assert_eq!(format::inspect(&after["000003"]).unwrap().key_version, 2);
+    assert!(
+        ring.decrypt(&ctx("a", "000003"), &after["000003"])
+            .await
+            .is_err()
+    );
+    for (id, ct) in &after {
+        if id != "000003" && id != "000006" {
+            assert_eq!(format::inspect(ct).unwrap().key_version, 2, "{id}");
+            let pt = ring.decrypt(&ctx("a", id), ct).await.unwrap();
+            assert_eq!(pt, plaintext("a", id).as_bytes(), "{id}");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]

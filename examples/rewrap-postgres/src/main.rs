@@ -3,7 +3,7 @@
 //! ```text
 //! eval "$(scripts/setup-postgres)"     # a throwaway cluster; prints KEYFOLD_PG_URL
 //! cargo run --release -p keyfold-rewrap-postgres -- demo  [--rows N] [--workers W]
-//! cargo run --release -p keyfold-rewrap-postgres -- bench [--rows N] [--workers 1,2,4] [--lanes L] [--batch B] [--repeat R]
+//! cargo run --release -p keyfold-rewrap-postgres -- bench [--rows N] [--workers 1,2,4] [--lanes L] [--batch B] [--repeat R] [--verify decrypt,header]
 //! cargo run --release -p keyfold-rewrap-postgres -- profile [--rows N] [--batch B] [--passes P]
 //! cargo run --release -p keyfold-rewrap-postgres -- propagation [--rounds N]
 //!     [--max-staleness-ms MS] [--cache-ttl-ms MS] [--poll-us US] [--only notify|poll]
@@ -20,7 +20,9 @@
 //! - `bench`: over N rows (default 1,000,000), for each worker count, the
 //!   rewrap job's throughput beside the same batched reads and
 //!   compare-and-swap `UPDATE`s carrying no crypto (the database's limit),
-//!   and the rows read per row rewrapped. Figures in BENCHMARKS.md.
+//!   and the rows read per row rewrapped; `--verify decrypt,header` runs
+//!   the job once per verification (`keyfold_rewrap::Verify`) against the
+//!   same baseline. Figures in BENCHMARKS.md.
 //! - `profile`: where one stream's time goes per batch (src/profile.rs).
 //! - `propagation`: how long a disable on one instance takes to reach
 //!   another (src/propagation.rs), with `LISTEN`/`NOTIFY` and without
@@ -44,7 +46,7 @@ use keyfold_core::{EncryptionContext, LocalKek, SecretKey, format};
 use keyfold_postgres::{
     DistributedJobOptions, IdRange, JobStatus, PgTable, RewrapCoordinator, TablePrefix,
 };
-use keyfold_rewrap::{CasOutcome, CasWrite, RowSource};
+use keyfold_rewrap::{CasOutcome, CasWrite, RowSource, Verify};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
@@ -211,6 +213,7 @@ async fn rewrap(
     workers: usize,
     lanes: usize,
     batch: usize,
+    verify: Verify,
     progress: bool,
 ) -> Result<(Duration, JobStatus)> {
     let coordinator = RewrapCoordinator::new(pool.clone(), TablePrefix::default());
@@ -229,6 +232,7 @@ async fn rewrap(
             .worker(&job, ring.clone(), vec![source(&wpool).await?])
             .name(format!("worker-{w}"))
             .lanes(lanes)
+            .verify(verify)
             .poll_interval(Duration::from_millis(50));
         tasks.push(tokio::spawn(async move { worker.run().await }));
     }
@@ -373,7 +377,17 @@ async fn demo(rows: i64, workers: usize) -> Result<()> {
         "rotated to v{}; a distributed job moves every row to it with {workers} workers:",
         v2.version
     );
-    let (elapsed, status) = rewrap(&scratch, &pool, &ring, workers, LANES, 1000, true).await?;
+    let (elapsed, status) = rewrap(
+        &scratch,
+        &pool,
+        &ring,
+        workers,
+        LANES,
+        1000,
+        Verify::default(),
+        true,
+    )
+    .await?;
     println!(
         "done in {:.1} s: {} rewrapped, {} skipped, {} failed; {} rows read for {} rows",
         elapsed.as_secs_f64(),
@@ -410,6 +424,7 @@ async fn bench(
     lanes: usize,
     batch: usize,
     repeat: usize,
+    verify: &[Verify],
 ) -> Result<()> {
     let scratch = Scratch::create().await?;
     let pool = scratch.pool(4).await?;
@@ -425,11 +440,11 @@ async fn bench(
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| workers (streams) | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped | load average (1 min) before the pair |"
+        "| workers (streams) | verify | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped | load average (1 min) before the baseline |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     // Each worker count `repeat` times in a row, the baseline and the job
-    // alternating: B J B J.
+    // (once per verification asked for) alternating: B J B J.
     for &w in workers {
         for _ in 0..repeat {
             let load = propagation::load_average();
@@ -437,24 +452,45 @@ async fn bench(
             // As many streams as the job has: each worker works `lanes`
             // shards at once (RewrapWorker::lanes).
             let limit = baseline(&scratch, &pool, w * lanes, batch).await?;
-            reset(&pool).await?;
-            let (elapsed, status) = rewrap(&scratch, &pool, &ring, w, lanes, batch, false).await?;
-            if status.totals.rewrapped != rows as u64 {
-                return Err(format!("rewrapped {} of {rows}", status.totals.rewrapped).into());
+            for &v in verify {
+                reset(&pool).await?;
+                let (elapsed, status) =
+                    rewrap(&scratch, &pool, &ring, w, lanes, batch, v, false).await?;
+                if status.totals.rewrapped != rows as u64 {
+                    return Err(format!("rewrapped {} of {rows}", status.totals.rewrapped).into());
+                }
+                let job_rate = rows as f64 / elapsed.as_secs_f64();
+                let limit_rate = rows as f64 / limit.as_secs_f64();
+                println!(
+                    "| {w} ({}) | {} | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} | {} |",
+                    w * lanes,
+                    verify_name(v),
+                    job_rate / limit_rate,
+                    status.rows_read as f64 / status.totals.rewrapped as f64,
+                    load.split_whitespace().next().unwrap_or("?")
+                );
             }
-            let job_rate = rows as f64 / elapsed.as_secs_f64();
-            let limit_rate = rows as f64 / limit.as_secs_f64();
-            println!(
-                "| {w} ({}) | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} | {} |",
-                w * lanes,
-                job_rate / limit_rate,
-                status.rows_read as f64 / status.totals.rewrapped as f64,
-                load.split_whitespace().next().unwrap_or("?")
-            );
         }
     }
     pool.close().await;
     scratch.drop_now().await
+}
+
+fn verify_name(v: Verify) -> &'static str {
+    match v {
+        Verify::Header => "header",
+        _ => "decrypt",
+    }
+}
+
+fn parse_verify(list: &str) -> Result<Vec<Verify>> {
+    list.split(',')
+        .map(|v| match v.trim() {
+            "decrypt" => Ok(Verify::Decrypt),
+            "header" => Ok(Verify::Header),
+            other => Err(format!("--verify: {other:?} is not decrypt or header").into()),
+        })
+        .collect()
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], flag: &str) -> Result<Option<T>>
@@ -493,7 +529,11 @@ async fn main() -> Result<()> {
             };
             let lanes = arg(&args, "--lanes")?.unwrap_or(LANES);
             let repeat = arg(&args, "--repeat")?.unwrap_or(1);
-            bench(rows, &workers, lanes, batch, repeat).await
+            let verify = match arg::<String>(&args, "--verify")? {
+                Some(list) => parse_verify(&list)?,
+                None => vec![Verify::default()],
+            };
+            bench(rows, &workers, lanes, batch, repeat, &verify).await
         }
         Some("profile") => {
             profile::profile(

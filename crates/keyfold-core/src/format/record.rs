@@ -530,6 +530,64 @@ pub fn rewrap_in_place(
     rewrite_wrap(header, from, to, &context)
 }
 
+/// [`rewrap`], returning only bytes proven to decrypt under `to`: what the
+/// rewrap job checks before it writes a row back ("never write what we
+/// cannot read back"), in one pass.
+///
+/// The data key is opened from the old wrap and sealed under `to` into a
+/// copy of the record; then that copy, the very bytes returned, is
+/// decrypted under `to` as [`decrypt`] would (new wrap opened, commitment
+/// checked, payload authenticated; the plaintext is zeroized and dropped).
+/// The same AEAD and hash work as [`rewrap`] followed by [`decrypt`],
+/// without parsing the record, encoding the context or building the
+/// associated data twice (docs/FORMAT.md, "Operations").
+///
+/// ```
+/// use keyfold_core::{record, CryptoError, EncryptionContext, MasterKey, SecretKey, Suite};
+/// let v1 = MasterKey::new(1, SecretKey::generate()?);
+/// let v2 = MasterKey::new(2, SecretKey::generate()?);
+/// let ctx = EncryptionContext::new().with("row", "7");
+/// let old = record::encrypt(&v1, Suite::default(), &ctx, b"payload")?;
+/// let new = record::rewrap_verified(&old, &v1, &v2, &ctx)?;
+/// assert_eq!(new, record::rewrap(&old, &v1, &v2, &ctx)?);
+/// // A record whose payload was damaged is refused, not moved.
+/// let mut damaged = old.clone();
+/// *damaged.last_mut().unwrap() ^= 1;
+/// assert!(record::rewrap(&damaged, &v1, &v2, &ctx).is_ok());
+/// assert!(matches!(
+///     record::rewrap_verified(&damaged, &v1, &v2, &ctx),
+///     Err(CryptoError::Decrypt)
+/// ));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// As [`rewrap`], and [`CryptoError::Decrypt`] when the result would not
+/// decrypt under `to` (a damaged payload, a commitment that does not match
+/// its data key: what [`rewrap`] alone carries over).
+pub fn rewrap_verified(
+    record: &[u8],
+    from: &MasterKey,
+    to: &MasterKey,
+    context: &EncryptionContext,
+) -> Result<Vec<u8>, CryptoError> {
+    let context = context.encode()?;
+    let len = RecordView::parse(record)?.header().bytes.len();
+    let mut out = record.to_vec();
+    let header = out.get_mut(..len).ok_or(CryptoError::Decrypt)?;
+    rewrite_wrap(header, from, to, &context)?;
+    // Read back exactly what is returned.
+    let view = RecordView::parse(&out)?;
+    let data_key = open_committed(&view.header(), to, &context)?;
+    drop(Zeroizing::new(open_payload(
+        Backend::default(),
+        &view,
+        &data_key,
+        &context,
+    )?));
+    Ok(out)
+}
+
 /// Re-seals the data key of `header` (exactly one record or stream header)
 /// from `from` to `to`, keeping its wrap nonce: the nonce was drawn at
 /// random independently of any key, so under `to` it is as fresh as a new
@@ -719,6 +777,46 @@ mod tests {
                 Err(CryptoError::Decrypt)
             ));
             assert!(check_header(&moved, &other, &ctx).is_err());
+            // The verified rewrap refuses it instead of moving it.
+            assert!(matches!(
+                rewrap_verified(&record, &master, &other, &ctx),
+                Err(CryptoError::Decrypt)
+            ));
+        }
+    }
+
+    /// `rewrap_verified` succeeds exactly when `decrypt(to, rewrap(..))`
+    /// does, and then returns the same bytes: on intact records of every
+    /// suite, and with any one byte of a record flipped.
+    #[test]
+    fn a_verified_rewrap_agrees_with_rewrap_then_decrypt() {
+        let v1 = MasterKey::new(1, SecretKey::generate().unwrap());
+        let v2 = MasterKey::new(2, SecretKey::generate().unwrap());
+        let ctx = EncryptionContext::new().with("row", "1").with("t", "x");
+        let other_ctx = EncryptionContext::new().with("row", "2").with("t", "x");
+        for suite in Suite::ALL {
+            for len in [0usize, 1, 31, 300] {
+                let record = encrypt(&v1, suite, &ctx, &vec![9u8; len]).unwrap();
+                let plain = rewrap(&record, &v1, &v2, &ctx).unwrap();
+                assert_eq!(rewrap_verified(&record, &v1, &v2, &ctx).unwrap(), plain);
+                assert_eq!(decrypt(&v2, &ctx, &plain).unwrap(), vec![9u8; len]);
+                for i in 0..record.len() {
+                    let mut damaged = record.clone();
+                    damaged[i] ^= 0x10;
+                    let reference = rewrap(&damaged, &v1, &v2, &ctx)
+                        .map_err(|_| ())
+                        .and_then(|new| decrypt(&v2, &ctx, &new).map(|_| new).map_err(|_| ()));
+                    let verified = rewrap_verified(&damaged, &v1, &v2, &ctx).map_err(|_| ());
+                    assert_eq!(
+                        verified, reference,
+                        "{suite:?}, {len} bytes, byte {i} flipped"
+                    );
+                    assert!(verified.is_err(), "{suite:?}, byte {i} flipped yet moved");
+                }
+                // The wrong old version or the wrong context: refused.
+                assert!(rewrap_verified(&record, &v2, &v1, &ctx).is_err());
+                assert!(rewrap_verified(&record, &v1, &v2, &other_ctx).is_err());
+            }
         }
     }
 

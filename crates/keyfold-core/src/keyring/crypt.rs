@@ -93,9 +93,12 @@ impl Keyring {
         // The view may have just brought an operator's seal: no key then,
         // cached or not.
         self.check_operator_seal()?;
-        let (v, wrapper) = self.known_version(version).await?;
+        let (stored, wrapper) = self.known_version(version).await?;
+        let v = stored
+            .get(version)
+            .ok_or(Error::UnknownVersion { version })?;
         match v.state {
-            s if s.can_decrypt() => self.load_cached(&v, wrapper).await,
+            s if s.can_decrypt() => self.load_cached(v, wrapper).await,
             KeyState::Destroyed => Err(Error::KeyDestroyed { version }),
             state => Err(Error::KeyState { version, state }),
         }
@@ -150,13 +153,16 @@ impl Keyring {
         }
     }
 
+    /// The view holding `version` (reloaded once when the version is newer
+    /// than any this instance knows), not a copy of the version: a key
+    /// lookup runs once per record decrypted or row rewrapped.
     pub(super) async fn known_version(
         &self,
         version: u32,
-    ) -> Result<(StoredVersion, Arc<dyn KeyWrapper>), Error> {
+    ) -> Result<(Arc<StoredKeyring>, Arc<dyn KeyWrapper>), Error> {
         let (stored, wrapper) = self.view();
-        if let Some(v) = stored.get(version) {
-            return Ok((v.clone(), wrapper));
+        if stored.get(version).is_some() {
+            return Ok((stored, wrapper));
         }
         if stored
             .latest_version()
@@ -165,8 +171,8 @@ impl Keyring {
         {
             self.refresh().await?;
             let (stored, wrapper) = self.view();
-            if let Some(v) = stored.get(version) {
-                return Ok((v.clone(), wrapper));
+            if stored.get(version).is_some() {
+                return Ok((stored, wrapper));
             }
         }
         Err(Error::UnknownVersion { version })

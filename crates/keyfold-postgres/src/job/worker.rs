@@ -12,7 +12,7 @@ use keyfold_core::audit::AuditKind;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::retry::RetryPolicy;
 use keyfold_rewrap::{
-    Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowFailure, RowSource, Shard,
+    Checkpoint, Counters, JobError, JobOptions, RewrapJob, RowFailure, RowSource, Shard, Verify,
 };
 use sqlx::Row as _;
 
@@ -117,6 +117,7 @@ pub struct RewrapWorker {
     max_shards: Option<u64>,
     lanes: usize,
     checkpoint_interval: Duration,
+    verify: Verify,
 }
 
 impl std::fmt::Debug for RewrapWorker {
@@ -159,6 +160,7 @@ impl RewrapWorker {
             max_shards: None,
             lanes: 2,
             checkpoint_interval: Duration::from_millis(500),
+            verify: Verify::default(),
         }
     }
 
@@ -182,6 +184,14 @@ impl RewrapWorker {
     #[must_use]
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// How this worker proves each moved row readable before writing it
+    /// back (default [`Verify::Decrypt`]; see [`Verify`]).
+    #[must_use]
+    pub fn verify(mut self, verify: Verify) -> Self {
+        self.verify = verify;
         self
     }
 
@@ -393,6 +403,7 @@ impl RewrapWorker {
             retry: self.retry.clone(),
             // The range is in the table's WHERE clause, not a filter.
             shard: Shard::ALL,
+            verify: self.verify,
             ..JobOptions::default()
         };
         let source: Arc<dyn RowSource> = Arc::new(table.clone());
