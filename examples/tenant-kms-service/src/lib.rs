@@ -228,8 +228,17 @@ async fn rewrap_worker(
             }
         }
         tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => return,
+            _ = stop.wait_for(|stop| *stop) => break,
             () = tokio::time::sleep(shared.rewrap.interval) => {}
+        }
+    }
+    // Each tenant's distributed worker (PostgreSQL) sees the same stop: it
+    // saves its shard's checkpoint, releases the shard and records its
+    // outcome. The service has not stopped until they have.
+    for tenant in tenants.iter() {
+        let running = tenant.worker.lock().await.take();
+        if let Some(worker) = running {
+            let _ = worker.handle.await;
         }
     }
 }

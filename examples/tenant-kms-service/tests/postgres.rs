@@ -316,3 +316,49 @@ async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
     }
     svc.stop().await;
 }
+
+/// `stop()` returns only once this instance's distributed rewrap worker has
+/// stopped: its shard's checkpoint saved and the shard released, so another
+/// instance takes it over at once instead of after the shard lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_for_the_distributed_worker_to_release_its_shard() {
+    let dir = TempDir::new("pg-stop");
+    let cfg = postgres_config(&dir, 1, None).await;
+    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
+    svc.onboard_local(ACME).await;
+    for i in 0..300 {
+        svc.put_secret(ACME, &format!("s{i:03}"), "v").await;
+    }
+    let lease = svc.rotate(ACME).await["rewrap_lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pool = sqlx::PgPool::connect(&url(&cfg)).await.unwrap();
+    let leased = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM keyfold_rewrap_shards \
+             WHERE job_id = $1 AND owner IS NOT NULL AND NOT done",
+        )
+        .bind(&lease)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while leased().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no shard was ever leased"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    svc.stop().await;
+    assert_eq!(leased().await, 0, "a shard is still held after stop()");
+    let saved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM keyfold_rewrap_checkpoints WHERE job_id = $1")
+            .bind(&lease)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(saved > 0, "no checkpoint saved");
+}
