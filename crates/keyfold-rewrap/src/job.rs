@@ -764,6 +764,7 @@ impl RewrapJob {
         let mut outcomes: Vec<(Row, Prepared)> = Vec::with_capacity(rows.len());
         // Cursor of the last row before any row this shard owns is done.
         let mut skipped_cursor = None;
+        let mut prepared_rows = 0usize;
         for row in rows {
             if !self.checkpoint.shard.owns(&row.id) {
                 if outcomes.is_empty() {
@@ -773,6 +774,10 @@ impl RewrapJob {
                     outcomes.push((row, Prepared::NotOwned));
                 }
                 continue;
+            }
+            prepared_rows += 1;
+            if prepared_rows.is_multiple_of(YIELD_EVERY_ROWS) {
+                YieldNow::default().await;
             }
             match self.prepare_row(&row, target_key).await {
                 Prepared::Abort(error) => {
@@ -1054,5 +1059,38 @@ impl RewrapJob {
                 failed: totals.failed + totals.unresolved,
             },
         });
+    }
+}
+
+/// Rows moved between two yields to the executor. A cached key makes
+/// `prepare_row` complete without ever returning `Pending`, so a batch of
+/// 1,000 rows would otherwise hold its thread for its whole crypto (about
+/// 2 ms): other tasks on that thread wait, and so do the other futures a
+/// `join` polls with it (the PostgreSQL worker's lanes: one lane's reply
+/// sits unread, its next statement unsent, while another lane computes).
+/// 32 rows are some 50 µs of crypto.
+const YIELD_EVERY_ROWS: usize = 32;
+
+/// Returns `Pending` once, having woken itself: the executor polls other
+/// tasks, and a `join` its other futures, before this one goes on. Needs
+/// no particular runtime (tokio's `yield_now` needs its `rt` feature).
+#[derive(Default)]
+struct YieldNow {
+    yielded: bool,
+}
+
+impl std::future::Future for YieldNow {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.yielded {
+            return std::task::Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }

@@ -30,6 +30,7 @@
 //!   TTL of 5 minutes).
 //!   Figures in BENCHMARKS.md.
 
+mod cpu;
 mod profile;
 mod propagation;
 
@@ -204,18 +205,31 @@ fn progress_line(s: &JobStatus) -> String {
     )
 }
 
+/// How a distributed job is run: by how many workers, each working how
+/// many shards at once, in batches of how many rows, verifying how.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    workers: usize,
+    lanes: usize,
+    batch: usize,
+    verify: Verify,
+}
+
 /// Runs a distributed job with `workers` workers (each its own pool, as
 /// separate processes would have); prints a progress line when asked.
 async fn rewrap(
     scratch: &Scratch,
     pool: &PgPool,
     ring: &Arc<Keyring>,
-    workers: usize,
-    lanes: usize,
-    batch: usize,
-    verify: Verify,
+    shape: Shape,
     progress: bool,
 ) -> Result<(Duration, JobStatus)> {
+    let Shape {
+        workers,
+        lanes,
+        batch,
+        verify,
+    } = shape;
     let coordinator = RewrapCoordinator::new(pool.clone(), TablePrefix::default());
     let mut options = DistributedJobOptions::default();
     options.shards_per_source = 16;
@@ -381,10 +395,12 @@ async fn demo(rows: i64, workers: usize) -> Result<()> {
         &scratch,
         &pool,
         &ring,
-        workers,
-        LANES,
-        1000,
-        Verify::default(),
+        Shape {
+            workers,
+            lanes: LANES,
+            batch: 1000,
+            verify: Verify::default(),
+        },
         true,
     )
     .await?;
@@ -440,9 +456,9 @@ async fn bench(
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| workers (streams) | verify | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped | load average (1 min) before the baseline |"
+        "| workers (streams) | verify | rewrap rows/s | same reads + batched UPDATEs, no crypto, rows/s | ratio | rows read per row rewrapped | CPU µs per row, job: client + server | CPU µs per row, no crypto: client + server | load average (1 min) before the baseline |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     // Each worker count `repeat` times in a row, the baseline and the job
     // (once per verification asked for) alternating: B J B J.
     for &w in workers {
@@ -451,18 +467,27 @@ async fn bench(
             reset(&pool).await?;
             // As many streams as the job has: each worker works `lanes`
             // shards at once (RewrapWorker::lanes).
+            let cpu = cpu::CpuTimes::now();
             let limit = baseline(&scratch, &pool, w * lanes, batch).await?;
+            let limit_cpu = per_row(cpu, rows);
             for &v in verify {
                 reset(&pool).await?;
-                let (elapsed, status) =
-                    rewrap(&scratch, &pool, &ring, w, lanes, batch, v, false).await?;
+                let cpu = cpu::CpuTimes::now();
+                let shape = Shape {
+                    workers: w,
+                    lanes,
+                    batch,
+                    verify: v,
+                };
+                let (elapsed, status) = rewrap(&scratch, &pool, &ring, shape, false).await?;
+                let job_cpu = per_row(cpu, rows);
                 if status.totals.rewrapped != rows as u64 {
                     return Err(format!("rewrapped {} of {rows}", status.totals.rewrapped).into());
                 }
                 let job_rate = rows as f64 / elapsed.as_secs_f64();
                 let limit_rate = rows as f64 / limit.as_secs_f64();
                 println!(
-                    "| {w} ({}) | {} | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} | {} |",
+                    "| {w} ({}) | {} | {job_rate:.0} | {limit_rate:.0} | {:.2} | {:.2} | {job_cpu} | {limit_cpu} | {} |",
                     w * lanes,
                     verify_name(v),
                     job_rate / limit_rate,
@@ -474,6 +499,19 @@ async fn bench(
     }
     pool.close().await;
     scratch.drop_now().await
+}
+
+/// CPU time per row since `start`, client + server, in µs ("?" without
+/// `/proc`).
+fn per_row(start: Option<cpu::CpuTimes>, rows: i64) -> String {
+    match (start, cpu::CpuTimes::now()) {
+        (Some(start), Some(end)) => {
+            let used = end.since(start);
+            let us = |d: Duration| d.as_secs_f64() * 1e6 / rows as f64;
+            format!("{:.1} + {:.1}", us(used.client), us(used.server))
+        }
+        _ => "?".to_owned(),
+    }
 }
 
 fn verify_name(v: Verify) -> &'static str {

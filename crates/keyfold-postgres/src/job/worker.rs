@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::Shared;
 use keyfold_core::audit::AuditKind;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::retry::RetryPolicy;
@@ -70,8 +68,24 @@ impl LaneState {
             .unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
-    fn stopped<C: Future<Output = ()>>(&self, cancel: &Shared<C>) -> bool {
-        self.stop.load(Ordering::SeqCst) || cancel.clone().now_or_never().is_some()
+    fn stopped(&self, cancel: &Cancel) -> bool {
+        self.stop.load(Ordering::SeqCst) || cancel.is_cancelled()
+    }
+}
+
+/// The caller's cancellation, as the lanes (each its own task) see it.
+#[derive(Clone)]
+struct Cancel(tokio::sync::watch::Receiver<bool>);
+
+impl Cancel {
+    fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once cancelled (or once `run_until` is gone).
+    async fn cancelled(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|c| *c).await;
     }
 }
 
@@ -106,6 +120,7 @@ enum Flow {
 /// }
 /// # let _ = report; Ok(()) }
 /// ```
+#[derive(Clone)]
 pub struct RewrapWorker {
     coordinator: RewrapCoordinator,
     job_id: String,
@@ -245,27 +260,66 @@ impl RewrapWorker {
         &self,
         cancel: impl Future<Output = ()>,
     ) -> Result<WorkerReport, DistributedJobError> {
-        let cancel = cancel.shared();
-        let state = LaneState {
+        let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+        let state = Arc::new(LaneState {
             report: Mutex::new(WorkerReport::default()),
             stop: AtomicBool::new(false),
             claimed: AtomicU64::new(0),
-        };
-        let results =
-            futures::future::join_all((0..self.lanes).map(|_| self.lane(&cancel, &state))).await;
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
-        Ok(state
+        });
+        // Each lane is its own task: a lane's crypto runs on one thread
+        // while another lane's statements are sent and their replies read
+        // on another. (Lanes polled by one task took turns: one lane's
+        // batch of crypto held up the others' replies; BENCHMARKS.md.)
+        // The set aborts its tasks when dropped, so dropping this future
+        // stops the lanes as it did when they were polled in it.
+        let mut lanes = tokio::task::JoinSet::new();
+        let this = Arc::new(self.clone());
+        for _ in 0..self.lanes {
+            let (this, state, cancel) = (
+                Arc::clone(&this),
+                Arc::clone(&state),
+                Cancel(cancel_rx.clone()),
+            );
+            lanes.spawn(async move { this.lane(&cancel, &state).await });
+        }
+        let mut cancel = std::pin::pin!(cancel);
+        let mut cancelled = false;
+        let mut first_error = None;
+        loop {
+            tokio::select! {
+                () = &mut cancel, if !cancelled => {
+                    cancelled = true;
+                    let _ = cancel_tx.send(true);
+                }
+                joined = lanes.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        first_error.get_or_insert(e);
+                    }
+                    // A lane is cancelled only when the set is dropped,
+                    // and then nobody is here to see it: only panics.
+                    Some(Err(e)) => {
+                        if let Ok(panic) = e.try_into_panic() {
+                            std::panic::resume_unwind(panic);
+                        }
+                    }
+                },
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let report = state
             .report
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Ok(report)
     }
 
     /// One lane: claims and works shards one after the other.
-    async fn lane<C: Future<Output = ()>>(
-        &self,
-        cancel: &Shared<C>,
-        state: &LaneState,
-    ) -> Result<(), DistributedJobError> {
+    async fn lane(&self, cancel: &Cancel, state: &LaneState) -> Result<(), DistributedJobError> {
         let result = self.lane_inner(cancel, state).await;
         if result.is_err() {
             state.stop.store(true, Ordering::SeqCst);
@@ -273,9 +327,9 @@ impl RewrapWorker {
         result
     }
 
-    async fn lane_inner<C: Future<Output = ()>>(
+    async fn lane_inner(
         &self,
-        cancel: &Shared<C>,
+        cancel: &Cancel,
         state: &LaneState,
     ) -> Result<(), DistributedJobError> {
         loop {
@@ -312,7 +366,7 @@ impl RewrapWorker {
                         return Ok(());
                     }
                     tokio::select! {
-                        () = cancel.clone() => return Ok(()),
+                        () = cancel.cancelled() => return Ok(()),
                         () = tokio::time::sleep(self.poll) => {}
                     }
                 }
@@ -372,12 +426,12 @@ impl RewrapWorker {
         .await
     }
 
-    async fn work<C: Future<Output = ()>>(
+    async fn work(
         &self,
         job: &JobRow,
         claimed: Claimed,
         state: &LaneState,
-        cancel: &Shared<C>,
+        cancel: &Cancel,
     ) -> Result<Flow, DistributedJobError> {
         let Some(base) = self.sources.iter().find(|t| t.name() == claimed.source) else {
             self.release(&claimed).await?;
