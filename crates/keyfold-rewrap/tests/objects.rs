@@ -11,7 +11,7 @@ use keyfold_core::format::{self, HeaderKind, STREAM_HEADER_LEN};
 use keyfold_core::keyring::{DestroyAuthorization, Keyring};
 use keyfold_core::stream::{self, StreamOptions};
 use keyfold_core::{Suite, record};
-use keyfold_rewrap::{JobOptions, Mode, RewrapJob, Row, RowSource};
+use keyfold_rewrap::{JobOptions, Mode, RewrapJob, Row, RowSource, Verify};
 use support::*;
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -209,4 +209,73 @@ fn header_only_rows_are_recognised() {
     };
     assert!(!row(vec![]).is_header_only());
     assert!(!row(vec![0; STREAM_HEADER_LEN]).is_header_only());
+}
+
+/// With `Verify::Header` a whole stream is moved by its header alone, like
+/// a header-only row: a stream whose last segment was damaged (unreadable
+/// before the job) is moved as it is, its segments untouched, while under
+/// the default it is reported and left unchanged. Every other row lands on
+/// the target and decrypts.
+#[tokio::test(start_paused = true)]
+async fn header_verification_moves_whole_streams_by_their_header() {
+    for verify in [Verify::Header, Verify::Decrypt] {
+        let ring = keyring(Arc::new(Switchable::new()), LONG).await;
+        let table = Table::new(TABLE);
+        let bucket = fill(&ring, &table).await;
+        {
+            let mut rows = table.rows.lock().unwrap();
+            let object = rows.get_mut("000002").unwrap();
+            let last = object.len() - 1;
+            object[last] ^= 1;
+        }
+        let before = table.snapshot();
+        ring.rotate(&admin()).await.unwrap();
+        let mut job = RewrapJob::builder(ring.clone(), sources(&table))
+            .options(JobOptions {
+                verify,
+                ..JobOptions::default()
+            })
+            .create()
+            .unwrap();
+        let report = job.next_batch().await.unwrap().unwrap();
+        let after = table.snapshot();
+        let damaged_header_len = format::inspect_header(&before["000002"])
+            .unwrap()
+            .header_len;
+        if verify == Verify::Header {
+            assert_eq!(report.totals.rewrapped, 4, "{:?}", report.failures);
+            assert_eq!(
+                after["000002"][damaged_header_len..],
+                before["000002"][damaged_header_len..]
+            );
+            let header = stream::StreamHeader::parse(&after["000002"]).unwrap();
+            assert_eq!(header.key_version(), 2);
+        } else {
+            assert_eq!(
+                (report.totals.rewrapped, report.totals.failed),
+                (3, 1),
+                "{:?}",
+                report.failures
+            );
+            assert_eq!(report.failures[0].row_id, "000002");
+            assert_eq!(after["000002"], before["000002"]);
+        }
+        let v2 = ring.master_key(2).await.unwrap();
+        for id in ["000000", "000001", "000003"] {
+            let ctx = ctx(TABLE, id);
+            let mut whole = after[id].clone();
+            if let Some(payload) = bucket.get(id) {
+                whole.extend_from_slice(payload);
+            }
+            let pt = match format::inspect_header(&whole).unwrap().kind {
+                HeaderKind::Stream => {
+                    let mut out = Vec::new();
+                    stream::decrypt(&v2, &ctx, &whole[..], &mut out).unwrap();
+                    out
+                }
+                _ => record::decrypt(&v2, &ctx, &whole).unwrap(),
+            };
+            assert_eq!(pt, object_plaintext(id), "{verify:?} {id}");
+        }
+    }
 }
