@@ -254,6 +254,14 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     }
     doomed.abort();
     assert!(doomed.await.unwrap_err().is_cancelled());
+    // Its lanes (tasks of their own) died with it: no row moves any more.
+    let moved = versions(&pool, "alpha").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        versions(&pool, "alpha").await,
+        moved,
+        "an aborted worker's lanes kept working"
+    );
     let saved = coord.status(&job).await.unwrap().totals.seen;
     assert!(
         saved < n as u64,
