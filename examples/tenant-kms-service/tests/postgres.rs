@@ -318,8 +318,9 @@ async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
 }
 
 /// `stop()` returns only once this instance's distributed rewrap worker has
-/// stopped: its shard's checkpoint saved and the shard released, so another
-/// instance takes it over at once instead of after the shard lease.
+/// stopped: the shard released (its checkpoint saved when a batch was done
+/// since the last save), so another instance takes it over at once instead
+/// of after the shard lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_waits_for_the_distributed_worker_to_release_its_shard() {
     let dir = TempDir::new("pg-stop");
@@ -354,11 +355,4 @@ async fn stop_waits_for_the_distributed_worker_to_release_its_shard() {
     }
     svc.stop().await;
     assert_eq!(leased().await, 0, "a shard is still held after stop()");
-    let saved: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM keyfold_rewrap_checkpoints WHERE job_id = $1")
-            .bind(&lease)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert!(saved > 0, "no checkpoint saved");
 }
