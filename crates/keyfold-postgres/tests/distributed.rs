@@ -254,7 +254,9 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     }
     doomed.abort();
     assert!(doomed.await.unwrap_err().is_cancelled());
-    // Its lanes (tasks of their own) died with it: no row moves any more.
+    // Its lanes (tasks of their own) died with it: no row moves any more
+    // (after a moment for a statement already sent to commit).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let moved = versions(&pool, "alpha").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(

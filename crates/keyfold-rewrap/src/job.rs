@@ -1068,7 +1068,7 @@ impl RewrapJob {
 /// 2 ms): other tasks on that thread wait, and so do the other futures a
 /// `join` polls with it (the PostgreSQL worker's lanes: one lane's reply
 /// sits unread, its next statement unsent, while another lane computes).
-/// 32 rows are some 50 µs of crypto.
+/// 32 small records are some 50 µs of crypto.
 const YIELD_EVERY_ROWS: usize = 32;
 
 /// Returns `Pending` once, having woken itself: the executor polls other

@@ -25,6 +25,8 @@ pub(crate) struct JobWorker {
     job_id: String,
     pub(crate) handle: tokio::task::JoinHandle<()>,
     cancel: tokio::sync::watch::Sender<bool>,
+    /// Workers this one replaced that had not finished yet.
+    pub(crate) previous: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What the service keeps of a distributed job in its job row.
@@ -280,10 +282,20 @@ impl Shared {
             }
             record_outcome(&db, &coordinator, &tenant_id, &job_id).await;
         });
+        // A worker replaced by this one (cancelled above) may still be
+        // saving its checkpoint: kept, so that stopping the service waits
+        // for it too.
+        let mut previous = Vec::new();
+        if let Some(old) = worker.take() {
+            previous = old.previous;
+            previous.push(old.handle);
+            previous.retain(|h| !h.is_finished());
+        }
         *worker = Some(JobWorker {
             job_id: worker_job,
             handle,
             cancel,
+            previous,
         });
         true
     }

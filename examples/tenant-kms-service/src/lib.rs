@@ -25,6 +25,7 @@ pub mod time;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -53,7 +54,10 @@ pub struct RunningService {
 
 impl RunningService {
     /// Stops accepting requests, finishes those in flight, stops the rewrap
-    /// task between batches (its checkpoint is stored) and waits for both.
+    /// task and each tenant's distributed worker between batches (their
+    /// checkpoints stored, their shards released) and waits for them, at
+    /// most 30 s for the workers (then they are aborted and their shard
+    /// leases lapse).
     ///
     /// # Errors
     /// The server's I/O error, if it failed.
@@ -233,12 +237,33 @@ async fn rewrap_worker(
         }
     }
     // Each tenant's distributed worker (PostgreSQL) sees the same stop: it
-    // saves its shard's checkpoint, releases the shard and records its
-    // outcome. The service has not stopped until they have.
+    // finishes its batch, saves its shard's checkpoint, releases the shard
+    // and records its outcome. The service has not stopped until they
+    // have, or until STOP_GRACE has passed: a worker stuck on an unhealthy
+    // KMS or database is then aborted, and its shard's lease lapses for
+    // another instance to resume (nothing it wrote is lost: every write is
+    // a compare-and-swap).
+    let mut handles = Vec::new();
     for tenant in tenants.iter() {
-        let running = tenant.worker.lock().await.take();
-        if let Some(worker) = running {
-            let _ = worker.handle.await;
+        if let Some(worker) = tenant.worker.lock().await.take() {
+            handles.extend(worker.previous);
+            handles.push(worker.handle);
+        }
+    }
+    let all = async {
+        for handle in &mut handles {
+            let _ = handle.await;
+        }
+    };
+    if tokio::time::timeout(STOP_GRACE, all).await.is_err() {
+        crate::error::operator_log(format_args!(
+            "rewrap workers still busy after {STOP_GRACE:?}: aborted; their shards resume once their leases lapse"
+        ));
+        for handle in &handles {
+            handle.abort();
         }
     }
 }
+
+/// How long stopping waits for the rewrap workers to save and release.
+const STOP_GRACE: Duration = Duration::from_secs(30);

@@ -538,9 +538,9 @@ pub fn rewrap_in_place(
 /// copy of the record; then that copy, the very bytes returned, is
 /// decrypted under `to` as [`decrypt`] would (new wrap opened, commitment
 /// checked, payload authenticated; the plaintext is zeroized and dropped).
-/// The same AEAD and hash work as [`rewrap`] followed by [`decrypt`],
-/// without parsing the record, encoding the context or building the
-/// associated data twice (docs/FORMAT.md, "Operations").
+/// The same AEAD and hash work as [`rewrap`] followed by [`decrypt`], with
+/// the context encoded once instead of twice (docs/FORMAT.md,
+/// "Operations").
 ///
 /// ```
 /// use keyfold_core::{record, CryptoError, EncryptionContext, MasterKey, SecretKey, Suite};

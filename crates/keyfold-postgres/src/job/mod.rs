@@ -150,6 +150,11 @@ pub enum DistributedJobError {
     /// An option out of range.
     #[error("invalid option: {0}")]
     InvalidOption(&'static str),
+    /// One of the worker's lanes (each a task) was cancelled from outside,
+    /// by the runtime shutting down: the worker stopped before its work
+    /// was done; its shards' leases lapse and another worker resumes them.
+    #[error("a rewrap worker lane was cancelled (the runtime is shutting down)")]
+    LaneCancelled,
     /// The shard's rewrap job failed (keyring sealed, a source failing
     /// persistently, ...). The shard's lease was released.
     #[error(transparent)]

@@ -270,8 +270,10 @@ impl RewrapWorker {
         // while another lane's statements are sent and their replies read
         // on another. (Lanes polled by one task took turns: one lane's
         // batch of crypto held up the others' replies; BENCHMARKS.md.)
-        // The set aborts its tasks when dropped, so dropping this future
-        // stops the lanes as it did when they were polled in it.
+        // The set aborts its tasks when dropped: dropping this future stops
+        // each lane at its next `.await` (a statement already sent may
+        // still commit; every write is a compare-and-swap, so nothing is
+        // lost, and the shard's lease lapses for another worker).
         let mut lanes = tokio::task::JoinSet::new();
         let this = Arc::new(self.clone());
         for _ in 0..self.lanes {
@@ -297,13 +299,14 @@ impl RewrapWorker {
                     Some(Ok(Err(e))) => {
                         first_error.get_or_insert(e);
                     }
-                    // A lane is cancelled only when the set is dropped,
-                    // and then nobody is here to see it: only panics.
-                    Some(Err(e)) => {
-                        if let Ok(panic) = e.try_into_panic() {
-                            std::panic::resume_unwind(panic);
+                    // A panic goes on up; a lane cancelled from outside
+                    // (the runtime shutting down) did not finish its work.
+                    Some(Err(e)) => match e.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        Err(_) => {
+                            first_error.get_or_insert(DistributedJobError::LaneCancelled);
                         }
-                    }
+                    },
                 },
             }
         }
