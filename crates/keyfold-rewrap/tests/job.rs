@@ -135,12 +135,10 @@ async fn rows_already_on_the_target_or_newer_are_skipped() {
     );
 }
 
-/// The job writes back only records proven to decrypt under the target: a
-/// whole record whose payload was damaged (which a bare header rewrap would
-/// move, since it never reads the payload) or that was copied from another
-/// row (its context no longer matches) is reported and left as it was.
-#[tokio::test(start_paused = true)]
-async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
+/// A keyring on version 1 and table "a" of ten rows, two of them bad: row
+/// 3's payload damaged (its last byte flipped), row 6 a copy of row 5 (its
+/// context no longer matches).
+async fn damaged_table() -> (Arc<keyfold_core::keyring::Keyring>, Arc<Table>) {
     let ring = keyring(Arc::new(Switchable::new()), LONG).await;
     let a = Table::new("a");
     a.fill(&ring, 10).await;
@@ -152,6 +150,31 @@ async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
         let copied = rows["000005"].clone();
         rows.insert("000006".into(), copied);
     }
+    (ring, a)
+}
+
+/// Every row of `after` but the two bad ones is on version 2 and decrypts
+/// to what was written.
+async fn assert_the_others_moved(
+    ring: &keyfold_core::keyring::Keyring,
+    after: &std::collections::BTreeMap<String, Vec<u8>>,
+) {
+    for (id, ct) in after {
+        if id != "000003" && id != "000006" {
+            assert_eq!(format::inspect(ct).unwrap().key_version, 2, "{id}");
+            let pt = ring.decrypt(&ctx("a", id), ct).await.unwrap();
+            assert_eq!(pt, plaintext("a", id).as_bytes(), "{id}");
+        }
+    }
+}
+
+/// The job writes back only records proven to decrypt under the target: a
+/// whole record whose payload was damaged (which a bare header rewrap would
+/// move, since it never reads the payload) or that was copied from another
+/// row (its context no longer matches) is reported and left as it was.
+#[tokio::test(start_paused = true)]
+async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
+    let (ring, a) = damaged_table().await;
     let before = a.snapshot();
     // The damage is in the payload: a header rewrap alone would succeed.
     let v1 = ring.master_key(1).await.unwrap();
@@ -174,13 +197,7 @@ async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
     for id in ["000003", "000006"] {
         assert_eq!(after[id], before[id], "{id} was written");
     }
-    for (id, ct) in &after {
-        if id != "000003" && id != "000006" {
-            assert_eq!(format::inspect(ct).unwrap().key_version, 2, "{id}");
-            let pt = ring.decrypt(&ctx("a", id), ct).await.unwrap();
-            assert_eq!(pt, plaintext("a", id).as_bytes(), "{id}");
-        }
-    }
+    assert_the_others_moved(&ring, &after).await;
 }
 
 /// `Verify::Header` proves rows by their new header: a row copied from
@@ -190,17 +207,7 @@ async fn a_whole_record_that_does_not_decrypt_is_reported_and_left_unchanged() {
 /// after, its payload bytes unchanged.
 #[tokio::test(start_paused = true)]
 async fn header_verification_refuses_a_wrong_context_and_moves_a_damaged_payload_as_it_is() {
-    let ring = keyring(Arc::new(Switchable::new()), LONG).await;
-    let a = Table::new("a");
-    a.fill(&ring, 10).await;
-    {
-        let mut rows = a.rows.lock().unwrap();
-        let damaged = rows.get_mut("000003").unwrap();
-        let last = damaged.len() - 1;
-        damaged[last] ^= 1;
-        let copied = rows["000005"].clone();
-        rows.insert("000006".into(), copied);
-    }
+    let (ring, a) = damaged_table().await;
     let before = a.snapshot();
     ring.rotate(&admin()).await.unwrap();
     let mut job = RewrapJob::builder(ring.clone(), sources(&[&a]))
@@ -233,13 +240,7 @@ async fn header_verification_refuses_a_wrong_context_and_moves_a_damaged_payload
             .await
             .is_err()
     );
-    for (id, ct) in &after {
-        if id != "000003" && id != "000006" {
-            assert_eq!(format::inspect(ct).unwrap().key_version, 2, "{id}");
-            let pt = ring.decrypt(&ctx("a", id), ct).await.unwrap();
-            assert_eq!(pt, plaintext("a", id).as_bytes(), "{id}");
-        }
-    }
+    assert_the_others_moved(&ring, &after).await;
 }
 
 #[tokio::test(start_paused = true)]
