@@ -18,9 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use keyfold_core::keyring::StoredKeyring;
 use keyfold_core::keyring::{DestroyAuthorization, KeyState, Keyring};
-use keyfold_core::store::{KeyringStore, MemoryStore, Revision, StoreError};
+use keyfold_core::store::{KeyringStore, MemoryStore};
+use keyfold_core::testkit::Unwatched;
 use keyfold_core::{Suite, format, record};
 use keyfold_rewrap::{
     CasOutcome, JobError, JobOptions, JobProgress, RewrapJob, Row, RowSource, SourceError,
@@ -96,25 +96,6 @@ impl RowSource for Hooked {
             hook().await;
         }
         self.table.compare_and_swap(id, expected, new).await
-    }
-}
-
-/// A store that sends no change notifications (the trait's default).
-#[derive(Debug, Default)]
-struct Silent(MemoryStore);
-
-#[async_trait]
-impl KeyringStore for Silent {
-    async fn load(&self, id: &str) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
-        self.0.load(id).await
-    }
-    async fn save(
-        &self,
-        id: &str,
-        expected: Option<Revision>,
-        keyring: &StoredKeyring,
-    ) -> Result<Revision, StoreError> {
-        self.0.save(id, expected, keyring).await
     }
 }
 
@@ -347,7 +328,7 @@ async fn a_rollback_mid_batch_stops_further_writes() {
 #[tokio::test(start_paused = true)]
 async fn over_a_silent_store_the_check_sees_a_refreshed_view() {
     let a = Table::new("a");
-    let (job_ring, ops) = fleet_on(Arc::new(Silent::default()), &[&a]).await;
+    let (job_ring, ops) = fleet_on(Arc::new(Unwatched(MemoryStore::new())), &[&a]).await;
     let before = a.snapshot();
     let source = Hooked::new(&a).on_fetch(1, retire_target_then(&job_ring, &ops, true, true));
     let mut job = RewrapJob::builder(job_ring.clone(), vec![source])

@@ -303,26 +303,8 @@ async fn baseline(
                 let mut after: Option<String> = None;
                 loop {
                     let rows = view.fetch(after.as_deref(), batch).await?;
-                    let new: Vec<Vec<u8>> = rows
-                        .iter()
-                        .map(|r| {
-                            let mut ct = r.ciphertext.clone();
-                            if let Some(b) = ct.last_mut() {
-                                *b ^= 1;
-                            }
-                            ct
-                        })
-                        .collect();
-                    let writes: Vec<CasWrite<'_>> = rows
-                        .iter()
-                        .zip(&new)
-                        .map(|(r, n)| CasWrite {
-                            id: &r.id,
-                            expected: &r.ciphertext,
-                            new: n,
-                        })
-                        .collect();
-                    let out = view.compare_and_swap_many(&writes).await?;
+                    let new: Vec<Vec<u8>> = rows.iter().map(|r| flipped(&r.ciphertext)).collect();
+                    let out = view.compare_and_swap_many(&cas_writes(&rows, &new)).await?;
                     moved += out.iter().filter(|o| **o == CasOutcome::Swapped).count() as u64;
                     after = rows.last().map(|r| r.cursor.clone());
                     if rows.len() < batch {
@@ -499,6 +481,28 @@ async fn bench(
     }
     pool.close().await;
     scratch.drop_now().await
+}
+
+/// `ciphertext` with its last byte flipped: what the no-crypto baseline
+/// writes back in place of a rewrapped row.
+fn flipped(ciphertext: &[u8]) -> Vec<u8> {
+    let mut ct = ciphertext.to_vec();
+    if let Some(b) = ct.last_mut() {
+        *b ^= 1;
+    }
+    ct
+}
+
+/// One compare-and-swap per row: from the bytes read to `new`'s, in order.
+fn cas_writes<'a>(rows: &'a [keyfold_rewrap::Row], new: &'a [Vec<u8>]) -> Vec<CasWrite<'a>> {
+    rows.iter()
+        .zip(new)
+        .map(|(r, n)| CasWrite {
+            id: &r.id,
+            expected: &r.ciphertext,
+            new: n,
+        })
+        .collect()
 }
 
 /// CPU time per row since `start`, client + server, in µs ("?" without

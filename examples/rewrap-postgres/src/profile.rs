@@ -24,10 +24,10 @@ use keyfold_core::format;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::{MasterKey, record};
 use keyfold_postgres::{PgTable, TablePrefix};
-use keyfold_rewrap::{CasOutcome, CasWrite, JobOptions, RewrapJob, RowSource};
+use keyfold_rewrap::{CasOutcome, JobOptions, RewrapJob, RowSource};
 use sqlx::PgPool;
 
-use crate::{Result, Scratch, TABLE, fill, keyring, reset, source};
+use crate::{Result, Scratch, TABLE, cas_writes, fill, flipped, keyring, reset, source};
 
 /// Time spent per step over a pass.
 #[derive(Default)]
@@ -144,13 +144,7 @@ async fn by_hand(
                     rewrap += t2 - t1;
                     verify += t2.elapsed();
                 }
-                _ => {
-                    let mut ct = r.ciphertext.clone();
-                    if let Some(b) = ct.last_mut() {
-                        *b ^= 1;
-                    }
-                    new.push(ct);
-                }
+                _ => new.push(flipped(&r.ciphertext)),
             }
         }
         if ring.is_some() {
@@ -162,16 +156,9 @@ async fn by_hand(
             spans.add("flip", t.elapsed());
         }
         let t = Instant::now();
-        let writes: Vec<CasWrite<'_>> = rows
-            .iter()
-            .zip(&new)
-            .map(|(r, n)| CasWrite {
-                id: &r.id,
-                expected: &r.ciphertext,
-                new: n,
-            })
-            .collect();
-        let out = table.compare_and_swap_many(&writes).await?;
+        let out = table
+            .compare_and_swap_many(&cas_writes(&rows, &new))
+            .await?;
         spans.add("cas", t.elapsed());
         if out.iter().any(|o| *o != CasOutcome::Swapped) {
             return Err("a compare-and-swap conflicted".into());
