@@ -23,12 +23,30 @@ fn url(cfg: &tenant_kms_service::config::ServiceConfig) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn secrets_history_rollback_and_the_rewrap_job_on_postgres() {
-    let dir = TempDir::new("pg-secrets");
-    let cfg = postgres_config(&dir, 7, None).await;
+/// A service on a fresh PostgreSQL database (rewrap batches of `batch`
+/// rows), tenant ACME onboarded on the local KEK. Keep the directory for
+/// the service's life.
+async fn onboarded(
+    name: &str,
+    batch: usize,
+) -> (TempDir, tenant_kms_service::config::ServiceConfig, Service) {
+    let dir = TempDir::new(name);
+    let cfg = postgres_config(&dir, batch, None).await;
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
     svc.onboard_local(ACME).await;
+    (dir, cfg, svc)
+}
+
+/// ACME secrets `{prefix}000`, `{prefix}001`, ... holding `"v"`.
+async fn put_many(svc: &Service, prefix: &str, n: usize) {
+    for i in 0..n {
+        svc.put_secret(ACME, &format!("{prefix}{i:03}"), "v").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_history_rollback_and_the_rewrap_job_on_postgres() {
+    let (_dir, cfg, svc) = onboarded("pg-secrets", 7).await;
     for i in 0..30 {
         svc.put_secret(ACME, &format!("s{i:02}"), &format!("value-{i}-a"))
             .await;
@@ -194,13 +212,8 @@ async fn rotate(svc: &Service, token: &str) -> (StatusCode, serde_json::Value) {
 /// ends on the newest version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_during_a_running_job_moves_every_row_to_the_newest_version() {
-    let dir = TempDir::new("pg-rerotate");
-    let cfg = postgres_config(&dir, 3, None).await;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
-    for i in 0..150 {
-        svc.put_secret(ACME, &format!("r{i:03}"), "v").await;
-    }
+    let (_dir, _, svc) = onboarded("pg-rerotate", 3).await;
+    put_many(&svc, "r", 150).await;
     let first = svc.rotate(ACME).await;
     let second = svc.rotate(ACME).await;
     let lease = second["rewrap_lease_id"].as_str().unwrap().to_owned();
@@ -222,11 +235,8 @@ async fn a_rotation_during_a_running_job_moves_every_row_to_the_newest_version()
 /// before its code is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_step_up_guesses_get_no_more_tries_than_the_limit() {
-    let dir = TempDir::new("rate-race");
-    let cfg = postgres_config(&dir, 10, None).await;
+    let (_dir, cfg, svc) = onboarded("rate-race", 10).await;
     let max = cfg.step_up.max_failures as usize;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
     let wrong = svc.wrong_code(ACME);
     let attempts = (0..40).map(|_| {
         svc.post(
@@ -256,19 +266,14 @@ async fn concurrent_step_up_guesses_get_no_more_tries_than_the_limit() {
 /// once it is gone, the next pass completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
-    let dir = TempDir::new("pg-incomplete");
-    let cfg = postgres_config(&dir, 10, None).await;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
-    for i in 0..5 {
-        svc.put_secret(ACME, &format!("a{i}"), "v").await;
-    }
+    let (_dir, cfg, svc) = onboarded("pg-incomplete", 10).await;
+    put_many(&svc, "a", 5).await;
     // A row whose record is bound to another name: it cannot be moved.
     let pool = sqlx::PgPool::connect(&url(&cfg)).await.unwrap();
     let bad: i64 = sqlx::query_scalar(
         "INSERT INTO tks_secrets (tenant, name, version, ciphertext, created_at)
          SELECT tenant, 'bad', version, ciphertext, created_at FROM tks_secrets
-         WHERE tenant = 'acme' AND name = 'a0' RETURNING id",
+         WHERE tenant = 'acme' AND name = 'a000' RETURNING id",
     )
     .fetch_one(&pool)
     .await
@@ -311,7 +316,7 @@ async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
     let v = svc.wait_rewrap(ACME, |v| v["status"] == "completed").await;
     assert_eq!(v["failures"], json!([]), "{v}");
     for i in 0..5 {
-        let got = svc.get_secret(ACME, &format!("a{i}")).await;
+        let got = svc.get_secret(ACME, &format!("a{i:03}")).await;
         assert_eq!(got["value"], "v");
     }
     svc.stop().await;
@@ -323,13 +328,8 @@ async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
 /// of after the shard lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_waits_for_the_distributed_worker_to_release_its_shard() {
-    let dir = TempDir::new("pg-stop");
-    let cfg = postgres_config(&dir, 1, None).await;
-    let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
-    svc.onboard_local(ACME).await;
-    for i in 0..300 {
-        svc.put_secret(ACME, &format!("s{i:03}"), "v").await;
-    }
+    let (_dir, cfg, svc) = onboarded("pg-stop", 1).await;
+    put_many(&svc, "s", 300).await;
     let lease = svc.rotate(ACME).await["rewrap_lease_id"]
         .as_str()
         .unwrap()
