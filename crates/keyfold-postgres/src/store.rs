@@ -56,6 +56,10 @@ fn heartbeat_channel(prefix: &TablePrefix) -> String {
 /// Longest wait between two attempts to re-establish the listener.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
+/// The least time a listener's connect and `LISTEN` get before they are
+/// given up (three heartbeats when that is longer).
+const MIN_CONNECT_LIMIT: Duration = Duration::from_secs(1);
+
 /// Keyrings in the table `<prefix>keyrings` (id, revision, the serialized
 /// keyring, updated_at) of the host's database.
 ///
@@ -139,7 +143,9 @@ impl PgKeyringStore {
     /// Sets how often a listener started from now on checks its connection
     /// (default 10 s): it notifies its own channel through the host's pool
     /// each period, and takes its connection as lost (reconnect, then
-    /// [`StoreEvent::Resync`]) after three periods with nothing received.
+    /// [`StoreEvent::Resync`]) after three periods with nothing received;
+    /// a reconnect (connect and `LISTEN`) unanswered for three periods (at
+    /// least one second) is given up and tried again.
     /// Clamped to 10 ms ..= 1 h.
     pub fn set_listener_heartbeat(&self, every: Duration) {
         let every = every.clamp(Duration::from_millis(10), Duration::from_secs(3600));
@@ -458,6 +464,8 @@ struct Listen {
 /// error, no notification) is found by the heartbeat: every `heartbeat` the
 /// task notifies its own channel through the host's pool; when nothing at
 /// all has arrived for three heartbeats, the connection is taken as lost.
+/// Connecting and `LISTEN` get as long (at least one second), then are
+/// tried again.
 ///
 /// `PgListener::try_recv` is cancel-safe (sqlx reads whole messages), so the
 /// heartbeat tick may interrupt it.
@@ -466,15 +474,23 @@ async fn listen(l: Listen, mut stop: oneshot::Receiver<()>) {
     let mut resync = false;
     let channels = [l.channel.as_str(), l.heartbeat_channel.as_str()];
     'connect: loop {
+        // Bounded: a connection that goes silent before its LISTEN is
+        // answered would otherwise hold the task here forever, where no
+        // heartbeat looks (it runs once listening).
+        let limit = (l.heartbeat * 3).max(MIN_CONNECT_LIMIT);
         let connected = tokio::select! {
-            c = connect(&l.host, &channels) => c,
+            c = tokio::time::timeout(limit, connect(&l.host, &channels)) => c,
             () = l.tx.closed() => break,
             _ = &mut stop => break,
         };
+        let connected = match connected {
+            Ok(connected) => connected.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        };
         let (pool, mut listener) = match connected {
             Ok(connected) => connected,
-            Err(e) => {
-                tracing::warn!(error = %e, channel = l.channel, "keyring store listener cannot connect; retrying");
+            Err(error) => {
+                tracing::warn!(%error, channel = l.channel, "keyring store listener cannot connect; retrying");
                 resync = true;
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}

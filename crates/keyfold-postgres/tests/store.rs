@@ -472,7 +472,33 @@ async fn a_disable_on_one_instance_reaches_another_within_a_second() {
 struct FreezingProxy {
     port: u16,
     next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    frozen: std::sync::Arc<std::sync::Mutex<std::ops::Range<u64>>>,
+    frozen: std::sync::Arc<std::sync::Mutex<Frozen>>,
+}
+
+/// Which connections the proxy silences.
+#[derive(Default)]
+struct Frozen {
+    /// These, from now on.
+    ids: std::ops::Range<u64>,
+    /// The first connection with an id at or above this one to send
+    /// `LISTEN`, from that message on (one connection, then disarmed).
+    at_listen_from: Option<u64>,
+}
+
+impl Frozen {
+    /// Whether connection `id`, about to pass `bytes` on, goes silent.
+    fn silences(&mut self, id: u64, bytes: &[u8]) -> bool {
+        if self.ids.contains(&id) {
+            return true;
+        }
+        let listen = bytes.windows(6).any(|w| w == b"LISTEN");
+        if listen && self.at_listen_from.is_some_and(|from| id >= from) {
+            self.at_listen_from = None;
+            self.ids = id..id + 1;
+            return true;
+        }
+        false
+    }
 }
 
 impl FreezingProxy {
@@ -482,7 +508,7 @@ impl FreezingProxy {
         let proxy = FreezingProxy {
             port: listener.local_addr().unwrap().port(),
             next_id: Default::default(),
-            frozen: std::sync::Arc::new(std::sync::Mutex::new(0..0)),
+            frozen: Default::default(),
         };
         let (next_id, frozen) = (proxy.next_id.clone(), proxy.frozen.clone());
         tokio::spawn(async move {
@@ -504,7 +530,7 @@ impl FreezingProxy {
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
         id: u64,
-        frozen: std::sync::Arc<std::sync::Mutex<std::ops::Range<u64>>>,
+        frozen: std::sync::Arc<std::sync::Mutex<Frozen>>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = vec![0u8; 16 * 1024];
@@ -513,7 +539,7 @@ impl FreezingProxy {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if frozen.lock().unwrap().contains(&id) {
+            if frozen.lock().unwrap().silences(id, &buf[..n]) {
                 // Dropped on the floor, and the link stays open, silent.
                 std::future::pending::<()>().await;
             }
@@ -530,7 +556,13 @@ impl FreezingProxy {
 
     /// Freezes the connections with these ids.
     fn freeze(&self, ids: std::ops::Range<u64>) {
-        *self.frozen.lock().unwrap() = ids;
+        self.frozen.lock().unwrap().ids = ids;
+    }
+
+    /// Freezes the next connection that sends `LISTEN`, as it sends it:
+    /// connected and authenticated, then silent.
+    fn freeze_next_listen(&self) {
+        self.frozen.lock().unwrap().at_listen_from = Some(self.next_id());
     }
 }
 
@@ -577,6 +609,39 @@ async fn a_silently_dead_listener_connection_is_found_by_the_heartbeat() {
             ),
         }
     }
+}
+
+/// A reconnect whose connection goes silent while it asks to `LISTEN` is
+/// given up and tried again: the listener never waits forever on it.
+#[tokio::test]
+async fn a_reconnect_that_goes_silent_while_listening_is_retried() {
+    let db = TestDb::new().await;
+    let proxy = FreezingProxy::start(db.options.get_host().to_owned(), db.options.get_port()).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .connect_with(db.options.clone().port(proxy.port))
+        .await
+        .unwrap();
+    migrate(&pool, &TablePrefix::default()).await.unwrap();
+    let watcher = PgKeyringStore::new(pool, TablePrefix::default());
+    watcher.set_listener_heartbeat(Duration::from_millis(100));
+    let first_listener = proxy.next_id();
+    let mut rx = watcher.watch().unwrap();
+    listeners_ready(&db, 1).await;
+    // The listening connection goes silent, and so does the next one, just
+    // as it sends its LISTEN.
+    proxy.freeze_next_listen();
+    proxy.freeze(first_listener..proxy.next_id());
+
+    expect_event(&mut rx, Duration::from_secs(30), |e| {
+        *e == StoreEvent::Resync
+    })
+    .await;
+    assert!(
+        proxy.next_id() >= first_listener + 3,
+        "the listener came back on its second reconnect, not before"
+    );
 }
 
 /// `save_in` commits the keyring with the host's own writes, or not at all.
