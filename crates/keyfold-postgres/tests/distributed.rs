@@ -219,6 +219,32 @@ async fn no_evidence_until_every_shard_is_done() {
     ));
 }
 
+/// The application name of the worker the takeover test kills.
+const DOOMED: &str = "keyfold-test doomed worker";
+
+/// Waits (up to 30 s) until no connection named `application` runs a
+/// statement on `db`: one sent before its client died may still commit.
+async fn statements_finished(db: &TestDb, application: &str) {
+    let mut admin = db.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = $2 AND state <> 'idle'",
+        )
+        .bind(&db.name)
+        .bind(application)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if running == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a statement never finished");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     let db = TestDb::new().await;
@@ -230,17 +256,28 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     let coord = coordinator(&pool, clock).await;
     let table = accounts_source(&pool, "alpha").await;
     let mut options = job_options(1, 50);
-    options.shard_lease = Duration::from_millis(300);
+    // Long enough that a slow batch never lets the lease lapse under the
+    // first worker; each worker runs one lane, so the one shard is claimed
+    // exactly twice: by the first worker, then by the heir.
+    options.shard_lease = Duration::from_secs(2);
     let job = coord
         .create_job(&ring, std::slice::from_ref(&table), &options)
         .await
         .unwrap();
+    // Its own application name: the test waits below until none of its
+    // statements is still running on the server.
+    let doomed_pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_with(db.options.clone().application_name(DOOMED))
+        .await
+        .unwrap();
     let doomed = {
-        let worker = coord.worker(
-            &job,
-            ring.clone(),
-            vec![accounts_source(&db.pool().await, "alpha").await],
-        );
+        let worker = coord
+            .worker(
+                &job,
+                ring.clone(),
+                vec![accounts_source(&doomed_pool, "alpha").await],
+            )
+            .lanes(1);
         tokio::spawn(async move { worker.run().await })
     };
     // Dies (without releasing its lease) once it checkpointed a batch.
@@ -255,8 +292,9 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     doomed.abort();
     assert!(doomed.await.unwrap_err().is_cancelled());
     // Its lanes (tasks of their own) died with it: no row moves any more
-    // (after a moment for a statement already sent to commit).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (once a statement already sent has finished on the server).
+    drop(doomed_pool);
+    statements_finished(&db, DOOMED).await;
     let moved = versions(&pool, "alpha").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -272,6 +310,7 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
 
     let heir = coord
         .worker(&job, ring.clone(), vec![table])
+        .lanes(1)
         .poll_interval(Duration::from_millis(20))
         .run()
         .await

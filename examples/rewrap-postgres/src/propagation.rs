@@ -118,14 +118,15 @@ async fn instance(
 }
 
 /// Waits until `n` keyfold listener connections listen on the scratch
-/// database.
+/// database (idle after `LISTEN`, which takes effect when it commits).
 async fn listeners_ready(scratch: &Scratch, n: i64) -> Result<()> {
     let pool = scratch.pool(1).await?;
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         let listening: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-             AND application_name = 'keyfold-postgres listener' AND query LIKE 'LISTEN%'",
+             AND application_name = 'keyfold-postgres listener' AND query LIKE 'LISTEN%' \
+             AND state = 'idle'",
         )
         .bind(&scratch.name)
         .fetch_one(&pool)
