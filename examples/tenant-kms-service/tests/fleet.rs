@@ -425,6 +425,20 @@ async fn three_instances_on_one_database_share_disables_and_the_rewrap_job() {
         }
         futures::future::join_all(writes).await;
     }
+    // Every row of the tenant locked: each lane that claims a shard stalls
+    // on its first batch's write, shard held, so the third instance surely
+    // holds an unfinished shard when it is killed (however fast or slow
+    // this machine is).
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut hold = pool.begin().await.unwrap();
+    for table in ["tks_secrets", "tks_secret_versions"] {
+        sqlx::query(&format!(
+            "SELECT 1 FROM {table} WHERE tenant = 'globex' FOR UPDATE"
+        ))
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    }
     let new = admins
         .admin_op(
             &second,
@@ -438,8 +452,7 @@ async fn three_instances_on_one_database_share_disables_and_the_rewrap_job() {
     let target = new["version"].as_u64().unwrap();
     assert!(target > old);
 
-    // Kill the third once it holds a shard of the job.
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    // Kill the third once it holds a shard of the job, then let the rows go.
     let third_name = format!("tenant-kms-service-{}", third.pid);
     poll("the third instance to claim a shard", || async {
         let owners: Vec<Option<String>> = sqlx::query_scalar(
@@ -456,6 +469,7 @@ async fn three_instances_on_one_database_share_disables_and_the_rewrap_job() {
     })
     .await;
     third.child.kill().await.unwrap();
+    hold.rollback().await.unwrap();
 
     let status = poll("the job to complete", || async {
         let (s, v) = admins

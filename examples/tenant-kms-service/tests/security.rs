@@ -212,7 +212,8 @@ async fn a_step_up_token_and_a_code_are_used_once() {
     let svc = Service::start(cfg.clone(), local_providers(&cfg)).await;
     svc.onboard_local(ACME).await;
 
-    let code = svc.code(ACME).await;
+    // Sent twice: a code that stays good for both requests.
+    let code = svc.lasting_code(ACME).await;
     let (s, v) = exchange(&svc, ACME, &code, "rotate", "acme").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let token = v["step_up_token"].as_str().unwrap().to_owned();

@@ -67,9 +67,18 @@ impl Authenticator {
     /// A code not used before: this step's, or the next one's, or (after
     /// both were used) the one after, waiting for the clock to get there.
     pub async fn next_code(&mut self) -> String {
+        self.code_from(0).await
+    }
+
+    /// A code not used before, of at least `ahead` steps from now (0 or 1):
+    /// the service takes a code until two steps after its own, so one of the
+    /// next step stays good for at least two more steps.
+    pub async fn code_from(&mut self, ahead: u64) -> String {
         loop {
             let now = unix_secs() / TOTP_STEP_SECS;
-            let step = self.last_step.map_or(now, |l| (l + 1).max(now));
+            let step = self
+                .last_step
+                .map_or(now + ahead, |l| (l + 1).max(now + ahead));
             if step <= now + 1 {
                 self.last_step = Some(step);
                 return self.code_at(step);
@@ -243,6 +252,16 @@ impl Service {
 
     /// A fresh TOTP code of the admin with bearer `token`.
     pub async fn code(&self, token: &str) -> String {
+        self.code_from(token, 0).await
+    }
+
+    /// A fresh TOTP code that stays good for at least two more TOTP steps,
+    /// for a test that sends one code several times.
+    pub async fn lasting_code(&self, token: &str) -> String {
+        self.code_from(token, 1).await
+    }
+
+    async fn code_from(&self, token: &str, ahead: u64) -> String {
         // Taken out of the registry while waiting (no lock across .await).
         let key = (self.database.clone(), token.to_owned());
         let mut auth = AUTHENTICATORS
@@ -252,7 +271,7 @@ impl Service {
             .unwrap()
             .remove(&key)
             .expect("an authenticator");
-        let code = auth.next_code().await;
+        let code = auth.code_from(ahead).await;
         AUTHENTICATORS
             .lock()
             .unwrap()
