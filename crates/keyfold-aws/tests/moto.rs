@@ -494,7 +494,7 @@ async fn no_fallback_when_the_role_cannot_be_assumed() {
     let arn = moto.create_key().await;
     // STS on a closed port: the role cannot be assumed, and KMS is never
     // called with the base credentials instead.
-    let closed = closed_port_url();
+    let (_socket, closed) = closed_port();
     let signer = RecordSigner::default();
     let w = moto
         .builder(&arn)
@@ -518,16 +518,12 @@ async fn no_fallback_when_the_role_cannot_be_assumed() {
 #[tokio::test]
 async fn kms_unreachable_is_unavailable_after_retries() {
     let moto = Moto::shared();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_closed, url) = closed_port();
     let config = moto.config(&format!(
         "arn:aws:kms:{REGION}:{ACCOUNT}:key/00000000-0000-0000-0000-000000000001"
     ));
     let w = AwsKmsWrapper::builder(config)
-        .kms_endpoint_url(format!("http://127.0.0.1:{port}"))
+        .kms_endpoint_url(url)
         .allow_loopback_endpoints_for_tests(true)
         .sts_endpoint_url(moto.url())
         .base_credentials(aws_sdk_kms::config::Credentials::new(
@@ -549,9 +545,13 @@ async fn kms_unreachable_is_unavailable_after_retries() {
     assert!(err.is_transient());
 }
 
-fn closed_port_url() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+/// A port bound but not listening (connections are refused), and its URL;
+/// no other test's server can be handed the port while the socket lives.
+fn closed_port() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", socket.local_addr().unwrap());
+    (socket, url)
 }
 
 #[tokio::test]
@@ -581,9 +581,10 @@ async fn onboarding_probe_passes_and_reports_a_denied_key() {
     );
 
     // A role that cannot be assumed: reported at the wrap step, naming the key.
+    let (_socket, closed) = closed_port();
     let denied = moto
         .builder(&good_arn)
-        .sts_endpoint_url(closed_port_url())
+        .sts_endpoint_url(closed)
         .retry_policy(RetryPolicy::none())
         .build()
         .await

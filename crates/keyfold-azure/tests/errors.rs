@@ -297,11 +297,11 @@ async fn server_errors_are_retried_with_capped_backoff_then_given_up() {
 async fn a_refused_connection_is_unavailable() {
     let vault = FakeVault::start().await;
     vault.create_rsa_key("k");
-    // A port nothing listens on.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    // A port bound but not listening, kept for the whole test: refused,
+    // and no other test's server can be handed it meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let cfg = vault.config("k");
     let w = support::builder(&vault, &cfg)
         .endpoint_url(format!("https://127.0.0.1:{port}"))

@@ -241,10 +241,11 @@ async fn resource_exhausted_is_throttled_with_retry_after() {
 
 #[tokio::test]
 async fn unreachable_endpoint_is_unavailable() {
-    // A port nothing listens on: bind one and release it.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let free = listener.local_addr().unwrap();
-    drop(listener);
+    // A port bound but not listening, kept for the whole test: refused,
+    // and no other test's server can be handed it meanwhile.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let free = socket.local_addr().unwrap();
     let key_ref = "projects/p/locations/l/keyRings/r/cryptoKeys/k";
     let config = GcpConfig {
         kms_key_ref: key_ref.to_owned(),
@@ -273,7 +274,9 @@ async fn a_stuck_call_times_out_as_unavailable() {
     let sleeper = Arc::new(RecordingSleeper::default());
     let build = |attempts| {
         support::builder_with(&kms, &key_ref, attempts)
-            .request_timeout(Duration::from_millis(200))
+            // Only the stalled attempts wait it out; the retry must fit in
+            // it too, on a machine however loaded.
+            .request_timeout(Duration::from_secs(2))
             .sleeper(sleeper.clone())
             .build()
             .unwrap()

@@ -82,13 +82,36 @@ fn http(port: u16, method: &str, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// Why one attempt to start moto failed (the message has moto's log).
+enum NotUp {
+    /// Moto exited: worth another port.
+    Exited(String),
+    /// Moto runs but never answered.
+    TimedOut(String),
+}
+use NotUp::{Exited, TimedOut};
+
 impl MotoServer {
     /// Starts a new moto server, logging to a file in `log_dir`, and waits
-    /// (up to 60 s) until it answers `GET /moto-api/`.
+    /// (up to 60 s) until it answers `GET /moto-api/`. The port is picked
+    /// free, then given to moto: should something else take it meanwhile,
+    /// moto exits at once and another port is tried (three in all).
     ///
     /// # Panics
     /// When moto is missing or does not come up (with its log).
     pub fn start(log_dir: &Path) -> MotoServer {
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(log_dir) {
+                Ok(moto) => return moto,
+                Err(Exited(_)) if attempt < 3 => attempt += 1,
+                Err(Exited(failure) | TimedOut(failure)) => panic!("{failure}"),
+            }
+        }
+    }
+
+    /// One attempt on one port.
+    fn try_start(log_dir: &Path) -> Result<MotoServer, NotUp> {
         let bin = moto_binary();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -97,9 +120,17 @@ impl MotoServer {
             .port();
         let log = log_dir.join(format!("moto-{}-{port}.log", std::process::id()));
         let log_file = File::create(&log).unwrap();
+        // The shell ends when moto does (say, the port was taken) and stops
+        // moto when its stdin closes (this handle dropped, or this process
+        // gone). A background list's stdin is /dev/null unless redirected,
+        // hence fd 3.
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(r#""$0" -H 127.0.0.1 -p "$1" & pid=$!; trap 'kill $pid 2>/dev/null' EXIT; read -r _; exit 0"#)
+            .arg(
+                r#"exec 3<&0; "$0" -H 127.0.0.1 -p "$1" & pid=$!
+                   (read -r _ <&3; kill $pid 2>/dev/null) & reader=$!
+                   wait $pid; status=$?; kill $reader 2>/dev/null; exit $status"#,
+            )
             .arg(&bin)
             .arg(port.to_string())
             .stdin(Stdio::piped())
@@ -117,15 +148,20 @@ impl MotoServer {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if http(port, "GET", "/moto-api/").is_some_and(|r| r.contains(" 200 ")) {
-                return moto;
+                return Ok(moto);
             }
             let exited = moto.child.lock().unwrap().try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(&moto.log).unwrap_or_default();
-                panic!(
+                let failure = format!(
                     "moto_server ({}) did not come up on port {port}: {exited:?}\n{log}",
                     bin.display()
                 );
+                return Err(if exited.is_some() {
+                    Exited(failure)
+                } else {
+                    TimedOut(failure)
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
