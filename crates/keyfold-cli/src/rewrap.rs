@@ -368,7 +368,9 @@ pub(crate) async fn run(
         tokio::spawn(async move {
             if signal.recv().await.is_some() {
                 interrupted.store(true, Ordering::SeqCst);
-                wake.notify_waiters();
+                // A stored permit: a signal between the check at the top
+                // of the loop and the pause still ends the pause.
+                wake.notify_one();
             }
         });
     }
