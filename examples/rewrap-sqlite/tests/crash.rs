@@ -54,13 +54,30 @@ fn killed_at_random_points_the_job_resumes_and_loses_nothing() {
 
     let mut interrupted = 0;
     let mut finished_alone = false;
-    for _ in 0..30 {
+    for run_no in 0..30 {
         let mut child = Command::new(BIN)
             .args(["run", d])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Its first saved batch, as it prints it: the kill point is taken
+        // from there (one run in five from its start), so a slow machine
+        // still sees runs killed mid-job, not only during start-up.
+        let (saved, first_batch) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if line.starts_with("batch") {
+                    let _ = saved.send(());
+                }
+            }
+        });
+        if run_no % 5 != 0 {
+            let _ = first_batch.recv_timeout(Duration::from_secs(60));
+        }
         let deadline = Instant::now() + Duration::from_millis(10 + rng.below(250));
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
