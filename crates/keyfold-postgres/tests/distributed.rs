@@ -222,15 +222,16 @@ async fn no_evidence_until_every_shard_is_done() {
 /// The application name of the worker the takeover test kills.
 const DOOMED: &str = "keyfold-test doomed worker";
 
-/// Waits (up to 30 s) until no connection named `application` runs a
-/// statement on `db`: one sent before its client died may still commit.
-async fn statements_finished(db: &TestDb, application: &str) {
+/// Waits (up to 30 s) until no connection named `application` is left on
+/// `db`: a statement its client sent before dying may still commit, and a
+/// server process ends only after what was sent before the close.
+async fn connections_gone(db: &TestDb, application: &str) {
     let mut admin = db.admin().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let running: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = $1 AND application_name = $2 AND state <> 'idle'",
+             WHERE datname = $1 AND application_name = $2",
         )
         .bind(&db.name)
         .bind(application)
@@ -240,7 +241,7 @@ async fn statements_finished(db: &TestDb, application: &str) {
         if running == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "a statement never finished");
+        assert!(Instant::now() < deadline, "a connection never closed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -264,8 +265,8 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
         .create_job(&ring, std::slice::from_ref(&table), &options)
         .await
         .unwrap();
-    // Its own application name: the test waits below until none of its
-    // statements is still running on the server.
+    // Its own application name: the test waits below until its
+    // connections are gone from the server.
     let doomed_pool = sqlx::postgres::PgPoolOptions::new()
         .connect_with(db.options.clone().application_name(DOOMED))
         .await
@@ -292,9 +293,10 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
     doomed.abort();
     assert!(doomed.await.unwrap_err().is_cancelled());
     // Its lanes (tasks of their own) died with it: no row moves any more
-    // (once a statement already sent has finished on the server).
+    // (once its connections are gone from the server, with whatever they
+    // had sent).
     drop(doomed_pool);
-    statements_finished(&db, DOOMED).await;
+    connections_gone(&db, DOOMED).await;
     let moved = versions(&pool, "alpha").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
