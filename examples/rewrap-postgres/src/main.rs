@@ -133,6 +133,22 @@ async fn keyring() -> Result<Arc<Keyring>> {
     Ok(Arc::new(ring))
 }
 
+/// A scratch database with `rows` rows filled under one version, a copy of
+/// the table as filled (`<table>_v1`, to put it back between passes), and
+/// the keyring rotated since: every row is due for a rewrap.
+async fn rotated_table(rows: i64) -> Result<(Scratch, PgPool, Arc<Keyring>)> {
+    let scratch = Scratch::create().await?;
+    let pool = scratch.pool(4).await?;
+    keyfold_postgres::migrate(&pool, &TablePrefix::default()).await?;
+    let ring = keyring().await?;
+    fill(&pool, &ring, rows).await?;
+    sqlx::raw_sql(&format!("CREATE TABLE {TABLE}_v1 AS SELECT * FROM {TABLE}"))
+        .execute(&pool)
+        .await?;
+    ring.rotate(&Actor::new("demo-admin")).await?;
+    Ok((scratch, pool, ring))
+}
+
 /// `accounts (id bigint PRIMARY KEY, tenant text, secret bytea)` with `rows`
 /// rows encrypted under the keyring's active version.
 async fn fill(pool: &PgPool, ring: &Keyring, rows: i64) -> Result<()> {
@@ -424,15 +440,7 @@ async fn bench(
     repeat: usize,
     verify: &[Verify],
 ) -> Result<()> {
-    let scratch = Scratch::create().await?;
-    let pool = scratch.pool(4).await?;
-    keyfold_postgres::migrate(&pool, &TablePrefix::default()).await?;
-    let ring = keyring().await?;
-    fill(&pool, &ring, rows).await?;
-    sqlx::raw_sql(&format!("CREATE TABLE {TABLE}_v1 AS SELECT * FROM {TABLE}"))
-        .execute(&pool)
-        .await?;
-    ring.rotate(&Actor::new("demo-admin")).await?;
+    let (scratch, pool, ring) = rotated_table(rows).await?;
     println!(
         "{rows} rows, batches of {batch}, 16 shards, {lanes} lanes per worker; CPUs: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get())

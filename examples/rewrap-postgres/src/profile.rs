@@ -19,15 +19,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyfold_core::audit::Actor;
 use keyfold_core::format;
 use keyfold_core::keyring::Keyring;
 use keyfold_core::{MasterKey, record};
-use keyfold_postgres::{PgTable, TablePrefix};
+use keyfold_postgres::PgTable;
 use keyfold_rewrap::{CasOutcome, JobOptions, RewrapJob, RowSource};
 use sqlx::PgPool;
 
-use crate::{Result, Scratch, TABLE, cas_writes, fill, flipped, keyring, reset, source};
+use crate::{Result, TABLE, cas_writes, flipped, reset, rotated_table, source};
 
 /// Time spent per step over a pass.
 #[derive(Default)]
@@ -203,15 +202,7 @@ async fn job(table: &PgTable, ring: &Arc<Keyring>, batch: usize) -> Result<Spans
 }
 
 pub(crate) async fn profile(rows: i64, batch: usize, passes: usize) -> Result<()> {
-    let scratch = Scratch::create().await?;
-    let pool = scratch.pool(4).await?;
-    keyfold_postgres::migrate(&pool, &TablePrefix::default()).await?;
-    let ring = keyring().await?;
-    fill(&pool, &ring, rows).await?;
-    sqlx::raw_sql(&format!("CREATE TABLE {TABLE}_v1 AS SELECT * FROM {TABLE}"))
-        .execute(&pool)
-        .await?;
-    ring.rotate(&Actor::new("demo-admin")).await?;
+    let (scratch, pool, ring) = rotated_table(rows).await?;
     let stream = scratch.pool(1).await?;
     let table = source(&stream).await?;
     println!("{rows} rows, batches of {batch}, one stream; {passes} passes of each");
