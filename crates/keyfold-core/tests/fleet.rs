@@ -54,29 +54,10 @@ enum Kind {
 
 const KINDS: [Kind; 3] = [Kind::Memory, Kind::Unwatched, Kind::File];
 
-/// A temporary directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let mut bytes = [0u8; 8];
-        keyfold_core::rng::fill(&mut bytes).unwrap();
-        let dir = std::env::temp_dir().join(format!("keyfold-fleet-{}", hex::encode(bytes)));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Fleet {
     kind: Kind,
     memory: Arc<MemoryStore>,
-    dir: TempDir,
+    dir: tempfile::TempDir,
     wrapper: Arc<CountingWrapper<LocalKek>>,
     audit: Arc<RecordingSink>,
 }
@@ -86,7 +67,7 @@ impl Fleet {
         Fleet {
             kind,
             memory: Arc::new(MemoryStore::new()),
-            dir: TempDir::new(),
+            dir: tempfile::TempDir::new().unwrap(),
             wrapper: CountingWrapper::shared(LocalKek::from_bytes(
                 "kek",
                 SecretKey::generate().unwrap(),
@@ -99,7 +80,7 @@ impl Fleet {
         match self.kind {
             Kind::Memory => self.memory.clone(),
             Kind::Unwatched => Arc::new(Unwatched(self.memory.clone())),
-            Kind::File => Arc::new(FileStore::new(&self.dir.0).unwrap()),
+            Kind::File => Arc::new(FileStore::new(self.dir.path()).unwrap()),
         }
     }
 

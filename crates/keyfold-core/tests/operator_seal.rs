@@ -63,29 +63,10 @@ const KINDS: [Kind; 4] = [
     Kind::File,
 ];
 
-/// A temporary directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let mut bytes = [0u8; 8];
-        keyfold_core::rng::fill(&mut bytes).unwrap();
-        let dir = std::env::temp_dir().join(format!("keyfold-seal-{}", hex::encode(bytes)));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Fleet {
     kind: Kind,
     memory: Arc<MemoryStore>,
-    dir: TempDir,
+    dir: tempfile::TempDir,
     kek: Arc<LocalKek>,
     audit: Arc<RecordingSink>,
 }
@@ -95,7 +76,7 @@ impl Fleet {
         Fleet {
             kind,
             memory: Arc::new(MemoryStore::new()),
-            dir: TempDir::new(),
+            dir: tempfile::TempDir::new().unwrap(),
             kek: Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap())),
             audit: Arc::new(RecordingSink::default()),
         }
@@ -105,10 +86,10 @@ impl Fleet {
         match self.kind {
             Kind::Memory => self.memory.clone(),
             Kind::Unwatched => Arc::new(Unwatched(self.memory.clone())),
-            Kind::FileUnwatched => {
-                Arc::new(Unwatched(Arc::new(FileStore::new(&self.dir.0).unwrap())))
-            }
-            Kind::File => Arc::new(FileStore::new(&self.dir.0).unwrap()),
+            Kind::FileUnwatched => Arc::new(Unwatched(Arc::new(
+                FileStore::new(self.dir.path()).unwrap(),
+            ))),
+            Kind::File => Arc::new(FileStore::new(self.dir.path()).unwrap()),
         }
     }
 
@@ -258,11 +239,11 @@ async fn stored_keyrings_without_the_field_load_and_with_it_round_trip() {
     // Through a FileStore and a keyring: the old file opens unsealed; a
     // seal is written into it and read back by a new instance; the unseal
     // removes the field again.
-    let dir = TempDir::new();
-    std::fs::write(dir.0.join("tenant.json"), before).unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("tenant.json"), before).unwrap();
     let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
     let open = || async {
-        let store = Arc::new(FileStore::new(&dir.0).unwrap());
+        let store = Arc::new(FileStore::new(dir.path()).unwrap());
         Keyring::builder("tenant", kek.clone(), store)
             .open()
             .await
@@ -271,14 +252,14 @@ async fn stored_keyrings_without_the_field_load_and_with_it_round_trip() {
     let ring = open().await;
     assert!(ring.operator_seal_info().is_none());
     ring.seal("INC-7: token leaked", &admin()).await.unwrap();
-    let file = std::fs::read_to_string(dir.0.join("tenant.json")).unwrap();
+    let file = std::fs::read_to_string(dir.path().join("tenant.json")).unwrap();
     assert!(file.contains("INC-7: token leaked"), "{file}");
     let other = open().await;
     let seal = other.operator_seal_info().unwrap();
     assert_eq!(seal.actor, "admin@example.com");
     assert_eq!(other.metadata().operator_seal, Some(seal));
     other.unseal_as(&admin()).await.unwrap();
-    let file = std::fs::read_to_string(dir.0.join("tenant.json")).unwrap();
+    let file = std::fs::read_to_string(dir.path().join("tenant.json")).unwrap();
     assert!(!file.contains("operator_seal"), "{file}");
 }
 

@@ -313,11 +313,11 @@ async fn a_keyring_stored_without_floors_loads_and_gets_them_on_the_next_save() 
     let written = String::from_utf8(to_bytes(revision, &old).unwrap()).unwrap();
     assert!(!written.contains("bound_floors"), "{written}");
 
-    let dir = TempDir::new();
-    std::fs::write(dir.0.join("tenant.json"), before).unwrap();
+    let dir = tempfile::TempDir::new().unwrap();
+    std::fs::write(dir.path().join("tenant.json"), before).unwrap();
     let kek = Arc::new(LocalKek::from_bytes("kek", SecretKey::generate().unwrap()));
     let open = || async {
-        let store = Arc::new(FileStore::new(&dir.0).unwrap());
+        let store = Arc::new(FileStore::new(dir.path()).unwrap());
         Keyring::builder("tenant", kek.clone(), store)
             .max_staleness(A_STALENESS)
             .write_window(A_WINDOW)
@@ -329,7 +329,7 @@ async fn a_keyring_stored_without_floors_loads_and_gets_them_on_the_next_save() 
     let ring = open().await;
     assert_eq!(ring.bound_floors(), None);
     ring.rotate(&admin()).await.unwrap();
-    let file = std::fs::read_to_string(dir.0.join("tenant.json")).unwrap();
+    let file = std::fs::read_to_string(dir.path().join("tenant.json")).unwrap();
     assert!(file.contains("bound_floors"), "{file}");
     assert_eq!(open().await.bound_floors(), Some(floors(5, 5, 30)));
 
@@ -377,23 +377,4 @@ async fn absurd_bounds_do_not_panic() {
     )
     .await
     .unwrap();
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let mut bytes = [0u8; 8];
-        keyfold_core::rng::fill(&mut bytes).unwrap();
-        let path = std::env::temp_dir().join(format!("keyfold-bounds-{}", hex::encode(bytes)));
-        std::fs::create_dir(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
