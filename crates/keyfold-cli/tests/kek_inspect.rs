@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Setup, json_of};
+use common::{Setup, json_of, json_run};
 use keyfold_core::stream::{self, StreamOptions};
 use keyfold_core::{EncryptionContext, MasterKey, SecretKey, Suite, record};
 
@@ -99,15 +99,7 @@ fn inspect_a_record_as_text_and_json() {
     assert!(text.contains("master key version: 7"), "{text}");
     assert!(text.contains("11 bytes of plaintext"), "{text}");
 
-    let out = s
-        .keyfold()
-        .args(["inspect", "--json"])
-        .arg(&path)
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(s.keyfold().args(["inspect", "--json"]).arg(&path), 0);
     assert_eq!(json["kind"], "record");
     assert_eq!(json["format_version"], 1);
     assert_eq!(json["suite"], "aes-256-gcm");
@@ -123,16 +115,13 @@ fn inspect_a_stream_from_stdin_counts_segments() {
     let s = Setup::new();
     // 3 full segments of 64 bytes and 10 bytes more: 4 segments.
     let path = stream_file(&s, "s.kf", 64, 3 * 64 + 10);
-    let out = s
-        .keyfold()
-        .args(["--json", "inspect", "-"])
-        .pipe_stdin(&path)
-        .unwrap()
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.keyfold()
+            .args(["--json", "inspect", "-"])
+            .pipe_stdin(&path)
+            .unwrap(),
+        0,
+    );
     assert_eq!(json["kind"], "stream");
     assert_eq!(json["suite"], "chacha20-poly1305");
     assert_eq!(json["key_version"], 9);
@@ -184,15 +173,7 @@ fn inspect_refuses_what_is_not_a_keyfold_ciphertext() {
     s.keyfold().arg("inspect").arg(&empty).assert().code(3);
 
     // --json: the error is a JSON object on stdout.
-    let out = s
-        .keyfold()
-        .args(["--json", "inspect"])
-        .arg(&junk)
-        .assert()
-        .code(3)
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(s.keyfold().args(["--json", "inspect"]).arg(&junk), 3);
     assert_eq!(json["error"]["kind"], "not_ciphertext");
     assert_eq!(json["error"]["exit_code"], 3);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Setup, json_of};
+use common::{Setup, json_of, json_run};
 use keyfold_core::KeyState;
 
 #[tokio::test]
@@ -18,14 +18,10 @@ async fn create_rotate_show_and_every_change_audited_with_the_operator() {
         .assert()
         .success();
 
-    let out = s
-        .with_config()
-        .args(["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config().args(["--json", "keyring", "show", "acme"]),
+        0,
+    );
     assert_eq!(json["active_version"], 2);
     assert_eq!(json["version_count"], 2);
     assert_eq!(json["versions"][0]["state"], "retired");
@@ -246,14 +242,7 @@ fn an_unwritable_audit_log_fails_before_any_change() {
 #[test]
 fn probe_reports_each_step() {
     let s = Setup::new();
-    let out = s
-        .with_config()
-        .args(["--json", "probe"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(s.with_config().args(["--json", "probe"]), 0);
     assert_eq!(json["ok"], true);
     assert_eq!(json["provider"], "local");
     let steps: Vec<_> = json["steps"]
@@ -288,14 +277,11 @@ fn probe_failure_names_the_step_is_audited_and_leaks_no_key() {
         "audit_log": s.path("audit.jsonl").display().to_string(),
     });
     std::fs::write(s.path("bad-config.json"), config.to_string()).unwrap();
-    let out = s
-        .keyfold()
-        .args(["--json", "--config", "bad-config.json", "probe"])
-        .assert()
-        .code(7)
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.keyfold()
+            .args(["--json", "--config", "bad-config.json", "probe"]),
+        7,
+    );
     assert_eq!(json["failed_step"], "build");
     assert_eq!(json["error"]["kind"], "kms");
     assert_eq!(s.audit_names(), ["kms.probe.failed"]);
@@ -350,14 +336,11 @@ fn policy_schedule_destroy_and_min_decryption_version() {
         .get_output()
         .clone();
     assert!(json_of(&out)["rotation_policy"].is_null());
-    let out = s
-        .with_config()
-        .args(["--json", "keyring", "policy", "acme", "--period-days", "90"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config()
+            .args(["--json", "keyring", "policy", "acme", "--period-days", "90"]),
+        0,
+    );
     assert_eq!(
         (
             json["rotation_policy"]["period_days"].as_u64(),
@@ -398,9 +381,8 @@ fn policy_schedule_destroy_and_min_decryption_version() {
         .assert()
         .success();
     // Before the grace period ends: refused, saying when it will be allowed.
-    let out = s
-        .with_config()
-        .args([
+    let json = json_run(
+        s.with_config().args([
             "--json",
             "keyring",
             "schedule-destroy",
@@ -409,12 +391,9 @@ fn policy_schedule_destroy_and_min_decryption_version() {
             "--at",
             "2000-01-01T00:00:00Z",
             "--yes",
-        ])
-        .assert()
-        .code(6)
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+        ]),
+        6,
+    );
     assert_eq!(json["error"]["code"], "destroy_refused");
     assert!(
         json["error"]["message"]
@@ -479,14 +458,10 @@ fn policy_schedule_destroy_and_min_decryption_version() {
         .get_output()
         .clone();
     assert_eq!(json_of(&out)["disabled"], serde_json::json!([2, 3]));
-    let out = s
-        .with_config()
-        .args(["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config().args(["--json", "keyring", "show", "acme"]),
+        0,
+    );
     assert_eq!(json["min_decryption_version"], 4);
     assert_eq!(json["rotation_policy"]["period_days"], 90);
     assert!(

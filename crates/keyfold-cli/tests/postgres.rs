@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Setup, eventually, json_of};
+use common::{Setup, eventually, json_of, json_run};
 use sqlx::ConnectOptions;
 
 fn server_url() -> String {
@@ -67,12 +67,7 @@ async fn keyring_lifecycle_on_a_postgres_store() {
     pg(&["keyring", "policy", "acme", "--period-days", "30"])
         .assert()
         .success();
-    let out = pg(&["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(&mut pg(&["--json", "keyring", "show", "acme"]), 0);
     assert_eq!(json["active_version"], 2);
     assert_eq!(json["versions"][0]["state"], "disabled");
     assert_eq!(
@@ -143,12 +138,7 @@ async fn seal_and_unseal_on_a_postgres_store() {
         .get_output()
         .clone();
     assert_eq!(json_of(&out)["error"]["code"], "sealed_by_operator");
-    let out = pg(&["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let shown = json_of(&out);
+    let shown = json_run(&mut pg(&["--json", "keyring", "show", "acme"]), 0);
     assert_eq!(shown["operator_seal"]["reason"], "INC-9");
     assert_eq!(shown["operator_seal"]["actor"], "ops@example.com");
     pg(&["keyring", "unseal", "acme"]).assert().success();
@@ -157,12 +147,7 @@ async fn seal_and_unseal_on_a_postgres_store() {
     })
     .await;
     pg(&["keyring", "rotate", "acme"]).assert().success();
-    let out = pg(&["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let shown = json_of(&out);
+    let shown = json_run(&mut pg(&["--json", "keyring", "show", "acme"]), 0);
     assert_eq!(shown["operator_seal"], serde_json::Value::Null);
     assert_eq!(shown["active_version"], 2);
     assert_eq!(
@@ -299,33 +284,26 @@ async fn rewrap_run_and_status_on_postgres_tables() {
         );
     }
 
-    let out = s
-        .with_config()
-        .args(["--json", "rewrap", "status", "--job", "pgjob.json"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config()
+            .args(["--json", "rewrap", "status", "--job", "pgjob.json"]),
+        0,
+    );
     assert_eq!(
         (json["completed"].as_bool(), json["target_version"].as_u64()),
         (Some(true), Some(2))
     );
-    let out = s
-        .with_config()
-        .args([
+    let evidence = json_run(
+        s.with_config().args([
             "rewrap",
             "status",
             "--job",
             "pgjob.json",
             "--evidence-for",
             "1",
-        ])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let evidence = json_of(&out);
+        ]),
+        0,
+    );
     assert_eq!(
         (
             evidence["keyring_id"].as_str(),

@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{Setup, json_of};
+use common::{Setup, json_run};
 use keyfold_core::{EncryptionContext, format};
 use rusqlite::{Connection, params};
 
@@ -122,14 +122,11 @@ async fn run_moves_every_row_and_status_reads_the_job_table() {
     assert_eq!(all.len(), 60);
     assert!(all.iter().all(|(_, _, v, ok)| *v == 2 && *ok), "{all:?}");
 
-    let out = s
-        .with_config()
-        .args(["--json", "rewrap", "status", "--job", "job.json"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config()
+            .args(["--json", "rewrap", "status", "--job", "job.json"]),
+        0,
+    );
     assert_eq!(json["completed"], true);
     assert_eq!(json["target_version"], 2);
     assert_eq!(json["totals"]["rewrapped"], 60);
@@ -247,14 +244,11 @@ async fn ctrl_c_stops_after_the_batch_and_run_resumes_from_the_checkpoint() {
         "{rest:?}"
     );
 
-    let out = s
-        .with_config()
-        .args(["--json", "rewrap", "status", "--job", "job.json"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+    let json = json_run(
+        s.with_config()
+            .args(["--json", "rewrap", "status", "--job", "job.json"]),
+        0,
+    );
     assert_eq!(json["completed"], false);
     assert_eq!(json["batches"], 1);
     assert_eq!(json["totals"]["rewrapped"], 4);

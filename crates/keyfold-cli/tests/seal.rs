@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Setup, eventually, json_of};
+use common::{Setup, eventually, json_run};
 use keyfold_core::{EncryptionContext, Error};
 
 fn ctx() -> EncryptionContext {
@@ -37,9 +37,8 @@ async fn seal_stops_the_library_and_the_cli_until_unseal() {
         .code(4);
     assert!(s.open("acme").await.operator_seal_info().is_none());
 
-    let out = s
-        .with_config()
-        .args([
+    let json = json_run(
+        s.with_config().args([
             "--json",
             "keyring",
             "seal",
@@ -47,12 +46,9 @@ async fn seal_stops_the_library_and_the_cli_until_unseal() {
             "--reason",
             "INC-42: token leaked",
             "--yes",
-        ])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+        ]),
+        0,
+    );
     assert_eq!(json["sealed"], true);
     assert_eq!(json["already_sealed"], false);
     assert_eq!(json["operator_seal"]["reason"], "INC-42: token leaked");
@@ -76,14 +72,11 @@ async fn seal_stops_the_library_and_the_cli_until_unseal() {
     .await;
 
     // Through the CLI: a rotation is refused with the lifecycle exit code.
-    let out = s
-        .with_config()
-        .args(["--json", "keyring", "rotate", "acme"])
-        .assert()
-        .code(6)
-        .get_output()
-        .clone();
-    let err = json_of(&out);
+    let err = json_run(
+        s.with_config()
+            .args(["--json", "keyring", "rotate", "acme"]),
+        6,
+    );
     assert_eq!(err["error"]["code"], "sealed_by_operator");
     assert!(
         err["error"]["message"]
@@ -104,47 +97,35 @@ async fn seal_stops_the_library_and_the_cli_until_unseal() {
     assert!(text.contains("SEALED BY AN OPERATOR"), "{text}");
     assert!(text.contains("INC-42: token leaked"), "{text}");
     assert!(text.contains("ops@example.com"), "{text}");
-    let out = s
-        .with_config()
-        .args(["--json", "keyring", "show", "acme"])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let shown = json_of(&out);
+    let shown = json_run(
+        s.with_config().args(["--json", "keyring", "show", "acme"]),
+        0,
+    );
     assert_eq!(shown["operator_seal"]["reason"], "INC-42: token leaked");
     assert_eq!(shown["operator_seal"]["since"], since.as_str());
 
     // Sealing again keeps the first seal.
-    let out = s
-        .with_config()
-        .args([
+    let json = json_run(
+        s.with_config().args([
             "--json", "keyring", "seal", "acme", "--reason", "again", "--yes",
-        ])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+        ]),
+        0,
+    );
     assert_eq!(json["already_sealed"], true);
     assert_eq!(json["operator_seal"]["reason"], "INC-42: token leaked");
 
     // Unseal (no confirmation: it only lifts a protection the operator put).
-    let out = s
-        .with_config()
-        .args([
+    let json = json_run(
+        s.with_config().args([
             "--json",
             "--actor",
             "lead@example.com",
             "keyring",
             "unseal",
             "acme",
-        ])
-        .assert()
-        .success()
-        .get_output()
-        .clone();
-    let json = json_of(&out);
+        ]),
+        0,
+    );
     assert_eq!(json["sealed"], false);
     assert_eq!(json["lifted"]["reason"], "INC-42: token leaked");
 
@@ -188,14 +169,7 @@ fn seal_needs_a_reason_and_no_kms() {
             "--json", "keyring", "seal", "acme", "--reason", "  ", "--yes",
         ][..],
     ] {
-        let out = s
-            .with_config()
-            .args(args)
-            .assert()
-            .code(2)
-            .get_output()
-            .clone();
-        let json = json_of(&out);
+        let json = json_run(s.with_config().args(args), 2);
         assert_eq!(json["error"]["kind"], "usage", "{args:?}");
         assert!(
             json["error"]["message"]

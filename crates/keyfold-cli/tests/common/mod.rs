@@ -102,6 +102,12 @@ pub(crate) fn json_of(output: &std::process::Output) -> serde_json::Value {
     })
 }
 
+/// Runs `cmd`, checks its exit code (0 for success) and returns its stdout
+/// parsed as one JSON document (for `--json` runs).
+pub(crate) fn json_run(cmd: &mut Command, code: i32) -> serde_json::Value {
+    json_of(cmd.assert().code(code).get_output())
+}
+
 /// Polls `check` until it is true, failing after 20 s: far beyond what a
 /// change takes to reach an instance (a file store polls every 200 ms,
 /// PostgreSQL notifies), so a timeout is a bug, not a slow machine.
