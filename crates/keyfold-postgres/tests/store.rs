@@ -552,6 +552,21 @@ impl FreezingProxy {
         }
     }
 
+    /// A store on `db` whose connections all go through this proxy: its
+    /// pool's one connection (the next id, made now) and its listener's,
+    /// which checks its connection every `heartbeat`.
+    async fn watcher(&self, db: &TestDb, heartbeat: Duration) -> PgKeyringStore {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(db.options.clone().port(self.port))
+            .await
+            .unwrap();
+        let watcher = PgKeyringStore::new(pool, TablePrefix::default());
+        watcher.set_listener_heartbeat(heartbeat);
+        watcher
+    }
+
     /// The id the next connection gets.
     fn next_id(&self) -> u64 {
         self.next_id.load(std::sync::atomic::Ordering::SeqCst)
@@ -574,15 +589,7 @@ async fn a_silently_dead_listener_connection_is_found_by_the_heartbeat() {
     let db = TestDb::new().await;
     let (_, writer) = store_on(&db, "keyfold_").await;
     let proxy = FreezingProxy::start(db.options.get_host().to_owned(), db.options.get_port()).await;
-    // The watcher's own pool: one connection (id 0), made now.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .connect_with(db.options.clone().port(proxy.port))
-        .await
-        .unwrap();
-    let watcher = PgKeyringStore::new(pool, TablePrefix::default());
-    watcher.set_listener_heartbeat(Duration::from_millis(100));
+    let watcher = proxy.watcher(&db, Duration::from_millis(100)).await;
     assert!(watcher.load("tenant-1").await.unwrap().is_none());
     let first_listener = proxy.next_id();
     let mut rx = watcher.watch().unwrap();
@@ -620,15 +627,7 @@ async fn a_silently_dead_listener_connection_is_found_by_the_heartbeat() {
 async fn a_reconnect_that_goes_silent_while_listening_is_retried() {
     let db = TestDb::new().await;
     let proxy = FreezingProxy::start(db.options.get_host().to_owned(), db.options.get_port()).await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .connect_with(db.options.clone().port(proxy.port))
-        .await
-        .unwrap();
-    migrate(&pool, &TablePrefix::default()).await.unwrap();
-    let watcher = PgKeyringStore::new(pool, TablePrefix::default());
-    watcher.set_listener_heartbeat(Duration::from_millis(300));
+    let watcher = proxy.watcher(&db, Duration::from_millis(300)).await;
     let first_listener = proxy.next_id();
     let mut rx = watcher.watch().unwrap();
     listeners_ready(&db, 1).await;
