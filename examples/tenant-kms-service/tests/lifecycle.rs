@@ -167,10 +167,7 @@ async fn a_scheduled_destroy_is_carried_out_by_the_maintenance_task() {
         .as_str()
         .unwrap()
         .to_owned();
-    svc.wait_rewrap(ACME, |v| {
-        v["job_id"] == lease.as_str() && v["status"] == "completed"
-    })
-    .await;
+    svc.completed_job(ACME, &lease).await;
 
     // Only a disabled version can be scheduled.
     let su = svc.step_up(ACME, "destroy", "1").await;

@@ -42,10 +42,7 @@ async fn metrics_show_kms_calls_the_cache_and_the_rewrap_after_a_rotation() {
         .as_str()
         .unwrap()
         .to_owned();
-    svc.wait_rewrap(ACME, |v| {
-        v["job_id"] == lease.as_str() && v["status"] == "completed"
-    })
-    .await;
+    svc.completed_job(ACME, &lease).await;
     assert_eq!(svc.get_secret(ACME, "m3").await["value"], PLAINTEXT);
 
     let http = reqwest::Client::new();

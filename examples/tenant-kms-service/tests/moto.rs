@@ -199,11 +199,7 @@ async fn onboarding_on_aws_kms_in_moto() {
     assert_eq!(v["new_key_version"], 2);
     assert!(v["note"].as_str().unwrap().contains("rewrap"), "{v}");
     let lease = v["rewrap_lease_id"].as_str().unwrap().to_owned();
-    let done = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] == "completed"
-        })
-        .await;
+    let done = svc.completed_job(ACME, &lease).await;
     assert_eq!(done["totals"]["seen"], 15);
     assert_eq!(done["totals"]["failed"], 0);
     let meta = svc.get("/admin/tenant-kms", ACME).await.1;

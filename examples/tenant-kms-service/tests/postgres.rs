@@ -67,11 +67,7 @@ async fn secrets_history_rollback_and_the_rewrap_job_on_postgres() {
     let rotated = svc.rotate(ACME).await;
     let lease = rotated["rewrap_lease_id"].as_str().unwrap().to_owned();
     let target = rotated["version"].clone();
-    let done = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] == "completed"
-        })
-        .await;
+    let done = svc.completed_job(ACME, &lease).await;
     assert_eq!(
         done["distributed"]["shards_done"],
         done["distributed"]["shards"]
@@ -218,11 +214,7 @@ async fn a_rotation_during_a_running_job_moves_every_row_to_the_newest_version()
     let second = svc.rotate(ACME).await;
     let lease = second["rewrap_lease_id"].as_str().unwrap().to_owned();
     assert_ne!(first["rewrap_lease_id"], second["rewrap_lease_id"]);
-    let done = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] == "completed"
-        })
-        .await;
+    let done = svc.completed_job(ACME, &lease).await;
     assert_eq!(done["target_version"], second["version"], "{done}");
     for i in (0..150).step_by(10) {
         let v = svc.get_secret(ACME, &format!("r{i:03}")).await;
@@ -282,11 +274,7 @@ async fn failed_rows_are_named_and_a_later_pass_completes_on_postgres() {
         .as_str()
         .unwrap()
         .to_owned();
-    let v = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] != "running"
-        })
-        .await;
+    let v = svc.settled_job(ACME, &lease).await;
     assert_eq!(v["status"], "incomplete", "{v}");
     assert_eq!(v["totals"]["failed"], 1, "{v}");
     let failures = v["failures"].as_array().unwrap();

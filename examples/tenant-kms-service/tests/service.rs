@@ -112,11 +112,7 @@ async fn local_kek_end_to_end() {
     let lease = rot["rewrap_lease_id"].as_str().expect("a lease").to_owned();
 
     // The background job moves every row, in batches of 10 across both tables.
-    let done = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] == "completed"
-        })
-        .await;
+    let done = svc.completed_job(ACME, &lease).await;
     assert_eq!(done["target_version"], 2);
     assert_eq!(done["totals"]["seen"], rows);
     assert_eq!(done["totals"]["failed"], 0);
@@ -773,11 +769,7 @@ async fn failed_rows_make_the_job_incomplete_with_reasons_and_are_retried() {
         .as_str()
         .unwrap()
         .to_owned();
-    let v = svc
-        .wait_rewrap(ACME, |v| {
-            v["job_id"] == lease.as_str() && v["status"] != "running"
-        })
-        .await;
+    let v = svc.settled_job(ACME, &lease).await;
     assert_eq!(v["status"], "incomplete", "{v}");
     assert_eq!(v["totals"]["failed"], 1, "{v}");
     let failures = v["failures"].as_array().unwrap();

@@ -479,6 +479,20 @@ impl Service {
         .await
     }
 
+    /// The rewrap status once the job `lease` names has stopped running
+    /// (completed, incomplete or failed).
+    pub async fn settled_job(&self, token: &str, lease: &str) -> Value {
+        self.wait_rewrap(token, |v| v["job_id"] == lease && v["status"] != "running")
+            .await
+    }
+
+    /// [`settled_job`](Self::settled_job), which must have completed.
+    pub async fn completed_job(&self, token: &str, lease: &str) -> Value {
+        let v = self.settled_job(token, lease).await;
+        assert_eq!(v["status"], "completed", "{v}");
+        v
+    }
+
     pub async fn audit(&self, token: &str) -> Vec<Value> {
         let (s, v) = self.get("/admin/audit", token).await;
         assert_eq!(s, StatusCode::OK, "{v}");
