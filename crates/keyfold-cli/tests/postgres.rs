@@ -52,11 +52,7 @@ async fn fresh_database() -> String {
 async fn keyring_lifecycle_on_a_postgres_store() {
     let s = Setup::new();
     let url = fresh_database().await;
-    let pg = |args: &[&str]| {
-        let mut cmd = s.with_config();
-        cmd.args(["--store", &url]).args(args);
-        cmd
-    };
+    let pg = |args: &[&str]| s.on_store(&url, args);
     // Before `create` made the tables: an error, not a new store.
     pg(&["keyring", "show", "acme"]).assert().failure();
     pg(&["keyring", "create", "acme"]).assert().success();
@@ -98,11 +94,7 @@ async fn keyring_lifecycle_on_a_postgres_store() {
 async fn seal_and_unseal_on_a_postgres_store() {
     let s = Setup::new();
     let url = fresh_database().await;
-    let pg = |args: &[&str]| {
-        let mut cmd = s.with_config();
-        cmd.args(["--store", &url]).args(args);
-        cmd
-    };
+    let pg = |args: &[&str]| s.on_store(&url, args);
     pg(&["keyring", "create", "acme"]).assert().success();
     // A service instance on the same database (LISTEN/NOTIFY), with the
     // key in its cache.

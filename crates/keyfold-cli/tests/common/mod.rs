@@ -62,6 +62,13 @@ impl Setup {
         cmd
     }
 
+    /// The binary with `--config config.json --store URL` and `args`.
+    pub(crate) fn on_store(&self, url: &str, args: &[&str]) -> Command {
+        let mut cmd = self.with_config();
+        cmd.args(["--store", url]).args(args);
+        cmd
+    }
+
     /// The audit log's events, parsed.
     pub(crate) fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path("audit.jsonl"))
