@@ -278,7 +278,10 @@ async fn a_dead_workers_shard_is_taken_over_and_resumed_from_its_checkpoint() {
                 ring.clone(),
                 vec![accounts_source(&doomed_pool, "alpha").await],
             )
-            .lanes(1);
+            .lanes(1)
+            // Checkpoints well before the shard is done (the default, 500
+            // ms, can be the whole shard's time).
+            .checkpoint_interval(Duration::from_millis(20));
         tokio::spawn(async move { worker.run().await })
     };
     // Dies (without releasing its lease) once it checkpointed a batch.
