@@ -32,6 +32,9 @@ pub mod probe {
     pub use crate::wrap::probe::*;
 }
 
+/// The attribute keyfold's async host traits ([`KeyringStore`],
+/// [`KeyWrapper`]) are declared with: put it on your `impl` too.
+pub use async_trait::async_trait;
 pub use format::context::EncryptionContext;
 pub use format::error::{CryptoError, FormatError, StreamError};
 pub use format::secret::{MasterKey, SecretKey};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyfold_core::keyring::StoredKeyring;
-use keyfold_core::store::{StoreError, from_bytes, to_bytes};
+use keyfold_core::store::{StoreError, check_id, check_save, from_bytes, to_bytes};
 use keyfold_core::{KeyringStore, Revision, StoreEvent};
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -224,13 +224,7 @@ impl PgKeyringStore {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
-        check_id(keyring_id)?;
-        if keyring.keyring_id != keyring_id {
-            return Err(StoreError::Corrupt {
-                keyring_id: keyring_id.to_owned(),
-                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
-            });
-        }
+        check_save(keyring_id, keyring)?;
         if expected.is_some_and(|r| i64::try_from(r.0).is_err()) {
             // No stored revision is that large.
             return Err(StoreError::Conflict {
@@ -323,22 +317,6 @@ fn to_revision(keyring_id: &str, r: i64) -> Result<Revision, StoreError> {
             keyring_id: keyring_id.to_owned(),
             reason: format!("revision {r} in the table"),
         })
-}
-
-/// The same rule as the shipped stores: 1..=128 of `[A-Za-z0-9._-]`, not `.`/`..`.
-fn check_id(keyring_id: &str) -> Result<(), StoreError> {
-    let ok = !keyring_id.is_empty()
-        && keyring_id.len() <= 128
-        && keyring_id != "."
-        && keyring_id != ".."
-        && keyring_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidId(keyring_id.to_owned()))
-    }
 }
 
 #[async_trait]

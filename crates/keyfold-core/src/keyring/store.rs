@@ -87,7 +87,68 @@ pub enum StoreError {
 }
 
 /// Where the host persists keyrings. Implement it over your database with a
-/// conditional write (`UPDATE ... WHERE revision = ?`).
+/// conditional write (`UPDATE ... WHERE revision = ?`); [`check_save`],
+/// [`check_id`], [`to_bytes`] and [`from_bytes`] do what every store must,
+/// and [`async_trait`](crate::async_trait) is re-exported for the `impl`.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+///
+/// use keyfold_core::async_trait;
+/// use keyfold_core::keyring::StoredKeyring;
+/// use keyfold_core::store::{check_id, check_save, from_bytes, to_bytes};
+/// use keyfold_core::store::{KeyringStore, Revision, StoreError};
+///
+/// /// Keyrings in a map: a database does the same with one conditional
+/// /// `UPDATE ... WHERE keyring_id = $1 AND revision = $expected`.
+/// #[derive(Debug, Default)]
+/// struct MapStore(Mutex<HashMap<String, (Revision, Vec<u8>)>>);
+///
+/// #[async_trait]
+/// impl KeyringStore for MapStore {
+///     async fn load(
+///         &self,
+///         keyring_id: &str,
+///     ) -> Result<Option<(Revision, StoredKeyring)>, StoreError> {
+///         check_id(keyring_id)?;
+///         let map = self.0.lock().unwrap();
+///         map.get(keyring_id)
+///             .map(|(_, bytes)| from_bytes(keyring_id, bytes))
+///             .transpose()
+///     }
+///
+///     async fn save(
+///         &self,
+///         keyring_id: &str,
+///         expected: Option<Revision>,
+///         keyring: &StoredKeyring,
+///     ) -> Result<Revision, StoreError> {
+///         check_save(keyring_id, keyring)?;
+///         let mut map = self.0.lock().unwrap();
+///         let found = map.get(keyring_id).map(|(revision, _)| *revision);
+///         if found != expected {
+///             let keyring_id = keyring_id.to_owned();
+///             return Err(StoreError::Conflict { keyring_id, expected, found });
+///         }
+///         let next = Revision(expected.map_or(1, |r| r.0 + 1));
+///         map.insert(keyring_id.to_owned(), (next, to_bytes(next, keyring)?));
+///         Ok(next)
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = MapStore::default();
+/// let keyring = StoredKeyring::new("tenant-42", keyfold_core::time::Timestamp(0));
+/// let first = store.save("tenant-42", None, &keyring).await?;
+/// // A second writer that also saw no keyring loses.
+/// let lost = store.save("tenant-42", None, &keyring).await;
+/// assert!(matches!(lost, Err(StoreError::Conflict { .. })));
+/// assert_eq!(store.load("tenant-42").await?.unwrap().0, first);
+/// # Ok::<(), StoreError>(())
+/// # })?;
+/// # Ok::<(), StoreError>(())
+/// ```
 #[async_trait]
 pub trait KeyringStore: Send + Sync + fmt::Debug {
     /// The keyring and its revision, or `None` when there is none.
@@ -202,7 +263,19 @@ pub fn from_bytes(keyring_id: &str, bytes: &[u8]) -> Result<(Revision, StoredKey
     Ok((env.revision, env.keyring))
 }
 
-fn check_id(keyring_id: &str) -> Result<(), StoreError> {
+/// The keyring ids the shipped stores accept: 1..=128 of `[A-Za-z0-9._-]`,
+/// not `.` or `..` (safe as a file name, a row key, a log field). A store of
+/// your own can hold to the same rule.
+///
+/// ```
+/// use keyfold_core::store::{StoreError, check_id};
+/// assert!(check_id("tenant-42").is_ok());
+/// assert!(matches!(check_id("../etc"), Err(StoreError::InvalidId(_))));
+/// ```
+///
+/// # Errors
+/// [`StoreError::InvalidId`].
+pub fn check_id(keyring_id: &str) -> Result<(), StoreError> {
     let ok = !keyring_id.is_empty()
         && keyring_id.len() <= 128
         && keyring_id != "."
@@ -215,6 +288,32 @@ fn check_id(keyring_id: &str) -> Result<(), StoreError> {
     } else {
         Err(StoreError::InvalidId(keyring_id.to_owned()))
     }
+}
+
+/// What a store checks before it saves `keyring` under `keyring_id`: a
+/// valid id ([`check_id`]) naming that very keyring.
+///
+/// ```
+/// use keyfold_core::keyring::StoredKeyring;
+/// use keyfold_core::store::{StoreError, check_save};
+/// use keyfold_core::time::Timestamp;
+/// let keyring = StoredKeyring::new("tenant-42", Timestamp(0));
+/// assert!(check_save("tenant-42", &keyring).is_ok());
+/// assert!(matches!(check_save("tenant-7", &keyring), Err(StoreError::Corrupt { .. })));
+/// ```
+///
+/// # Errors
+/// [`StoreError::InvalidId`], or [`StoreError::Corrupt`] for another
+/// keyring.
+pub fn check_save(keyring_id: &str, keyring: &StoredKeyring) -> Result<(), StoreError> {
+    check_id(keyring_id)?;
+    if keyring.keyring_id != keyring_id {
+        return Err(StoreError::Corrupt {
+            keyring_id: keyring_id.to_owned(),
+            reason: format!("asked to store keyring {:?}", keyring.keyring_id),
+        });
+    }
+    Ok(())
 }
 
 fn next_revision(
@@ -531,13 +630,7 @@ impl KeyringStore for FileStore {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
-        check_id(keyring_id)?;
-        if keyring.keyring_id != keyring_id {
-            return Err(StoreError::Corrupt {
-                keyring_id: keyring_id.to_owned(),
-                reason: format!("asked to store keyring {:?}", keyring.keyring_id),
-            });
-        }
+        check_save(keyring_id, keyring)?;
         let _local = self
             .local
             .lock()

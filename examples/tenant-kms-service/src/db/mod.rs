@@ -621,15 +621,7 @@ impl KeyringStore for Db {
         expected: Option<Revision>,
         keyring: &StoredKeyring,
     ) -> Result<Revision, StoreError> {
-        if keyring.keyring_id != keyring_id {
-            return Err(StoreError::Corrupt {
-                keyring_id: keyring_id.to_owned(),
-                reason: format!(
-                    "refusing to store keyring {} under this id",
-                    keyring.keyring_id
-                ),
-            });
-        }
+        keyfold::store::check_save(keyring_id, keyring)?;
         // A pending tenant config is stored with the next save of its
         // keyring (onboarding's re-wrap under the new key, or the first
         // keyring), in the same transaction. Onboarding holds the tenant's
